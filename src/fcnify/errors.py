@@ -1,0 +1,74 @@
+"""Named errors: every bad input becomes one of these, never a Caffe abort.
+
+The CLI turns `FcnifyError` into one line on stderr. `exit_code` follows the
+project's contract: 2 for bad usage or bad input, 1 for work that failed
+(e.g. a conversion that is not equivalent).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FcnifyError(Exception):
+    """Base class. `path` names the file the problem is in, when there is one."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(FcnifyError):
+    """A file is missing, unreadable, empty or not what it claims to be."""
+
+
+class NetDefinitionError(FcnifyError):
+    """A prototxt that does not parse or describes an impossible net."""
+
+
+class WeightsError(FcnifyError):
+    """A caffemodel that does not parse or does not fit its prototxt."""
+
+
+class ShapeMismatchError(WeightsError):
+    """Two parameter blobs that should hold the same numbers have different shapes."""
+
+
+class ConversionError(FcnifyError):
+    """A layer that cannot become a convolution; the message says why."""
+
+
+class ImageError(FcnifyError):
+    """An image that cannot be read or is too small/large for the net."""
+
+
+class ResourceError(FcnifyError):
+    """A request that would exceed Caffe's blob limit or the memory budget."""
+
+
+class DeviceError(FcnifyError):
+    """A GPU request that this build or machine cannot serve."""
+
+
+class OutputError(FcnifyError):
+    """An output path that cannot be written or already exists."""
+
+
+class SetupError(FcnifyError):
+    """pycaffe or another part of the installation is missing or broken."""
+
+
+class EngineCrash(FcnifyError):
+    """Caffe died in fcnify's child process; the message carries its last words."""
+
+
+class FetchError(FcnifyError):
+    """A download that failed or did not match its checksum."""
+
+
+class NotEquivalentError(FcnifyError):
+    """The converted net does not reproduce the original's outputs."""
+
+    exit_code = 1
