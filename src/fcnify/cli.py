@@ -1,0 +1,394 @@
+"""The `fcnify` command: options in, library calls, one line out on error.
+
+Library errors (fcnify.errors) become one line on stderr and their exit code
+(2 bad input, 1 failed work); --debug shows the traceback instead. Ctrl-C and
+SIGTERM unwind normally, so staged outputs are removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import FcnifyError, InputError
+
+
+class Context:
+    def __init__(self, verbose: bool, debug: bool) -> None:
+        self.verbose, self.debug = verbose, debug
+
+
+def _size(text: str | None, option: str) -> tuple[int, int] | None:
+    """'451' -> (451, 451); '480x640' -> (480, 640) as (height, width)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not N or HxW", param_hint=option) from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) <= 0:
+        raise click.BadParameter(f"{text!r} is not N or HxW with positive numbers", param_hint=option)
+    return values[0], values[1]
+
+
+def _memory(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from .planner import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-memory") from None
+
+
+def _command_line() -> str:
+    return "fcnify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", message="fcnify %(version)s")
+@click.option("--verbose", is_flag=True, help="Show Caffe's own log lines (glog).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, debug: bool) -> None:
+    """Caffe net surgery: make classification nets fully convolutional and map images densely.
+
+    \b
+    Examples:
+      fcnify convert --model digits --out digits
+      fcnify classify-map photo.jpg --model caffenet --out maps/
+      fcnify info deploy.prototxt --input-size 451
+    """
+    if verbose:
+        os.environ["GLOG_minloglevel"] = "0"
+    ctx.obj = Context(verbose, debug)
+
+
+def _model_options(f):
+    f = click.option("--weights", type=click.Path(dir_okay=True), help="Weights (.caffemodel).")(f)
+    f = click.option("--model-def", type=click.Path(dir_okay=True),
+                     help="Net definition (deploy .prototxt).")(f)
+    f = click.option("--model", "model_name", metavar="NAME",
+                     help="A model fcnify ships: caffenet (default) or digits.")(f)
+    return f
+
+
+def _card(model_name, model_def, weights):
+    from .dense import resolve_model
+    from .models import find_model, require_weights
+    if model_def is None and weights is not None and model_name is None:
+        card = find_model("caffenet")
+        from dataclasses import replace
+        return replace(card, weights=Path(weights))
+    if model_def is not None and model_name is not None:
+        raise click.UsageError("give either --model or --model-def/--weights, not both")
+    card = resolve_model(model_name, model_def, weights)
+    if model_def is None and weights is not None:
+        from dataclasses import replace
+        card = replace(card, weights=Path(weights))
+    require_weights(card)
+    return card
+
+
+# ------------------------------------------------------------------ convert
+
+@cli.command()
+@_model_options
+@click.option("--out", "out_prefix", metavar="PREFIX",
+              help="Output prefix: writes PREFIX_full_conv.{prototxt,caffemodel,json}.")
+@click.option("--input-size", metavar="H[xW]", help="Input size written into the new net.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--no-verify", is_flag=True, help="Skip the equivalence check (not recommended).")
+@click.option("--gpu", type=int, metavar="ID", help="Run the check on this GPU (CUDA build).")
+@click.pass_obj
+def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify, gpu):
+    """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
+
+    \b
+    Examples:
+      fcnify convert                                  # CaffeNet, weights from `fcnify fetch caffenet`
+      fcnify convert --model digits --out /tmp/digits
+      fcnify convert --model-def deploy.prototxt --weights net.caffemodel --out mynet
+    """
+    from .convert import convert as do_convert
+    from .report import conversion_report
+    card = _card(model_name, model_def, weights)
+    from .runner import CaffeRunner
+    runner = None if no_verify else CaffeRunner(gpu, obj.verbose)
+    t0 = time.perf_counter()
+    try:
+        result = do_convert(card.model_def, card.weights, out_prefix, _size(input_size, "--input-size"),
+                            force, not no_verify, gpu, card, runner)
+    except FcnifyError as exc:
+        if getattr(exc, "result", None) is not None:
+            click.echo(conversion_report(exc.result))
+        raise
+    if not result.changed:
+        click.echo(f"{card.model_def}: no InnerProduct layer — the net is already fully "
+                   "convolutional; nothing written.")
+        return
+    click.echo(conversion_report(result))
+    click.echo(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+@cli.command()
+@click.argument("original", type=click.Path())
+@click.argument("fcn", type=click.Path())
+@click.option("--weights", type=click.Path(), help="Original weights (default: from FCN's card).")
+@click.option("--fcn-weights", type=click.Path(), help="FCN weights (default: FCN with .caffemodel).")
+@click.option("--samples", default=3, show_default=True, help="Seeded random inputs (plus cat.jpg).")
+@click.option("--gpu", type=int, metavar="ID", help="Run on this GPU (CUDA build).")
+@click.pass_obj
+def verify(obj, original, fcn, weights, fcn_weights, samples, gpu):
+    """Check that FCN reproduces ORIGINAL at ORIGINAL's input size (exit 1 if not).
+
+    \b
+    Example:
+      fcnify verify deploy.prototxt mynet_full_conv.prototxt --weights net.caffemodel
+    """
+    from .report import verify_report
+    from .convert import verify_files
+    report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples, gpu, obj.verbose)
+    click.echo(verify_report(report))
+    if not report.equivalent:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("net", type=click.Path())
+@click.option("--input-size", metavar="H[xW]", help="Input size to report shapes at.")
+@click.pass_obj
+def info(obj, net, input_size):
+    """Per-layer shapes and the dense map's geometry, computed from the layers.
+
+    Works on any deploy prototxt; a net with InnerProduct layers is converted
+    in memory to report the map it would give.
+
+    \b
+    Example:
+      fcnify info deploy.prototxt --input-size 451
+    """
+    from .report import net_info
+    click.echo(net_info(Path(net), _size(input_size, "--input-size")))
+
+
+# ------------------------------------------------------------------ classify-map
+
+@cli.command("classify-map")
+@click.argument("images", nargs=-1, required=True)
+@_model_options
+@click.option("--card", type=click.Path(), help="A model card (.json) written by convert.")
+@click.option("--size", metavar="N|HxW", help="Resize to N x N (or H x W) before mapping.")
+@click.option("--scale", type=float, help="Resize by this factor before mapping.")
+@click.option("--top-k", default=5, show_default=True, help="Classes listed per cell and overall.")
+@click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
+@click.option("--out", "out_dir", type=click.Path(), help="Folder for .npy/.json/.png outputs.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
+@click.option("--engine", type=click.Choice(["caffe", "torch"]), default="caffe", show_default=True)
+@click.option("--max-memory", metavar="SIZE", help="Memory budget, e.g. 2GiB (default: half of free RAM).")
+@click.option("--tile", type=int, metavar="N", help="Force tiles of N x N px.")
+@click.option("--mean", "mean_file", type=click.Path(), help="Override the mean (.npy, C or CxHxW).")
+@click.option("--labels", "labels_file", type=click.Path(), help="Override the labels file.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.pass_obj
+def classify_map(obj, images, model_name, model_def, weights, card, size, scale, top_k, cls, out_dir,
+                 fmt, gpu, engine, max_memory, tile, mean_file, labels_file, quiet, force):
+    """Dense classification maps of images at their own resolution.
+
+    IMAGES are files, folders (their images) or glob patterns. The net is
+    loaded once; an image that fails is reported and skipped, and the exit
+    status is 1 if any failed.
+
+    \b
+    Examples:
+      fcnify classify-map cat.jpg --model caffenet --size 451 --out maps/
+      fcnify classify-map scans/ --model-def fcn.prototxt --weights fcn.caffemodel --format json
+    """
+    from dataclasses import replace
+    from .dense import DenseModel, resolve_model
+    from .images import list_images
+    from .labels import read_labels, resolve_class
+    from .outputs import text_summary
+    if size and scale:
+        raise click.UsageError("give either --size or --scale, not both")
+    if scale is not None and scale <= 0:
+        raise click.BadParameter("must be positive", param_hint="--scale")
+    if top_k < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--top-k")
+    if tile is not None and tile <= 0:
+        raise click.BadParameter("must be positive", param_hint="--tile")
+    the_size = _size(size, "--size")
+    budget = _memory(max_memory)
+    paths = list_images(images)
+    if card:
+        the_card = resolve_model(card=card)
+    else:
+        the_card = _card(model_name, model_def, weights)
+    if mean_file:
+        the_card = replace(the_card, preprocess=the_card.preprocess.with_mean_file(mean_file))
+    if labels_file:
+        read_labels(labels_file)
+        the_card = replace(the_card, labels=str(labels_file))
+    if out_dir:
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise InputError("--out exists and is not a folder", out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise InputError("--out folder is not writable", out)
+    model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose)
+    class_id = resolve_class(model.labels, cls) if (cls is not None and model.labels) else (
+        int(cls) if cls is not None else None)
+    if class_id is not None and not 0 <= class_id < model.num_classes:
+        raise InputError(f"--class {cls}: the net has classes 0..{model.num_classes - 1}")
+    show_bar = not quiet and sys.stderr.isatty()
+    failed = 0
+    command = _command_line()
+    for i, path in enumerate(paths):
+        try:
+            if show_bar:
+                with click.progressbar(length=1, label=f"[{i + 1}/{len(paths)}] {path.name}",
+                                       file=sys.stderr) as bar:
+                    def progress(done, total, bar=bar):
+                        bar.length = total
+                        bar.update(done - bar.pos)
+                    dm = model.classify(path, the_size, scale, budget, tile, progress)
+            else:
+                dm = model.classify(path, the_size, scale, budget, tile)
+            if fmt == "json":
+                click.echo(json.dumps(dm.to_json(top_k, command)))
+            else:
+                click.echo(text_summary(dm, top_k))
+            if out_dir:
+                written = dm.save(out_dir, None, class_id, top_k, command, force)
+                if fmt == "text":
+                    click.echo("wrote " + ", ".join(str(p) for p in written))
+            if fmt == "text":
+                t = dm.timings
+                click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
+                           f"image {t['load_image']:.2f} s\n")
+        except FcnifyError as exc:
+            if len(paths) == 1:
+                raise
+            failed += 1
+            _err(f"fcnify: skipped {exc}")
+    model.close()
+    if failed:
+        _err(f"fcnify: {failed} of {len(paths)} image(s) failed")
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------ fetch, doctor, demo
+
+@cli.command()
+@click.argument("name")
+@click.option("--dest", type=click.Path(), help="Folder to download into (default: models folder).")
+def fetch(name, dest):
+    """Download official Caffe weights (checked against the SHA-1 in Caffe's readme).
+
+    \b
+    Example:
+      fcnify fetch caffenet
+    """
+    from .fetch import fetch as do_fetch, model_spec
+    spec = model_spec(name)
+    state = {"bar": None}
+
+    def progress(done, total):
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=total or 0, label=spec.filename, file=sys.stderr,
+                                             show_pos=total is None)
+            state["bar"].__enter__()
+        bar = state["bar"]
+        bar.update(done - bar.pos)
+    try:
+        path = do_fetch(name, Path(dest) if dest else None, progress if sys.stderr.isatty() else None)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+    click.echo(f"{path} (sha1 {spec.sha1} verified)")
+
+
+@cli.command()
+@click.pass_obj
+def doctor(obj):
+    """Check the installation: pycaffe, its build, Caffe's source tree and cache."""
+    from .doctor import diagnose
+    ok, lines = diagnose(obj.verbose)
+    for line in lines:
+        click.echo(line)
+    if not ok:
+        raise SystemExit(2)
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="fcnify-demo", show_default=True, type=click.Path(),
+              help="Folder for the demo's outputs.")
+@click.pass_obj
+def demo(obj, out_dir):
+    """The embedded demo: convert the shipped digits model and map a scene of digits.
+
+    Then, if the CaffeNet weights have been fetched, map Caffe's cat.jpg at 451x451.
+    """
+    from .demo import run_demo
+    ok = run_demo(Path(out_dir), echo=click.echo, verbose=obj.verbose)
+    if not ok:
+        raise SystemExit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the CLI, turning fcnify errors into one line."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        cli.main(args=argv, prog_name="fcnify", standalone_mode=False)
+        return 0
+    except FcnifyError as exc:
+        if debug:
+            traceback.print_exc()
+        _err(f"fcnify: error: {exc}")
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _err("fcnify: interrupted")
+        return 130
+    except KeyboardInterrupt:
+        _err("fcnify: interrupted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _err(f"fcnify: error: {where}{exc.strerror or exc}")
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

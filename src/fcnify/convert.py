@@ -1,0 +1,252 @@
+"""`fcnify convert`: read, check, rewrite, transplant, save, verify.
+
+Each step lives in its own module; this one strings them together and makes
+the outputs appear all at once (or not at all).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .caffemodel import Weights, read_weights, write_weights
+from .errors import ConversionError, NotEquivalentError
+from .files import OutputSet
+from .geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
+from .models import ModelCard, card_for_model_def
+from .netdef import NetDef, check_layer_types, read_netdef, to_text
+from .runner import CaffeRunner, registered_layer_types
+from .shapes import infer, input_shapes
+from .surgery import Surgery, convert_net
+from .transplant import Provenance, check_weights, transplant
+from .verify import VerifyReport, verify
+
+SUFFIX = "_full_conv"
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` did, with the evidence."""
+
+    surgery: Surgery
+    card: ModelCard
+    outputs: dict[str, Path] = field(default_factory=dict)
+    report: VerifyReport | None = None
+    provenance: list[Provenance] = field(default_factory=list)
+    unused_source_layers: list[str] = field(default_factory=list)
+    geometry: MapGeometry | None = None
+    minimum_input: tuple[int, int] | None = None
+    blobs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return self.surgery.changed
+
+    @property
+    def equivalent(self) -> bool | None:
+        return None if self.report is None else self.report.equivalent
+
+
+def card_for(model_def: Path, weights: Path | None, netdef: NetDef, card: ModelCard | None = None) -> ModelCard:
+    """The model's card: given, next to the prototxt, or Caffe zoo defaults."""
+    if card is not None:
+        return card
+    return replace(card_for_model_def(model_def, weights), fully_convolutional=False)
+
+
+def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
+    stem = model_def.stem
+    if stem in ("deploy", "model", "net") and card is not None:
+        stem = card.name
+    elif stem in ("deploy", "model", "net"):
+        stem = model_def.parent.name or stem
+    return Path.cwd() / stem
+
+
+def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,
+            card: ModelCard | None = None) -> tuple[ConvertResult, Weights]:
+    """Everything that needs no Caffe: parse, check, convert, transplant."""
+    model_def, weights = Path(model_def), Path(weights)
+    netdef = read_netdef(model_def)
+    check_layer_types(netdef.param, registered_layer_types(), model_def)
+    surgery = convert_net(netdef, input_size)
+    w = read_weights(weights)
+    the_card = card_for(model_def, weights, netdef, card)
+    result = ConvertResult(surgery, the_card)
+    result.unused_source_layers = check_weights(surgery.original_shapes, w, model_def).unused
+    if not surgery.changed:
+        return result, w
+    result.blobs, result.provenance = transplant(surgery, w)
+    result.geometry = map_geometry(surgery.net, path=model_def)
+    result.minimum_input = smallest_input(surgery.net)
+    return result, w
+
+
+def blob_pairs(surgery: Surgery) -> list[tuple[str, str]]:
+    """(original, converted) blobs to compare: the scores before Softmax, and the output."""
+    orig = surgery.original.param
+    pairs = []
+    for blob in dict.fromkeys([score_blob(orig), output_blobs(orig)[-1]]):
+        pairs.append((blob, surgery.blob_map[blob]))
+    return pairs
+
+
+def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: CaffeRunner,
+               samples: int = 3) -> VerifyReport:
+    surgery = result.surgery
+    original = runner.load(surgery.original.path, result.card.weights)
+    converted = runner.load(prototxt, caffemodel)
+    try:
+        shapes = input_shapes(surgery.original.param)
+        blob, shape = next(iter(shapes.items()))
+        shape = (1,) + tuple(shape[1:])  # one image at a time: the declared batch adds nothing
+        return verify(original, converted, blob, shape, blob_pairs(surgery), result.card.preprocess,
+                      result.blobs, samples=samples)
+    finally:
+        original.close()
+        converted.close()
+
+
+def card_dict(result: ConvertResult, prototxt: Path, caffemodel: Path) -> dict:
+    s = result.surgery
+    card = replace(result.card, model_def=prototxt, weights=caffemodel, fully_convolutional=True)
+    d = card.to_dict(relative_to=prototxt.parent)
+    d.update({
+        "fcnify_version": __version__,
+        "source": {"model_def": str(s.original.path.resolve()),
+                   "weights": str(Path(result.card.weights).resolve()) if result.card.weights else None,
+                   "upgraded_from": s.original.upgraded_from},
+        "score_blob": s.blob_map[score_blob(s.original.param)],
+        "output_blob": s.blob_map[output_blobs(s.original.param)[-1]],
+        "input_blob": next(iter(input_shapes(s.net))),
+        "original_input_shape": list(next(iter(input_shapes(s.original.param).values()))),
+        "geometry": result.geometry.to_dict() if result.geometry else None,
+        "minimum_input": list(result.minimum_input) if result.minimum_input else None,
+        "conversions": [c.__dict__ | {"old_params": [list(p) for p in c.old_params],
+                                      "new_params": [list(p) for p in c.new_params]}
+                        for c in s.conversions],
+        "verification": result.report.to_dict() if result.report else None,
+    })
+    return d
+
+
+def write_net(out: OutputSet, surgery: Surgery, blobs: dict, prototxt: Path, caffemodel: Path) -> tuple[Path, Path]:
+    """Stage the prototxt and caffemodel; returns the temporary paths."""
+    tmp_proto = out.path_for(prototxt)
+    tmp_proto.write_text(f"# Fully convolutional version of {surgery.original.path.name}, "
+                         f"written by fcnify {__version__}.\n" + to_text(surgery.net))
+    tmp_model = out.path_for(caffemodel)
+    with open(tmp_model, "wb") as f:
+        write_weights(f, surgery.net, blobs)
+    return tmp_proto, tmp_model
+
+
+def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path | None = None,
+            input_size: tuple[int, int] | None = None, force: bool = False, check: bool = True,
+            gpu: int | None = None, card: ModelCard | None = None, runner: CaffeRunner | None = None,
+            samples: int = 3) -> ConvertResult:
+    """Convert a net and its weights; write PREFIX_full_conv.{prototxt,caffemodel,json}.
+
+    Nothing is written when the net has no InnerProduct. When the check finds
+    the conversion not equivalent, the files are still written (for
+    inspection) and NotEquivalentError is raised with the report attached.
+    """
+    result, _ = prepare(model_def, weights, input_size, card)
+    if not result.changed:
+        return result
+    prefix = Path(out_prefix) if out_prefix else default_prefix(Path(model_def), card)
+    names = {k: Path(f"{prefix}{SUFFIX}.{ext}") for k, ext in
+             (("prototxt", "prototxt"), ("caffemodel", "caffemodel"), ("card", "json"))}
+    out = OutputSet(force)
+    for p in names.values():
+        out.check(p)
+    with out:
+        tmp_proto, tmp_model = write_net(out, result.surgery, result.blobs, names["prototxt"],
+                                         names["caffemodel"])
+        if check:
+            runner = runner or CaffeRunner(gpu)
+            result.report = run_verify(result, tmp_proto, tmp_model, runner, samples)
+        out.write_text(names["card"], json.dumps(card_dict(result, names["prototxt"],
+                                                           names["caffemodel"]), indent=2) + "\n")
+    result.outputs = names
+    if result.report is not None and not result.report.equivalent:
+        err = NotEquivalentError("the converted net does NOT reproduce the original's outputs "
+                                 f"(files kept for inspection: {names['prototxt']})")
+        err.result = result
+        raise err
+    return result
+
+
+def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCard | None = None,
+                      runner: CaffeRunner | None = None, check: bool = True,
+                      workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
+    """Convert into a temporary folder (for classify-map on an unconverted net)."""
+    result, _ = prepare(model_def, weights, None, card)
+    if not result.changed:
+        raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
+                              "fully-convolutional net", Path(model_def))
+    tmpdir = Path(workdir or tempfile.mkdtemp(prefix="fcnify-"))
+    out = OutputSet(force=True)
+    proto, model = tmpdir / "net_full_conv.prototxt", tmpdir / "net_full_conv.caffemodel"
+    with out:
+        tmp_proto, tmp_model = write_net(out, result.surgery, result.blobs, proto, model)
+        if check:
+            result.report = run_verify(result, tmp_proto, tmp_model, runner or CaffeRunner())
+    if result.report is not None and not result.report.equivalent:
+        raise NotEquivalentError("converting it in memory did not reproduce the original's outputs; "
+                                 "run `fcnify convert` to see the report", Path(model_def))
+    return result, proto, model
+
+
+def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
+                 fcn_weights: str | Path | None = None, samples: int = 3, gpu: int | None = None,
+                 verbose: bool = False) -> VerifyReport:
+    """`fcnify verify`: compare any fully-convolutional net with its original.
+
+    The FCN may come from fcnify or be written by hand (Caffe's own
+    net_surgery example): outputs are paired by role (scores before Softmax,
+    final output). When its layer names follow fcnify's surgery, every
+    parameter blob is also checked against the original's weights.
+    """
+    from .files import check_input_file
+    from .models import sibling_card
+    fcn_weights = Path(fcn_weights) if fcn_weights else fcn.with_suffix(".caffemodel")
+    if weights is None:
+        sib = sibling_card(fcn)
+        data = json.loads(sib.read_text()) if sib else {}
+        weights = (data.get("source") or {}).get("weights")
+        if weights is None:
+            raise ConversionError("cannot tell the original's weights: pass --weights", fcn)
+    check_input_file(weights, "weights (caffemodel)")
+    check_input_file(fcn_weights, "weights (caffemodel)")
+    original_def = read_netdef(original)
+    fcn_def = read_netdef(fcn)
+    registered = registered_layer_types()
+    check_layer_types(original_def.param, registered, original)
+    check_layer_types(fcn_def.param, registered, fcn)
+    card = card_for(original, Path(weights), original_def)
+    w = read_weights(weights)
+    check_weights(infer(original_def.param, path=original), w, original)
+    fw = read_weights(fcn_weights)
+    check_weights(infer(fcn_def.param, path=fcn), fw, fcn)
+    transplanted = None
+    surgery = convert_net(original_def)
+    if surgery.changed and {l.name for l in surgery.net.layer} == {l.name for l in fcn_def.param.layer}:
+        transplanted, _ = transplant(surgery, w)
+    runner = CaffeRunner(gpu, verbose)
+    a = runner.load(original, weights)
+    b = runner.load(fcn, fcn_weights)
+    try:
+        blob, shape = next(iter(input_shapes(original_def.param).items()))
+        pairs = [(score_blob(original_def.param), score_blob(fcn_def.param)),
+                 (output_blobs(original_def.param)[-1], output_blobs(fcn_def.param)[-1])]
+        pairs = list(dict.fromkeys(pairs))
+        return verify(a, b, blob, (1,) + tuple(shape[1:]), pairs, card.preprocess, transplanted,
+                      samples=samples)
+    finally:
+        a.close()
+        b.close()

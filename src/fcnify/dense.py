@@ -1,0 +1,327 @@
+"""Dense inference: a fully-convolutional net over a whole image, at its own resolution.
+
+`DenseModel` holds a loaded net with its card and geometry and maps any
+number of images; `classify_map` is the one-call version. Whole-image and
+tiled runs share one code path (the whole image is a single tile), so both
+give the same map; the planner picks the tile size from the memory budget.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ImageError, InputError, ResourceError
+from .geometry import MapGeometry, map_geometry, map_size, output_blobs, score_blob
+from .images import load_image, resize
+from .labels import Labels
+from .models import ModelCard, card_for_model_def, find_model, read_card
+from .netdef import read_netdef
+from .planner import default_budget, estimate, fits, format_bytes, largest_square
+from .shapes import infer, input_shapes
+from .tiling import Tile, min_tile, plan
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class DenseMap:
+    """A classification map over one image, and how to read it."""
+
+    probs: np.ndarray  # classes x rows x cols, float32, softmax over classes
+    geometry: MapGeometry
+    image_size: tuple[int, int]  # original image (height, width)
+    input_size: tuple[int, int]  # what the net saw, after --size/--scale
+    model: ModelCard
+    labels: Labels | None = None
+    image_path: Path | None = None
+    mode: str = "whole"
+    tiles: int = 1
+    tile_size: tuple[int, int] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    image: np.ndarray | None = None  # original pixels, kept for the pictures
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.probs.shape[1], self.probs.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sy, sx): net-input pixels per original pixel."""
+        return (self.input_size[0] / self.image_size[0], self.input_size[1] / self.image_size[1])
+
+    def box(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
+        """Cell -> (x0, y0, x1, y1) in original-image pixels (x1, y1 exclusive)."""
+        x0, y0, x1, y1 = self.geometry.box(row, col)
+        sy, sx = self.scale
+        box = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+        if clip:
+            h, w = self.image_size
+            box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+        return box
+
+    def center(self, row: int, col: int) -> tuple[float, float]:
+        """Cell centre (x, y) in original-image pixels (of the unclipped field)."""
+        x0, y0, x1, y1 = self.box(row, col, clip=False)
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+    def argmax(self) -> np.ndarray:
+        return self.probs.argmax(axis=0)
+
+    def label(self, cls: int) -> str:
+        return self.labels.names[cls] if self.labels else str(cls)
+
+    def short(self, cls: int) -> str:
+        return self.labels.short(cls) if self.labels else str(cls)
+
+    def top_k(self, row: int, col: int, k: int = 5) -> list[tuple[int, float]]:
+        p = self.probs[:, row, col]
+        order = np.argsort(-p, kind="stable")[:k]
+        return [(int(c), float(p[c])) for c in order]
+
+    def top_classes(self, k: int = 5) -> list[dict]:
+        """Classes ranked by the number of cells they win, then by their peak probability."""
+        arg = self.argmax().ravel()
+        won = np.bincount(arg, minlength=self.num_classes)
+        peak = self.probs.reshape(self.num_classes, -1).max(axis=1)
+        order = sorted(range(self.num_classes), key=lambda c: (-won[c], -peak[c]))[:k]
+        return [{"class": int(c), "label": self.label(c), "cells": int(won[c]),
+                 "max_prob": float(peak[c]),
+                 "mean_prob": float(self.probs[c].mean())} for c in order]
+
+    def default_class(self) -> int:
+        """The class to draw when none is asked for: the top one that is not background."""
+        for entry in self.top_classes(self.num_classes):
+            if entry["class"] != self.model.background_class:
+                return entry["class"]
+        return 0
+
+    def to_json(self, top_k: int = 5, command: str | None = None) -> dict:
+        rows, cols = self.shape
+        cells = []
+        for r in range(rows):
+            for c in range(cols):
+                cells.append({"row": r, "col": c,
+                              "box": [round(v, 3) for v in self.box(r, c)],
+                              "field": [round(v, 3) for v in self.box(r, c, clip=False)],
+                              "top": [{"class": k, "label": self.label(k), "prob": round(p, 6)}
+                                      for k, p in self.top_k(r, c, top_k)]})
+        g = self.geometry
+        return {
+            "image": str(self.image_path) if self.image_path else None,
+            "image_size": {"height": self.image_size[0], "width": self.image_size[1]},
+            "input_size": {"height": self.input_size[0], "width": self.input_size[1]},
+            "scale": {"y": self.scale[0], "x": self.scale[1]},
+            "command": command,
+            "model": {"name": self.model.name, "model_def": str(self.model.model_def),
+                      "weights": str(self.model.weights) if self.model.weights else None,
+                      "preprocess": self.model.preprocess.to_dict(),
+                      "labels": self.model.labels},
+            "map": {"rows": rows, "cols": cols, "classes": self.num_classes,
+                    "stride_px": list(g.stride), "field_px": list(g.field),
+                    "offset_px": list(g.offset),
+                    "reach_px": [g.y.reach, g.x.reach],
+                    "note": "cell (row, col) sees input box x in [col*stride_x + offset_x, +field_x), "
+                            "y likewise, in net-input pixels; 'box' is that box in original-image "
+                            "pixels clipped to the image, 'field' unclipped"},
+            "run": {"mode": self.mode, "tiles": self.tiles,
+                    "tile_size": list(self.tile_size) if self.tile_size else None,
+                    "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
+            "top_classes": self.top_classes(top_k),
+            "cells": cells,
+        }
+
+    def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
+             top_k: int = 5, command: str | None = None, force: bool = False) -> list[Path]:
+        """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png."""
+        from .outputs import save_outputs
+        return save_outputs(self, Path(out_dir), name, cls, top_k, command, force)
+
+
+def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
+    z = scores - scores.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+class DenseModel:
+    """A fully-convolutional net loaded once and reshaped per image or tile."""
+
+    def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
+                 verbose: bool = False, check: bool = True) -> None:
+        self.conversion = None
+        if not card.fully_convolutional:
+            card = self._convert(card, runner, gpu, verbose, check)
+        self.card = card
+        self.netdef = read_netdef(card.model_def)
+        net = self.netdef.param
+        self.input_blob, declared = next(iter(input_shapes(net).items()))
+        self.channels = declared[1]
+        if self.channels != card.preprocess.num_channels:
+            raise InputError(f"the net takes {self.channels} channel(s), its preprocessing gives "
+                             f"{card.preprocess.num_channels}", card.model_def)
+        outs = output_blobs(net)
+        self.output_blob = outs[-1]
+        self.score_blob = score_blob(net)
+        self.softmaxed = self.output_blob != self.score_blob
+        self.geometry = map_geometry(net, self.score_blob, path=card.model_def)
+        shapes = infer(net, path=card.model_def)
+        self.num_classes = shapes.blobs[self.score_blob][1]
+        self.labels = card.load_labels(self.num_classes)
+        self.minimum = self._minimum(declared)
+        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
+        t0 = time.perf_counter()
+        self.net = self.runner.load(card.model_def, card.weights)
+        self.load_seconds = time.perf_counter() - t0
+
+    @staticmethod
+    def _convert(card: ModelCard, runner, gpu, verbose, check) -> ModelCard:
+        from .convert import convert_in_memory
+        from .runner import CaffeRunner
+        result, proto, model = convert_in_memory(card.model_def, card.weights, card,
+                                                 runner or CaffeRunner(gpu, verbose), check)
+        return replace(card, model_def=proto, weights=model, fully_convolutional=True)
+
+    def _minimum(self, declared) -> tuple[int, int]:
+        """Smallest image: one field, or the net's declared input if that is smaller."""
+        fy, fx = self.geometry.field
+        return min(fy, declared[2]), min(fx, declared[3])
+
+    def cells(self, height: int, width: int) -> tuple[int, int]:
+        return map_size(self.netdef.param, height, width, self.score_blob)
+
+    def plan(self, height: int, width: int, budget: int | None = None,
+             tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
+        """Tiles for an input: one whole-image tile when it fits the budget."""
+        net = self.netdef.param
+        rows, cols = self.cells(height, width)
+        gy, gx = self.geometry.y, self.geometry.x
+        fy = lambda n: map_size(net, n, width, self.score_blob)[0]  # noqa: E731
+        fx = lambda n: map_size(net, height, n, self.score_blob)[1]  # noqa: E731
+        if tile is None:
+            budget = budget or default_budget()
+            if fits(net, height, width, budget):
+                return plan(height, width, rows, cols, (height, width), gy, gx, fy, fx), None
+            smallest = max(min_tile(gy), min_tile(gx))
+            side = largest_square(net, budget, max(gy.stride, gx.stride), smallest, max(height, width))
+            if side is None:
+                need = estimate(net, smallest, smallest).total
+                raise ResourceError(f"even the smallest exact tile ({smallest} px) needs about "
+                                    f"{format_bytes(need)}, over the memory budget of "
+                                    f"{format_bytes(budget)}; raise --max-memory")
+            tile = side
+        else:
+            smallest = max(min_tile(gy), min_tile(gx))
+            if tile < smallest:
+                raise InputError(f"--tile {tile} is too small: tiles must be at least {smallest} px "
+                                 f"for this net (reach {gy.reach} px, stride {gy.stride})")
+        size = (min(tile, height), min(tile, width))
+        tiles = plan(height, width, rows, cols, size, gy, gx, fy, fx)
+        return tiles, (size if len(tiles) > 1 else None)
+
+    def run(self, rgb: np.ndarray, budget: int | None = None, tile: int | None = None,
+            progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+        """Probabilities (classes x rows x cols) for an 8-bit RGB image; preprocessing per tile."""
+        h, w = rgb.shape[:2]
+        tiles, tile_size = self.plan(h, w, budget, tile)
+        rows, cols = self.cells(h, w)
+        probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
+        pre = self.card.preprocess
+        t_pre = t_fwd = 0.0
+        blob = self.output_blob if self.softmaxed else self.score_blob
+        for i, t in enumerate(tiles):
+            t0 = time.perf_counter()
+            x = pre.apply(rgb[t.y.start:t.y.stop, t.x.start:t.x.stop])[None]
+            t1 = time.perf_counter()
+            out = self.net.forward({self.input_blob: x}, [blob])[blob][0]
+            t_fwd += time.perf_counter() - t1
+            t_pre += t1 - t0
+            ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
+            xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
+            part = out[:, ys, xs]
+            if not self.softmaxed:
+                part = softmax(part.astype(np.float32))
+            probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = part
+            if progress:
+                progress(i + 1, len(tiles))
+        info = {"mode": "tiled" if len(tiles) > 1 else "whole", "tiles": len(tiles),
+                "tile_size": tile_size, "preprocess": t_pre, "forward": t_fwd}
+        return probs, info
+
+    def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
+                 scale: float | None = None, budget: int | None = None, tile: int | None = None,
+                 progress: Progress | None = None, keep_image: bool = True) -> DenseMap:
+        """Map one image (a path or an H x W x 3 uint8 RGB array)."""
+        t0 = time.perf_counter()
+        path = None
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            rgb = load_image(path)
+        else:
+            rgb = np.asarray(image)
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ImageError(f"expected an H x W x 3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
+        original = rgb.shape[:2]
+        fed = rgb
+        if size is not None or scale is not None:
+            th, tw = size if size is not None else (max(1, round(original[0] * scale)),
+                                                    max(1, round(original[1] * scale)))
+            fed = resize(rgb, th, tw)
+        t_load = time.perf_counter() - t0
+        mh, mw = self.minimum
+        if fed.shape[0] < mh or fed.shape[1] < mw:
+            what = f"{fed.shape[1]}x{fed.shape[0]} px" + (" after resizing" if fed is not rgb else "")
+            raise ImageError(f"image is {what}, smaller than one receptive field: "
+                             f"{self.card.name} needs at least {mw}x{mh} px", path)
+        probs, info = self.run(fed, budget, tile, progress)
+        timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
+        return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
+                        info["mode"], info["tiles"], info["tile_size"], timings,
+                        rgb if keep_image else None)
+
+    def close(self) -> None:
+        self.net.close()
+
+
+def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):
+    if engine == "caffe":
+        from .runner import CaffeRunner
+        return CaffeRunner(gpu, verbose)
+    if engine == "torch":
+        from .torch_engine import TorchRunner
+        return TorchRunner(gpu)
+    raise InputError(f"unknown engine '{engine}' (caffe or torch)")
+
+
+def resolve_model(model: str | None = None, model_def: str | Path | None = None,
+                  weights: str | Path | None = None, card: str | Path | None = None) -> ModelCard:
+    """A model card from --model NAME, a card file, or --model-def/--weights."""
+    if card is not None:
+        return read_card(card)
+    if model_def is not None:
+        if weights is None:
+            raise InputError("--model-def needs --weights")
+        return card_for_model_def(Path(model_def), Path(weights))
+    return find_model(model or "caffenet")
+
+
+def classify_map(image: str | Path | np.ndarray, model: str | ModelCard | None = None,
+                 model_def: str | Path | None = None, weights: str | Path | None = None,
+                 size: tuple[int, int] | None = None, scale: float | None = None,
+                 gpu: int | None = None, engine: str = "caffe", budget: int | None = None,
+                 tile: int | None = None) -> DenseMap:
+    """Dense classification map of one image (converting the net in memory if needed)."""
+    card = model if isinstance(model, ModelCard) else resolve_model(model, model_def, weights)
+    dm = DenseModel(card, engine=engine, gpu=gpu)
+    try:
+        return dm.classify(image, size, scale, budget, tile)
+    finally:
+        dm.close()

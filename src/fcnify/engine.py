@@ -1,0 +1,144 @@
+"""The one module that imports pycaffe.
+
+It runs inside fcnify's worker process (see sandbox.py), never in the
+process that the user's command or notebook lives in: Caffe aborts its whole
+process on a failed CHECK, and that must not take the user's work with it.
+Every function here takes and returns plain data (paths, numpy arrays).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_caffe = None
+_nets: dict[int, object] = {}
+_next_id = 0
+
+
+def caffe(verbose: bool = False):
+    """Import caffe once, with glog quiet unless `verbose` (set before the first import)."""
+    global _caffe
+    if _caffe is None:
+        os.environ.setdefault("GLOG_minloglevel", "0" if verbose else "2")
+        import caffe as module  # noqa: PLC0415 - the only import of caffe in fcnify
+        _caffe = module
+    return _caffe
+
+
+def info() -> dict:
+    c = caffe()
+    return {
+        "version": getattr(c, "__version__", "unknown"),
+        "file": c.__file__,
+        "layer_types": sorted(str(t) for t in c.layer_type_list()),
+    }
+
+
+def set_mode(gpu: int | None) -> None:
+    c = caffe()
+    if gpu is None:
+        c.set_mode_cpu()
+    else:
+        c.set_device(int(gpu))
+        c.set_mode_gpu()
+
+
+def load(model_def: str, weights: str | None = None) -> int:
+    """Build a TEST-phase net; returns a handle for the other calls."""
+    global _next_id
+    c = caffe()
+    if weights:
+        net = c.Net(str(model_def), str(weights), c.TEST)
+    else:
+        net = c.Net(str(model_def), c.TEST)
+    _next_id += 1
+    _nets[_next_id] = net
+    return _next_id
+
+
+def release(handle: int) -> None:
+    _nets.pop(handle, None)
+
+
+def blob_shapes(handle: int) -> dict[str, tuple[int, ...]]:
+    net = _nets[handle]
+    return {name: tuple(blob.data.shape) for name, blob in net.blobs.items()}
+
+
+def params(handle: int) -> dict[str, list[np.ndarray]]:
+    net = _nets[handle]
+    return {name: [p.data.copy() for p in blobs] for name, blobs in net.params.items()}
+
+
+def param_digests(handle: int) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+    """(shape, BLAKE2b of the float32 bytes) of every parameter blob: checks without copying."""
+    import hashlib
+    net = _nets[handle]
+    return {name: [(tuple(p.data.shape), hashlib.blake2b(p.data.tobytes(), digest_size=16).hexdigest())
+                   for p in blobs] for name, blobs in net.params.items()}
+
+
+def forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    """Reshape the inputs to the given arrays, run forward, return copies of `outputs`."""
+    net = _nets[handle]
+    changed = False
+    for name, array in inputs.items():
+        blob = net.blobs[name]
+        if tuple(blob.data.shape) != tuple(array.shape):
+            blob.reshape(*array.shape)
+            changed = True
+    if changed:
+        net.reshape()
+    for name, array in inputs.items():
+        net.blobs[name].data[...] = array
+    net.forward()
+    return {name: net.blobs[name].data.copy() for name in outputs}
+
+
+def timed_forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str],
+                  repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
+    """forward() `repeats` times (after the reshape), timing each pass in this process."""
+    import time
+    out = forward(handle, inputs, outputs)
+    net = _nets[handle]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        net.forward()
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def max_rss() -> int:
+    """Peak resident memory of this worker process, in bytes."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def ping() -> str:
+    return "pong"
+
+
+CALLS = {f.__name__: f for f in (info, set_mode, load, release, blob_shapes, params, param_digests, forward,
+                                 timed_forward, max_rss, ping)}
+
+
+def dispatch(name: str, args: tuple, kwargs: dict):
+    if name not in CALLS:
+        raise ValueError(f"unknown engine call {name!r}")
+    return CALLS[name](*args, **kwargs)
+
+
+def crash_for_test(kind: str) -> None:
+    """Let the tests make the worker die the way Caffe does."""
+    if kind == "abort":
+        os.abort()
+    if kind == "check":
+        import sys
+        sys.stderr.write("F0101 00:00:00.000000 1 test.cpp:1] Check failed: 1 == 2 (1 vs. 2) test\n")
+        sys.stderr.flush()
+        os.abort()
+
+
+CALLS["crash_for_test"] = crash_for_test

@@ -1,0 +1,132 @@
+"""Predict Caffe's memory for an input size, before running anything.
+
+Caffe (CPU, TEST phase) holds every blob's data (diffs are never touched in
+a forward pass, so never allocated), one im2col buffer per convolution that
+is not 1x1/stride 1, the max-pooling index maps and LRN's scale blob. Blobs
+never shrink when a net is reshaped, so the peak over several tile sizes is
+the largest of them. The same shapes tell whether any blob would pass
+Caffe's INT_MAX element limit, which aborts Caffe.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import NetDefinitionError, ResourceError
+from .shapes import INT_MAX, Shape, count, infer, input_shapes, conv_geometry
+
+FLOAT = 4
+# The worker process before any net: Python, numpy, pycaffe and what it imports.
+WORKER_BASE = 200 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes for one input size."""
+
+    blobs: int
+    buffers: int  # im2col, pooling indices, LRN scale
+    params: int
+    largest_blob: int  # elements
+    largest_blob_name: str
+
+    @property
+    def activations(self) -> int:
+        return self.blobs + self.buffers
+
+    @property
+    def total(self) -> int:
+        """Worker peak: base + parameters (held twice while loading) + activations."""
+        return WORKER_BASE + 2 * self.params + self.activations
+
+
+def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
+    """Memory of `net` (fully convolutional) at an input of height x width."""
+    name, declared = next(iter(input_shapes(net).items()))
+    shape = (batch, declared[1], height, width)
+    try:
+        shapes = infer(net, {name: shape})
+    except NetDefinitionError as exc:
+        if "INT_MAX" in exc.message:
+            raise ResourceError(f"an input of {width}x{height} px is too large for Caffe: "
+                                f"{exc.message}") from None
+        raise
+    blobs = sum(count(s) for s in shapes.blobs.values()) * FLOAT
+    largest = max(shapes.blobs.items(), key=lambda kv: count(kv[1]))
+    buffers = 0
+    for layer, ls in zip((l for l in net.layer), shapes.layers):
+        if ls.type == "Convolution" and ls.bottoms:
+            p = layer.convolution_param
+            kernel, stride, pad, dilation = conv_geometry(p, len(ls.bottoms[0]) - 2)
+            if not (all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(pad)):
+                col = (ls.bottoms[0][1] // (p.group or 1)) * count(tuple(kernel)) * count(ls.tops[0][2:])
+                buffers += col * FLOAT
+        elif ls.type == "Pooling" and layer.pooling_param.pool == 0 and len(ls.tops) == 1:
+            buffers += count(ls.tops[0]) * FLOAT  # max indices
+        elif ls.type == "LRN":
+            buffers += 2 * count(ls.bottoms[0]) * FLOAT  # scale_ and a padded square
+    params = sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT
+    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0])
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes), or 4 GiB when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def default_budget() -> int:
+    """Half of the memory available now: room for the image, outputs and the rest of the machine."""
+    return available_memory() // 2
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '1500MB', '3G', '2147483648' -> bytes."""
+    units = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6,
+             "MIB": 2**20, "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if unit not in units or not num:
+        raise ValueError(f"cannot read memory size {text!r} (use e.g. 2GiB, 1500MB)")
+    value = float(num) * units[unit]
+    if value <= 0:
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def fits(net, height: int, width: int, budget: int) -> bool:
+    try:
+        est = estimate(net, height, width)
+    except ResourceError:
+        return False
+    return est.total <= budget and est.largest_blob <= INT_MAX
+
+
+def largest_square(net, budget: int, stride: int, start: int, limit: int) -> int | None:
+    """Largest side n = start + k*stride (<= limit) whose n x n input fits `budget`."""
+    if not fits(net, start, start, budget):
+        return None
+    lo, hi = 0, max(0, (limit - start) // stride)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        n = start + mid * stride
+        if fits(net, n, n, budget):
+            lo = mid
+        else:
+            hi = mid - 1
+    return start + lo * stride
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"

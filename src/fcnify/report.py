@@ -1,0 +1,111 @@
+"""Plain-text reports for convert, verify and info."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .geometry import blob_geometry, map_geometry, map_size, output_blobs, score_blob, smallest_input
+from .netdef import read_netdef
+from .planner import estimate, format_bytes
+from .shapes import infer, input_shapes
+from .surgery import convert_net
+
+
+def _shape(s) -> str:
+    return "x".join(str(d) for d in s)
+
+
+def geometry_lines(geo, minimum, declared) -> list[str]:
+    sy, sx = geo.stride
+    fy, fx = geo.field
+    lines = [f"  stride:          {sx} px" + ("" if sx == sy else f" (x), {sy} px (y)"),
+             f"  field per cell:  {fx}x{fy} px at offset ({geo.offset[1]}, {geo.offset[0]})"
+             f"  — cell (r, c) sees x in [c*{sx}{geo.offset[1]:+d}, +{fx}), y likewise",
+             f"  reach per cell:  {geo.x.reach}x{geo.y.reach} px, from {geo.x.reach_lo:+d} to "
+             f"{geo.x.reach_hi:+d} around the cell's box start (padding included)",
+             f"  smallest input giving one cell: {minimum[1]}x{minimum[0]} px (Caffe's ceil-rounded "
+             f"pooling lets windows hang over the edge); fcnify asks for at least "
+             f"{min(fx, declared[3])}x{min(fy, declared[2])} px",
+             "  sizes that tile exactly: " + ", ".join(f"{w}" for _, w in geo.exact_sizes(6))
+             + f", ... ({fx} + {sx}k)"]
+    return lines
+
+
+def conversion_report(result) -> str:
+    s = result.surgery
+    lines = [f"converted {s.original.path} ({len(s.original.param.layer)} layers"
+             + (f", upgraded from {s.original.upgraded_from}" if s.original.upgraded_from else "") + ")"]
+    for c in s.conversions:
+        if c.kind == "inner_product":
+            old = ", ".join(_shape(p) for p in c.old_params)
+            new = ", ".join(_shape(p) for p in c.new_params)
+            t = " (transposed)" if c.transpose else ""
+            lines.append(f"  {c.layer} InnerProduct [{old}] -> {c.new_layer} Convolution [{new}]{t}: {c.detail}")
+        elif c.kind == "removed":
+            lines.append(f"  {c.layer} {c.old_type} removed: {c.detail}")
+        else:
+            lines.append(f"  {c.layer}: {c.detail}")
+    if result.unused_source_layers:
+        lines.append("  weights not used (no layer of that name in the net): "
+                     + ", ".join(result.unused_source_layers))
+    if result.geometry is not None:
+        declared = next(iter(input_shapes(s.original.param).values()))
+        lines.append("map geometry:")
+        lines += geometry_lines(result.geometry, result.minimum_input, declared)
+        for n in (declared[2] + 7 * result.geometry.y.stride,):
+            rows, cols = map_size(s.net, n, n)
+            lines.append(f"  e.g. a {n}x{n} input gives a {rows}x{cols} map")
+    if result.report is not None:
+        lines.append(verify_report(result.report))
+    if result.outputs:
+        lines.append("wrote " + ", ".join(str(p) for p in result.outputs.values()))
+    return "\n".join(lines)
+
+
+def verify_report(report) -> str:
+    lines = [f"equivalence check at input {_shape(report.input_shape)} on {len(report.inputs)} inputs "
+             f"({'; '.join(report.inputs)}):"]
+    for c in report.comparisons:
+        lines.append(f"  {c.original} vs {c.converted}: max abs diff {c.max_abs:.3g}, max rel diff "
+                     f"{c.max_rel:.3g} (limit 1e-4), top-5 {'same' if c.top5_agree else 'DIFFERENT'}")
+    if report.params_checked:
+        bad = report.params_mismatched
+        lines.append(f"  parameters read back from Caffe: {report.params_checked - len(bad)}/"
+                     f"{report.params_checked} identical to the transplanted weights"
+                     + (f"; mismatched: {', '.join(bad)}" if bad else ""))
+    lines.append("  result: " + ("EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"))
+    return "\n".join(lines)
+
+
+def net_info(path: Path, size: tuple[int, int] | None) -> str:
+    netdef = read_netdef(path)
+    net = netdef.param
+    name, declared = next(iter(input_shapes(net).items()))
+    h, w = size or (declared[2], declared[3])
+    has_ip = any(l.type == "InnerProduct" for l in net.layer)
+    fcn = convert_net(netdef).net if has_ip else net
+    shown = fcn if size else net
+    shapes = infer(shown, {name: declared[:2] + (h, w)} if len(declared) == 4 else None, path=path)
+    lines = [f"{path}: {netdef.name}, {len(net.layer)} layers"
+             + (f" (upgraded from {netdef.upgraded_from})" if netdef.upgraded_from else "")
+             + ("" if has_ip else ", fully convolutional (no InnerProduct)"),
+             f"blob shapes at input {w}x{h}" + (" (fully-convolutional version)" if has_ip and size else "") + ":"]
+    geos = blob_geometry(shown, path=path)
+    for ls in shapes.layers:
+        for top, shape in zip([l for l in shown.layer if l.name == ls.name][0].top, ls.tops):
+            g = geos.get(top)
+            extra = f"  stride {g.stride[1]}, field {g.field[1]}" if g and ls.type != "Input" else ""
+            lines.append(f"  {ls.name:<28} {ls.type:<14} {top:<28} {_shape(shape)}{extra}")
+    score = score_blob(fcn)
+    try:
+        geo = map_geometry(fcn, score, path=path)
+    except Exception as exc:  # a net whose output is not spatial even after conversion
+        lines.append(f"no dense map: {exc}")
+        return "\n".join(lines)
+    lines.append(f"dense map ({score}" + (", after converting InnerProduct layers" if has_ip else "") + "):")
+    lines += geometry_lines(geo, smallest_input(fcn, score), declared)
+    rows, cols = map_size(fcn, h, w, score)
+    est = estimate(fcn, h, w)
+    lines.append(f"  at {w}x{h}: {rows}x{cols} cells; Caffe needs about {format_bytes(est.total)} "
+                 f"(activations {format_bytes(est.activations)}, weights {format_bytes(est.params)}; "
+                 f"largest blob {est.largest_blob_name}: {est.largest_blob:,} values)")
+    return "\n".join(lines)

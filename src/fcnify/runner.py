@@ -1,0 +1,132 @@
+"""Nets running in Caffe, seen from the caller's process.
+
+`CaffeRunner` loads nets in fcnify's worker process (sandbox.py) and hands
+back `LoadedNet` handles with the three operations fcnify needs: forward,
+parameters, blob shapes. The torch engine offers the same handle shape.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import DeviceError, EngineCrash, SetupError
+from .paths import setup_record
+from .sandbox import Sandbox, shared
+
+
+class LoadedNet(Protocol):
+    def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
+    def params(self) -> dict[str, list[np.ndarray]]: ...
+    def blob_shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+
+@dataclass(frozen=True)
+class CaffeBuild:
+    """What kind of pycaffe is installed, found without importing it."""
+
+    pycaffe: Path
+    cuda: bool
+    blas: str
+    libraries: tuple[str, ...]
+
+
+@lru_cache(maxsize=1)
+def caffe_build() -> CaffeBuild:
+    """Locate pycaffe's extension and read its linked libraries (ldd)."""
+    try:
+        spec = importlib.util.find_spec("caffe")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise SetupError("pycaffe is not installed (`import caffe` finds nothing): run scripts/setup.sh")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    ext = pkg / "_caffe.so"
+    if not ext.exists():
+        raise SetupError(f"pycaffe at {pkg} has no _caffe.so: its build is incomplete; "
+                         "run scripts/setup.sh")
+    libs: tuple[str, ...] = ()
+    if shutil.which("ldd"):
+        out = subprocess.run(["ldd", str(ext)], capture_output=True, text=True).stdout
+        libs = tuple(sorted({m.group(1) for m in re.finditer(r"^\s*(\S+\.so[.\d]*)", out, re.M)}))
+    cuda = any("cudart" in lib or "cublas" in lib for lib in libs)
+    blas = next((name for key, name in (("openblas", "OpenBLAS"), ("mkl", "MKL"),
+                                        ("atlas", "ATLAS"), ("libblas", "reference BLAS"))
+                 if any(key in lib for lib in libs)), "unknown")
+    return CaffeBuild(pkg, cuda, blas, libs)
+
+
+class CaffeNetHandle:
+    """A net living in the worker process."""
+
+    def __init__(self, runner: "CaffeRunner", handle: int, model_def: Path) -> None:
+        self.runner, self.handle, self.model_def = runner, handle, model_def
+
+    def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        return self.runner.box.call("forward", self.handle, inputs, outputs,
+                                    context=f"running {self.model_def.name}", path=self.model_def)
+
+    def timed_forward(self, inputs, outputs, repeats: int = 1):
+        return self.runner.box.call("timed_forward", self.handle, inputs, outputs, repeats,
+                                    context=f"running {self.model_def.name}", path=self.model_def)
+
+    def params(self) -> dict[str, list[np.ndarray]]:
+        return self.runner.box.call("params", self.handle, context="reading parameters")
+
+    def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+        return self.runner.box.call("param_digests", self.handle, context="reading parameters")
+
+    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.runner.box.call("blob_shapes", self.handle, context="reading blob shapes")
+
+    def close(self) -> None:
+        if self.runner.box._worker is not None and self.runner.box._worker.alive():
+            self.runner.box.call("release", self.handle)
+
+
+class CaffeRunner:
+    """Loads nets into a sandboxed Caffe, in CPU mode or on one GPU."""
+
+    name = "caffe"
+
+    def __init__(self, gpu: int | None = None, verbose: bool = False, box: Sandbox | None = None) -> None:
+        self.box = box or shared(verbose)
+        self.gpu = gpu
+        if gpu is not None:
+            build = caffe_build()
+            if not build.cuda:
+                raise DeviceError(f"--gpu {gpu}: this Caffe ({build.pycaffe}) was built CPU_ONLY; "
+                                  "rebuild it with FCNIFY_CUDA=1 scripts/setup.sh, or use "
+                                  "--engine torch")
+            try:
+                self.box.call("set_mode", gpu, context=f"selecting GPU {gpu}")
+            except EngineCrash as exc:
+                raise DeviceError(f"GPU {gpu} is not usable: {exc.message}") from None
+        else:
+            self.box.call("set_mode", None, context="selecting CPU mode")
+
+    def load(self, model_def: str | Path, weights: str | Path | None = None) -> CaffeNetHandle:
+        model_def = Path(model_def)
+        what = f"loading {model_def.name}" + (f" with {Path(weights).name}" if weights else "")
+        handle = self.box.call("load", str(model_def), str(weights) if weights else None,
+                               context=what, path=model_def)
+        return CaffeNetHandle(self, handle, model_def)
+
+    def max_rss(self) -> int:
+        return self.box.call("max_rss")
+
+
+@lru_cache(maxsize=1)
+def registered_layer_types() -> frozenset[str]:
+    """Layer types this Caffe build registers (from set-up's record, else asked of Caffe)."""
+    recorded = setup_record().get("layer_types")
+    if recorded:
+        return frozenset(recorded)
+    return frozenset(shared().call("info", context="listing Caffe's layer types")["layer_types"])
