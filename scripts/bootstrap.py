@@ -41,6 +41,12 @@ CAFFE_SUITE = "bullseye"
 PATCH_DIR = REPO / "scripts" / "patches"
 CPU_PATCHES = ("protobuf-settotalbyteslimit.patch",)
 CUDA_PATCHES = ("cuda13-deviceprop.patch",)
+# cuBLAS/cuRAND from NVIDIA's PyPI wheels, per CUDA major version, for toolkits
+# without them (the CUDA 13.0 toolkit on these machines has only cudart). Pinned
+# to the versions the CUDA build was checked with (scripts/check_cuda_build.sh).
+CUDA_WHEELS = {"13": ("nvidia-cublas==13.1.1.3", "nvidia-curand==10.4.0.35")}
+CUDA_ARCH_BIN = "80 90"  # A100 (sm_80), H100/H200 (sm_90)
+CUDA_ARCH_PTX = "90"
 MARKER_NAME = "fcnify-caffe.json"
 
 BUILD_PACKAGES = (
@@ -353,7 +359,7 @@ def nvcc_major() -> str | None:
     return m.group(1) if m else None
 
 
-def cmake_args(info: dict, py: Path, cuda: bool) -> list[str]:
+def cmake_args(info: dict, py: Path, cuda: bool, cuda_libs: Path | None = None) -> list[str]:
     libpython = str(Path(info["libdir"]) / info["ldlibrary"])
     args = ["-DCMAKE_BUILD_TYPE=Release", "-DUSE_OPENCV=OFF", "-DUSE_LEVELDB=OFF",
             "-DUSE_LMDB=OFF", "-DBLAS=Open", "-Dpython_version=3", "-DBUILD_docs=OFF",
@@ -361,26 +367,103 @@ def cmake_args(info: dict, py: Path, cuda: bool) -> list[str]:
             f"-DPYTHON_LIBRARY={libpython}", f"-DNUMPY_INCLUDE_DIR={info['numpy_include']}"]
     if not cuda:
         return args + ["-DCPU_ONLY=ON"]
-    return args + cuda_cmake_args()
+    return args + cuda_cmake_args(cuda_toolkit_root(), cuda_libs)
 
 
-def cuda_cmake_args() -> list[str]:
-    """CUDA flags: cuDNN/NCCL off, sm_80 and sm_90, cuBLAS/cuRAND from NVIDIA's wheels if needed."""
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    root = Path(nvcc).resolve().parent.parent
+def cuda_toolkit_root() -> Path:
+    """The toolkit folder (bin/nvcc and include/cuda_runtime.h side by side).
+
+    `nvcc` on PATH may be a wrapper script (/usr/local/bin/nvcc on these
+    machines execs /usr/local/cuda-13.0/bin/nvcc), so its parent is not the
+    toolkit: CUDA_HOME, CUDA_PATH, nvcc's resolved folder and /usr/local/cuda
+    are tried in that order.
+    """
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda"]
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").is_file() and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c).resolve()
+    raise SetupError("FCNIFY_CUDA=1 but no CUDA toolkit found (bin/nvcc with include/cuda_runtime.h) "
+                     "in CUDA_HOME, CUDA_PATH, next to nvcc or in /usr/local/cuda")
+
+
+def cuda_cmake_args(root: Path, cuda_libs: Path | None = None) -> list[str]:
+    """CUDA flags: cuDNN/NCCL off, sm_80 and sm_90 (+ PTX), cuBLAS/cuRAND from `cuda_libs`.
+
+    `cuda_libs` is a folder with include/ and lib/ (see ensure_cuda_libs) when
+    the toolkit lacks cuBLAS/cuRAND; the libraries are also put on the rpath,
+    so pycaffe finds them at run time without LD_LIBRARY_PATH.
+    """
     args = ["-DCPU_ONLY=OFF", "-DUSE_CUDNN=OFF", "-DUSE_NCCL=OFF", "-DCUDA_ARCH_NAME=Manual",
-            "-DCUDA_ARCH_BIN=80 90", "-DCUDA_ARCH_PTX=90", f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
-    extra = os.environ.get("FCNIFY_CUDA_LIBS")  # folder with include/ and lib/ of cuBLAS/cuRAND
-    if extra:
-        args += [f"-DCMAKE_LIBRARY_PATH={extra}/lib",
-                 f"-DCMAKE_CXX_FLAGS=-I{extra}/include",
-                 f"-DCUDA_NVCC_FLAGS=-I{extra}/include",
-                 f"-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath,{extra}/lib",
-                 f"-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath,{extra}/lib"]
+            f"-DCUDA_ARCH_BIN={CUDA_ARCH_BIN}", f"-DCUDA_ARCH_PTX={CUDA_ARCH_PTX}",
+            f"-DCUDA_TOOLKIT_ROOT_DIR={root}"]
+    if cuda_libs:
+        args += [f"-DCMAKE_LIBRARY_PATH={cuda_libs}/lib",
+                 f"-DCMAKE_CXX_FLAGS=-I{cuda_libs}/include",
+                 f"-DCUDA_NVCC_FLAGS=-I{cuda_libs}/include",
+                 f"-DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath,{cuda_libs}/lib",
+                 f"-DCMAKE_EXE_LINKER_FLAGS=-Wl,-rpath,{cuda_libs}/lib",
+                 f"-DCMAKE_MODULE_LINKER_FLAGS=-Wl,-rpath,{cuda_libs}/lib"]
     return args
 
 
-def build_caffe(cache: Path, source: Path, key: BuildKey, info: dict, py: Path, cuda: bool) -> Path:
+def toolkit_has_blas(root: Path) -> bool:
+    """True when the toolkit itself has cuBLAS and cuRAND headers and libraries."""
+    libs = [root / "lib64", root / "lib"]
+    return (all((root / "include" / h).is_file() for h in ("cublas_v2.h", "curand.h"))
+            and all(any(d.glob(f"lib{n}.so") for d in libs if d.is_dir()) for n in ("cublas", "curand")))
+
+
+def ensure_cuda_libs(py: Path, cache: Path, root: Path, major: str) -> Path | None:
+    """cuBLAS/cuRAND for the CUDA build: FCNIFY_CUDA_LIBS, the toolkit's own, or NVIDIA's wheels.
+
+    Returns a folder with include/ and lib/ for cmake, or None when the toolkit
+    has them. The wheels are installed into the virtualenv (site-packages/
+    nvidia/cu<major>/); they ship only versioned libraries (libcublas.so.13),
+    so the linker's plain libcublas.so/libcurand.so are symlinks in
+    <cache>/cuda<major>-libs/, which the build also uses as its rpath. The
+    links are re-pointed at this virtualenv's wheels on every set-up run.
+    """
+    given = os.environ.get("FCNIFY_CUDA_LIBS")
+    if given:
+        folder = Path(given).expanduser().resolve()
+        if not (folder / "include" / "cublas_v2.h").is_file() or not (folder / "lib").is_dir():
+            raise SetupError(f"FCNIFY_CUDA_LIBS={given}: expected include/cublas_v2.h and lib/ in it")
+        return folder
+    if toolkit_has_blas(root):
+        return None
+    wheels = CUDA_WHEELS.get(major)
+    if wheels is None:
+        raise SetupError(f"the CUDA {major} toolkit at {root} has no cuBLAS/cuRAND and fcnify knows "
+                         "no wheels for it; set FCNIFY_CUDA_LIBS to a folder with include/ and lib/")
+    log(f"installing {' '.join(wheels)} into the virtualenv (cuBLAS/cuRAND for CUDA {major})")
+    run([str(py), "-m", "pip", "install", "-q", *wheels])
+    site = Path(python_info(py)["purelib"]) / "nvidia" / f"cu{major}"
+    if not (site / "include" / "cublas_v2.h").is_file():
+        raise SetupError(f"{' '.join(wheels)} installed, but {site}/include/cublas_v2.h is missing")
+    dest = cache / f"cuda{major}-libs"
+    (dest / "lib").mkdir(parents=True, exist_ok=True)
+    _symlink(site / "include", dest / "include")
+    for lib in sorted((site / "lib").glob("lib*.so.*")):
+        _symlink(lib, dest / "lib" / lib.name)
+        _symlink(lib, dest / "lib" / (lib.name.split(".so")[0] + ".so"))
+    for name in ("cublas", "curand"):
+        if not (dest / "lib" / f"lib{name}.so").exists():
+            raise SetupError(f"lib{name}.so.* not found in {site}/lib after installing the wheels")
+    return dest
+
+
+def _symlink(target: Path, link: Path) -> None:
+    """Point `link` at `target`, replacing what was there in one step."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def build_caffe(cache: Path, source: Path, key: BuildKey, info: dict, py: Path, cuda: bool,
+                cuda_libs: Path | None = None) -> Path:
     """Build pycaffe for `key` in its own copy of the source; return its python/ folder."""
     tree = cache / key.name
     done = tree / ".fcnify-build-complete"
@@ -399,7 +482,7 @@ def build_caffe(cache: Path, source: Path, key: BuildKey, info: dict, py: Path, 
     jobs = str(os.cpu_count() or 2)
     logfile = tree / "build.log"
     with open(logfile, "w") as logf:
-        for cmd in (["cmake", *cmake_args(info, py, cuda), ".."], ["make", f"-j{jobs}", "pycaffe"]):
+        for cmd in (["cmake", *cmake_args(info, py, cuda, cuda_libs), ".."], ["make", f"-j{jobs}", "pycaffe"]):
             logf.write(f"$ {' '.join(cmd)}\n")
             logf.flush()
             if subprocess.run(cmd, cwd=build, stdout=logf, stderr=subprocess.STDOUT).returncode != 0:
@@ -459,6 +542,7 @@ def setup(args: argparse.Namespace) -> dict:
     pth = Path(info["purelib"]) / "fcnify-caffe.pth"
     key = build_key(info, cuda)
     cached_ok = (cache / key.name / ".fcnify-build-complete").is_file()
+    cuda_libs = ensure_cuda_libs(py, cache, cuda_toolkit_root(), nvcc_major() or "") if cuda else None
     existing = None if mode == "build" else find_existing_pycaffe(py, pth)
     choice = choose_caffe(mode, existing, cached_ok)
     if choice == "existing":
@@ -466,16 +550,21 @@ def setup(args: argparse.Namespace) -> dict:
         pycaffe = str(Path(existing).parent.parent) if existing else None
         log(f"re-using the existing pycaffe at {existing} (FCNIFY_CAFFE=build to build fcnify's own)")
     else:
-        python_dir = build_caffe(cache, source, key, info, py, cuda)
+        python_dir = build_caffe(cache, source, key, info, py, cuda, cuda_libs)
         pth.write_text(str(python_dir) + "\n")
         pycaffe = str(python_dir)
     marker = {"mode": choice, "key": key.name, "pycaffe": pycaffe,
-              "caffe_source": str(source), "caffe_descriptor": str(descriptor), "cache": str(cache)}
-    write_marker(venv, marker)
-    check = subprocess.run([str(py), "-c", "import caffe"], cwd="/", capture_output=True, text=True,
+              "caffe_source": str(source), "caffe_descriptor": str(descriptor), "cache": str(cache),
+              "cuda_libs": str(cuda_libs) if cuda_libs else None}
+    code = ("import caffe, json, sys; sys.stdout.write(json.dumps({'version': getattr(caffe, "
+            "'__version__', 'unknown'), 'layer_types': sorted(caffe.layer_type_list())}))")
+    check = subprocess.run([str(py), "-c", code], cwd="/", capture_output=True, text=True,
                            env=dict(os.environ, GLOG_minloglevel="2"))
     if check.returncode != 0:
         raise SetupError(f"`import caffe` fails after set-up: {check.stderr.strip().splitlines()[-1:]}")
+    caffe_info = json.loads(check.stdout)
+    marker.update(caffe_version=caffe_info["version"], layer_types=caffe_info["layer_types"])
+    write_marker(venv, marker)
     return marker
 
 
@@ -488,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.print_key:
             venv = Path(os.environ.get("FCNIFY_VENV", REPO / ".venv"))
-            print(build_key(python_info(venv_python(venv)), False).name)
+            cuda = os.environ.get("FCNIFY_CUDA", "0") not in ("", "0", "no", "false")
+            print(build_key(python_info(venv_python(venv)), cuda).name)
             return 0
         marker = setup(args)
     except SetupError as exc:

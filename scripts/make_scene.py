@@ -35,13 +35,13 @@ def apart(box: tuple[int, int], boxes: list[tuple[int, int]]) -> bool:
 
 
 def places(rng: np.random.Generator) -> list[tuple[int, int]]:
-    """COUNT top-left corners: one hugging each edge and a corner, the rest anywhere."""
+    """COUNT top-left corners: one in a corner, one hugging each edge, the rest anywhere."""
     hi_x, hi_y = WIDTH - dc.DIGIT, HEIGHT - dc.DIGIT
-    wanted = [lambda: (int(rng.integers(0, EDGE + 1)), int(rng.integers(0, hi_y + 1))),
+    wanted = [lambda: (hi_x, hi_y),
+              lambda: (int(rng.integers(0, EDGE + 1)), int(rng.integers(0, hi_y + 1))),
               lambda: (int(rng.integers(hi_x - EDGE, hi_x + 1)), int(rng.integers(0, hi_y + 1))),
               lambda: (int(rng.integers(0, hi_x + 1)), int(rng.integers(0, EDGE + 1))),
-              lambda: (int(rng.integers(0, hi_x + 1)), int(rng.integers(hi_y - EDGE, hi_y + 1))),
-              lambda: (hi_x, hi_y)]
+              lambda: (int(rng.integers(0, hi_x + 1)), int(rng.integers(hi_y - EDGE, hi_y + 1)))]
     wanted += [lambda: (int(rng.integers(0, hi_x + 1)), int(rng.integers(0, hi_y + 1)))] * (COUNT - 5)
     boxes: list[tuple[int, int]] = []
     for draw in wanted:

@@ -68,11 +68,16 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
 
 
 def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,
-            card: ModelCard | None = None) -> tuple[ConvertResult, Weights]:
-    """Everything that needs no Caffe: parse, check, convert, transplant."""
+            card: ModelCard | None = None, layer_types: frozenset[str] | None = None
+            ) -> tuple[ConvertResult, Weights]:
+    """Everything that needs no Caffe: parse, check, convert, transplant.
+
+    `layer_types` are the types the engine that will run the net supports
+    (default: those this Caffe build registers).
+    """
     model_def, weights = Path(model_def), Path(weights)
     netdef = read_netdef(model_def)
-    check_layer_types(netdef.param, registered_layer_types(), model_def)
+    check_layer_types(netdef.param, layer_types or registered_layer_types(), model_def)
     surgery = convert_net(netdef, input_size)
     w = read_weights(weights)
     the_card = card_for(model_def, weights, netdef, card)
@@ -155,7 +160,9 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     the conversion not equivalent, the files are still written (for
     inspection) and NotEquivalentError is raised with the report attached.
     """
-    result, _ = prepare(model_def, weights, input_size, card)
+    runner = runner if (runner is not None or not check) else CaffeRunner(gpu)
+    result, _ = prepare(model_def, weights, input_size, card,
+                        runner.layer_types() if runner is not None else None)
     if not result.changed:
         return result
     prefix = Path(out_prefix) if out_prefix else default_prefix(Path(model_def), card)
@@ -168,7 +175,6 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
         tmp_proto, tmp_model = write_net(out, result.surgery, result.blobs, names["prototxt"],
                                          names["caffemodel"])
         if check:
-            runner = runner or CaffeRunner(gpu)
             result.report = run_verify(result, tmp_proto, tmp_model, runner, samples)
         out.write_text(names["card"], json.dumps(card_dict(result, names["prototxt"],
                                                            names["caffemodel"]), indent=2) + "\n")
@@ -185,7 +191,8 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCar
                       runner: CaffeRunner | None = None, check: bool = True,
                       workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
     """Convert into a temporary folder (for classify-map on an unconverted net)."""
-    result, _ = prepare(model_def, weights, None, card)
+    runner = runner or CaffeRunner()
+    result, _ = prepare(model_def, weights, None, card, runner.layer_types())
     if not result.changed:
         raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
                               "fully-convolutional net", Path(model_def))
@@ -195,7 +202,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCar
     with out:
         tmp_proto, tmp_model = write_net(out, result.surgery, result.blobs, proto, model)
         if check:
-            result.report = run_verify(result, tmp_proto, tmp_model, runner or CaffeRunner())
+            result.report = run_verify(result, tmp_proto, tmp_model, runner)
     if result.report is not None and not result.report.equivalent:
         raise NotEquivalentError("converting it in memory did not reproduce the original's outputs; "
                                  "run `fcnify convert` to see the report", Path(model_def))

@@ -157,9 +157,9 @@ class DenseModel:
 
     def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
                  verbose: bool = False, check: bool = True) -> None:
-        self.conversion = None
+        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
         if not card.fully_convolutional:
-            card = self._convert(card, runner, gpu, verbose, check)
+            card = self._convert(card, self.runner, check)
         self.card = card
         self.netdef = read_netdef(card.model_def)
         net = self.netdef.param
@@ -177,17 +177,15 @@ class DenseModel:
         self.num_classes = shapes.blobs[self.score_blob][1]
         self.labels = card.load_labels(self.num_classes)
         self.minimum = self._minimum(declared)
-        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
         t0 = time.perf_counter()
         self.net = self.runner.load(card.model_def, card.weights)
         self.load_seconds = time.perf_counter() - t0
 
     @staticmethod
-    def _convert(card: ModelCard, runner, gpu, verbose, check) -> ModelCard:
+    def _convert(card: ModelCard, runner, check: bool) -> ModelCard:
+        """Convert an unconverted net in memory, checked on the engine that will run it."""
         from .convert import convert_in_memory
-        from .runner import CaffeRunner
-        result, proto, model = convert_in_memory(card.model_def, card.weights, card,
-                                                 runner or CaffeRunner(gpu, verbose), check)
+        result, proto, model = convert_in_memory(card.model_def, card.weights, card, runner, check)
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
 
     def _minimum(self, declared) -> tuple[int, int]:
@@ -228,15 +226,20 @@ class DenseModel:
         return tiles, (size if len(tiles) > 1 else None)
 
     def run(self, rgb: np.ndarray, budget: int | None = None, tile: int | None = None,
-            progress: Progress | None = None) -> tuple[np.ndarray, dict]:
-        """Probabilities (classes x rows x cols) for an 8-bit RGB image; preprocessing per tile."""
+            progress: Progress | None = None, scores: bool = False) -> tuple[np.ndarray, dict]:
+        """Probabilities (classes x rows x cols) for an 8-bit RGB image; preprocessing per tile.
+
+        With `scores`, the raw scores before Softmax instead (what tests compare:
+        probabilities saturate and can hide differences).
+        """
         h, w = rgb.shape[:2]
         tiles, tile_size = self.plan(h, w, budget, tile)
         rows, cols = self.cells(h, w)
         probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
         pre = self.card.preprocess
         t_pre = t_fwd = 0.0
-        blob = self.output_blob if self.softmaxed else self.score_blob
+        raw = scores or not self.softmaxed
+        blob = self.score_blob if raw else self.output_blob
         for i, t in enumerate(tiles):
             t0 = time.perf_counter()
             x = pre.apply(rgb[t.y.start:t.y.stop, t.x.start:t.x.stop])[None]
@@ -247,7 +250,7 @@ class DenseModel:
             ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
             xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
             part = out[:, ys, xs]
-            if not self.softmaxed:
+            if raw and not scores:
                 part = softmax(part.astype(np.float32))
             probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = part
             if progress:

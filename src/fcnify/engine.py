@@ -35,6 +35,35 @@ def info() -> dict:
     }
 
 
+def gpu_probe(gpu: int) -> str | None:
+    """Why GPU `gpu` cannot be used, asked of the CUDA runtime Caffe links; None if it can.
+
+    Caffe's own set_device/set_mode_gpu abort the process on a machine
+    without a GPU or driver (CUDA error 35 or 100); asking cudaGetDeviceCount
+    first turns that into a sentence.
+    """
+    import ctypes
+    caffe()
+    with open("/proc/self/maps") as maps:  # the runtime Caffe loaded (or libcaffe, if static)
+        loaded = dict.fromkeys(line.split()[-1] for line in maps
+                               if "libcudart.so" in line or "libcaffe" in line)
+    rt = next((lib for lib in map(ctypes.CDLL, sorted(loaded, key=lambda p: "libcudart" not in p))
+               if hasattr(lib, "cudaGetDeviceCount")), None)
+    if rt is None:
+        return None  # cannot ask; set_mode will tell (its abort becomes an EngineCrash)
+    rt.cudaGetErrorString.restype = ctypes.c_char_p
+    count = ctypes.c_int(0)
+    err = rt.cudaGetDeviceCount(ctypes.byref(count))
+    if err != 0:
+        text = rt.cudaGetErrorString(err).decode(errors="replace")
+        hint = " (no NVIDIA GPU or driver on this machine?)" if err in (35, 100) else ""
+        return f"the CUDA runtime reports '{text}' (error {err}){hint}"
+    if not 0 <= gpu < count.value:
+        return f"this machine has {count.value} CUDA device(s)" + (
+            f" (0..{count.value - 1})" if count.value else "")
+    return None
+
+
 def set_mode(gpu: int | None) -> None:
     c = caffe()
     if gpu is None:
@@ -120,7 +149,7 @@ def ping() -> str:
     return "pong"
 
 
-CALLS = {f.__name__: f for f in (info, set_mode, load, release, blob_shapes, params, param_digests, forward,
+CALLS = {f.__name__: f for f in (info, gpu_probe, set_mode, load, release, blob_shapes, params, param_digests, forward,
                                  timed_forward, max_rss, ping)}
 
 

@@ -243,5 +243,5 @@ def map_size(net, height: int, width: int, blob: str | None = None) -> tuple[int
     declared = input_shapes(net)
     name = next(iter(declared))
     blob = blob or output_blobs(net)[-1]
-    shape = infer(net, {name: declared[name][:-2] + (height, width)}).blobs[blob]
+    shape = infer(net, {name: declared[name][:-2] + (height, width)}, check_limits=False).blobs[blob]
     return shape[-2], shape[-1]

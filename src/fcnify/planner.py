@@ -16,8 +16,11 @@ from .errors import NetDefinitionError, ResourceError
 from .shapes import INT_MAX, Shape, count, infer, input_shapes, conv_geometry
 
 FLOAT = 4
-# The worker process before any net: Python, numpy, pycaffe and what it imports.
-WORKER_BASE = 200 * 2**20
+# The worker process before any net: Python, numpy, pycaffe and what it imports
+# (measured about 125 MiB; scripts/bench_dense.py reports the model's error).
+WORKER_BASE = 150 * 2**20
+# Allocator overhead and temporaries not modelled one by one.
+SLACK = 1.08
 
 
 @dataclass(frozen=True)
@@ -29,15 +32,16 @@ class MemoryEstimate:
     params: int
     largest_blob: int  # elements
     largest_blob_name: str
+    io: int = 0  # the input and output arrays on their way in and out of the worker
 
     @property
     def activations(self) -> int:
-        return self.blobs + self.buffers
+        return int((self.blobs + self.buffers) * SLACK) + self.io
 
     @property
     def total(self) -> int:
-        """Worker peak: base + parameters (held twice while loading) + activations."""
-        return WORKER_BASE + 2 * self.params + self.activations
+        """Worker peak: the larger of loading (parameters held twice) and running."""
+        return WORKER_BASE + self.params + max(self.params, self.activations)
 
 
 def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
@@ -59,14 +63,22 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
             p = layer.convolution_param
             kernel, stride, pad, dilation = conv_geometry(p, len(ls.bottoms[0]) - 2)
             if not (all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(pad)):
-                col = (ls.bottoms[0][1] // (p.group or 1)) * count(tuple(kernel)) * count(ls.tops[0][2:])
+                # Caffe sizes the buffer kernel_dim * group rows: all input channels, even when grouped
+                col = ls.bottoms[0][1] * count(tuple(kernel)) * count(ls.tops[0][2:])
                 buffers += col * FLOAT
         elif ls.type == "Pooling" and layer.pooling_param.pool == 0 and len(ls.tops) == 1:
             buffers += count(ls.tops[0]) * FLOAT  # max indices
         elif ls.type == "LRN":
             buffers += 2 * count(ls.bottoms[0]) * FLOAT  # scale_ and a padded square
     params = sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT
-    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0])
+    outputs = [shapes.blobs[b] for b in _outputs(net)]
+    io = 2 * (count(shape) + sum(count(o) for o in outputs)) * FLOAT
+    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0], io)
+
+
+def _outputs(net) -> list[str]:
+    from .geometry import output_blobs
+    return output_blobs(net)
 
 
 def available_memory() -> int:

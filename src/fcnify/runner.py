@@ -105,6 +105,9 @@ class CaffeRunner:
                 raise DeviceError(f"--gpu {gpu}: this Caffe ({build.pycaffe}) was built CPU_ONLY; "
                                   "rebuild it with FCNIFY_CUDA=1 scripts/setup.sh, or use "
                                   "--engine torch")
+            problem = self.box.call("gpu_probe", gpu, context=f"probing GPU {gpu}")
+            if problem:
+                raise DeviceError(f"--gpu {gpu}: GPU {gpu} is not usable: {problem}")
             try:
                 self.box.call("set_mode", gpu, context=f"selecting GPU {gpu}")
             except EngineCrash as exc:
@@ -121,6 +124,9 @@ class CaffeRunner:
 
     def max_rss(self) -> int:
         return self.box.call("max_rss")
+
+    def layer_types(self) -> frozenset[str]:
+        return registered_layer_types()
 
 
 @lru_cache(maxsize=1)

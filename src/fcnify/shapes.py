@@ -87,13 +87,15 @@ def input_shapes(net) -> dict[str, Shape]:
 
 
 def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
-          allow_unmodelled: bool = False) -> NetShapes:
+          allow_unmodelled: bool = False, check_limits: bool = True) -> NetShapes:
     """Propagate shapes through `net` (a NetParameter), with Caffe's checks.
 
     `inputs` overrides the Input layers' declared shapes (e.g. a larger image).
     Raises NetDefinitionError naming the layer on anything Caffe would reject.
     With `allow_unmodelled`, layers of unknown type stop the propagation of
-    their tops (their shapes are unknown) instead of failing.
+    their tops (their shapes are unknown) instead of failing. Without
+    `check_limits`, blobs past INT_MAX are allowed (for sizing a map that
+    will be computed in tiles).
     """
     blobs: dict[str, Shape] = {}
     layers: list[LayerShapes] = []
@@ -120,7 +122,7 @@ def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
             if any(d < 0 for d in shape):
                 raise NetDefinitionError(f"layer '{layer.name}' ({layer.type}): output shape "
                                          f"{shape} is negative (input too small)", path)
-            if count(shape) > INT_MAX:
+            if check_limits and count(shape) > INT_MAX:
                 raise NetDefinitionError(f"layer '{layer.name}' ({layer.type}): blob '{top}' "
                                          f"would hold {count(shape):,} values, over Caffe's "
                                          f"limit of {INT_MAX:,} (INT_MAX)", path)
@@ -310,9 +312,11 @@ def pool_geometry(p, shape: Shape):
     return kernel, stride, pad
 
 
-def pooled_size(size: int, kernel: int, stride: int, pad: int) -> int:
-    """Caffe's pooled output size: ceil rounding, then drop a window starting in the padding."""
-    out = int(math.ceil(float(size + 2 * pad - kernel) / stride)) + 1
+def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True) -> int:
+    """Caffe's pooled output size: ceil (or round_mode FLOOR) rounding, then drop a window
+    starting in the padding."""
+    rounding = math.ceil if ceil else math.floor
+    out = int(rounding(float(size + 2 * pad - kernel) / stride)) + 1
     if pad and (out - 1) * stride >= size + pad:
         out -= 1
     return out
@@ -324,8 +328,9 @@ def _pooling(layer, bottoms):
     if len(shape) != 4:
         raise ValueError(f"needs a 4-axis input, got {shape}")
     kernel, stride, pad = pool_geometry(layer.pooling_param, shape)
-    out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0])
-    out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1])
+    ceil = getattr(layer.pooling_param, "round_mode", 0) != 1  # RoundMode FLOOR = 1
+    out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0], ceil)
+    out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1], ceil)
     if len(layer.top) > 1 and layer.pooling_param.pool != 0:
         raise ValueError("only MAX pooling can have a second (mask) top")
     top = (shape[0], shape[1], out_h, out_w)
@@ -460,7 +465,8 @@ def _scale_or_bias(layer, bottoms):
     if len(bottoms) > 2:
         raise ValueError("takes one or two bottoms")
     if len(bottoms) == 2:
-        return [shape], ([(bottoms[1][0],)] if layer.type == "Scale" and p.bias_term else [])
+        # the bias (a parameter) has the second bottom's shape (Caffe's BiasLayer, num_axes = its axes)
+        return [shape], ([tuple(bottoms[1])] if layer.type == "Scale" and p.bias_term else [])
     axis = canonical_axis(p.axis, len(shape), "axis")
     num_axes = p.num_axes
     if num_axes < -1 or (num_axes >= 0 and axis + num_axes > len(shape)):

@@ -1,0 +1,161 @@
+"""Exact tiling: stitched tile maps equal the whole-image map."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fcnify.convert import convert
+from fcnify.dense import DenseModel
+from fcnify.geometry import map_geometry, map_size
+from fcnify.images import resize
+from fcnify.models import card_for_model_def
+from fcnify.netdef import parse_netdef
+from fcnify.planner import estimate
+from fcnify.tiling import min_tile, plan
+
+from conftest import write_model
+
+# A small net with a stride of 8, padding, ceil-rounded pooling that overhangs,
+# LRN and a dilated convolution: different geometry from CaffeNet's.
+STRIDE8 = """
+name: "stride8"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 45 dim: 45 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 5 stride: 2 pad: 2 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "norm1" type: "LRN" bottom: "pool1" top: "norm1" lrn_param { local_size: 3 } }
+layer { name: "conv2" type: "Convolution" bottom: "norm1" top: "conv2"
+        convolution_param { num_output: 12 kernel_size: 3 pad: 2 dilation: 2 } }
+layer { name: "relu2" type: "ReLU" bottom: "conv2" top: "conv2" }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+        pooling_param { pool: AVE kernel_size: 2 stride: 2 pad: 1 } }
+layer { name: "fc3" type: "InnerProduct" bottom: "pool2" top: "fc3" inner_product_param { num_output: 16 } }
+layer { name: "relu3" type: "ReLU" bottom: "fc3" top: "fc3" }
+layer { name: "fc4" type: "InnerProduct" bottom: "fc3" top: "fc4" inner_product_param { num_output: 5 } }
+layer { name: "prob" type: "Softmax" bottom: "fc4" top: "prob" }
+"""
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(2, h // 12), max(2, w // 12), 3), dtype=np.uint8)
+    noise = rng.integers(-25, 26, size=(h, w, 3))
+    return np.clip(resize(small, h, w).astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def caffenet_fcn(caffenet, tmp_path_factory):
+    proto, weights = caffenet
+    out = tmp_path_factory.mktemp("tiling") / "caffenet"
+    result = convert(proto, weights, out, check=False)
+    card = card_for_model_def(result.outputs["prototxt"], result.outputs["caffemodel"])
+    model = DenseModel(card)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def stride8_fcn(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stride8")
+    proto, weights = write_model(tmp, "stride8", STRIDE8, seed=3)
+    result = convert(proto, weights, tmp / "s8", check=False)
+    card = card_for_model_def(result.outputs["prototxt"], result.outputs["caffemodel"])
+    model = DenseModel(card)
+    yield model
+    model.close()
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+@pytest.mark.parametrize("h,w,tile", [(700, 600, 451), (620, 960, 500), (451, 900, 390)])
+def test_caffenet_tiled_equals_whole(caffenet_fcn, h, w, tile):
+    """CaffeNet scores stitched from tiles equal the whole image's, at several sizes and tiles."""
+    img = _image(h, w, seed=h + w)
+    whole, info_w = caffenet_fcn.run(img, budget=1 << 40, scores=True)
+    tiled, info_t = caffenet_fcn.run(img, tile=tile, scores=True)
+    assert info_w["mode"] == "whole" and info_t["mode"] == "tiled" and info_t["tiles"] > 1
+    assert whole.shape == tiled.shape == (1000,) + map_size(caffenet_fcn.netdef.param, h, w)
+    assert _rel(whole, tiled) <= 1e-5
+
+
+@pytest.mark.parametrize("h,w,tile", [(203, 157, 90), (160, 333, 120), (121, 121, 100)])
+def test_stride8_tiled_equals_whole(stride8_fcn, h, w, tile):
+    """A stride-8 net with dilation, padded AVE pooling and LRN tiles exactly too."""
+    assert stride8_fcn.geometry.stride == (8, 8)
+    img = _image(h, w, seed=h * w)
+    whole, _ = stride8_fcn.run(img, budget=1 << 40, scores=True)
+    tiled, info = stride8_fcn.run(img, tile=tile, scores=True)
+    assert info["tiles"] > 1
+    assert _rel(whole, tiled) <= 1e-5
+
+
+def test_naive_tiling_is_not_exact(stride8_fcn):
+    """Cutting tiles without the reach margin changes cells: the test data can see a wrong tiling."""
+    img = _image(203, 157, seed=1)
+    whole, _ = stride8_fcn.run(img, budget=1 << 40, scores=True)
+    net = stride8_fcn.net
+    blob = stride8_fcn.score_blob
+    # the left half on its own, as a user cutting by hand would do
+    x = stride8_fcn.card.preprocess.apply(img[:, :80])[None]
+    half = net.forward({stride8_fcn.input_blob: x}, [blob])[blob][0]
+    cols = half.shape[2]
+    assert _rel(whole[:, :, :cols], half) > 1e-3
+
+
+def test_plan_partitions_cells(stride8_fcn):
+    """Kept cells cover every map cell exactly once, origins on the stride grid, few tile shapes."""
+    net = stride8_fcn.netdef.param
+    geo = map_geometry(net, stride8_fcn.score_blob)
+    h, w = 403, 517
+    rows, cols = map_size(net, h, w, stride8_fcn.score_blob)
+    tiles = plan(h, w, rows, cols, (120, 150), geo.y, geo.x,
+                 lambda n: map_size(net, n, w, stride8_fcn.score_blob)[0],
+                 lambda n: map_size(net, h, n, stride8_fcn.score_blob)[1])
+    hits = np.zeros((rows, cols), dtype=int)
+    for t in tiles:
+        assert t.y.start % 8 == 0 and t.x.start % 8 == 0
+        assert t.y.stop <= h and t.x.stop <= w
+        hits[t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] += 1
+    assert (hits == 1).all()
+    assert len({t.shape for t in tiles}) <= 4
+    shapes_in_order = [t.shape for t in tiles]
+    assert shapes_in_order == sorted(shapes_in_order), "tiles must be grouped by shape"
+
+
+def test_min_tile_from_reach(caffenet_fcn):
+    """The smallest useful tile is the reach plus the lead margin (CaffeNet: 64 + 290 + 1 px)."""
+    g = caffenet_fcn.geometry
+    assert (g.y.reach_lo, g.y.reach_hi) == (-64, 290)
+    assert min_tile(g.y) == 64 + 290 + 1
+
+
+def test_budget_picks_tiles(caffenet_fcn):
+    """A budget below the whole image's estimate makes the planner tile, within the budget."""
+    net = caffenet_fcn.netdef.param
+    h = w = 1400
+    need = estimate(net, h, w).total
+    budget = int(need * 0.75)
+    tiles, tile_size = caffenet_fcn.plan(h, w, budget=budget)
+    assert len(tiles) > 1 and tile_size is not None
+    assert estimate(net, *tile_size).total <= budget
+    bigger = (tile_size[0] + 32, tile_size[1] + 32)
+    assert estimate(net, *bigger).total > budget, "the planner should take the largest tile that fits"
+
+
+def test_int_max_forces_tiling(caffenet_fcn):
+    """An input whose conv1 blob would pass INT_MAX is tiled instead of aborting Caffe."""
+    net = caffenet_fcn.netdef.param
+    n = 9000  # conv1: 96 x 2248 x 2248 = 485M values fits, but the im2col rows do not matter here
+    from fcnify.errors import ResourceError
+    huge = 40000
+    with pytest.raises(ResourceError, match="INT_MAX"):
+        estimate(net, huge, huge)
+    tiles, tile_size = caffenet_fcn.plan(huge, huge, budget=3 << 30)
+    assert len(tiles) > 1 and max(tile_size) < huge
+    assert estimate(net, n // 10, n // 10).largest_blob < 2**31 - 1
