@@ -188,6 +188,7 @@ def write_sidecars(out: Path, train: np.ndarray, heldout: np.ndarray) -> None:
     model = {"name": "digits",
              "description": "LeNet on scikit-learn's 8x8 digits drawn 24 px dark on light "
                             "paper; class 10 is background. Trained by scripts/train_digits.py.",
+             "model_def": "deploy.prototxt",
              "preprocess": PREPROCESS.to_dict(), "labels": "labels.txt",
              "weights": "digits.caffemodel", "background_class": dc.BACKGROUND}
     (out / "model.json").write_text(json.dumps(model, indent=2) + "\n")

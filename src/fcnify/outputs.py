@@ -71,8 +71,13 @@ def argmax_png(dm, max_legend: int = 12) -> bytes:
         colors[index[dm.model.background_class]] = (0.85, 0.85, 0.85, 1.0)
     cmap = mcolors.ListedColormap(colors) if colors else "tab20"
     fig, ax, plt = _figure(dm, f"Winning class per cell — {dm.shape[0]}x{dm.shape[1]} map")
+    alpha = np.full(arg.shape, 0.55 if dm.image is not None else 1.0)
+    if dm.image is not None and dm.model.background_class is not None:
+        # background cells stay see-through, so the detections stand out on the photo
+        alpha[arg == dm.model.background_class] = 0.0
+        alpha[arg != dm.model.background_class] = 0.9
     ax.imshow(compact, extent=_cell_extent(dm), cmap=cmap, vmin=-0.5, vmax=len(present) - 0.5,
-              alpha=0.55 if dm.image is not None else 1.0, interpolation="nearest")
+              alpha=alpha, interpolation="nearest")
     shown = present[:max_legend]
     handles = [Patch(color=colors[index[c]], label=f"{c}: {dm.short(c)}") for c in shown]
     if len(present) > max_legend:
@@ -119,6 +124,40 @@ def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: in
     return list(names.values())
 
 
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def char_map(dm, width: int = 100) -> list[str]:
+    """The argmax map as one character per block of cells ('.' = background).
+
+    A block shows its most probable non-background class when it has one, so
+    a detection a few cells wide survives the downsampling.
+    """
+    rows, cols = dm.shape
+    f = max(1, -(-cols // width))
+    arg = dm.argmax()
+    bg = dm.model.background_class
+    peak = dm.probs.max(axis=0)
+    out = [f"argmax map, one character per {f}x{f} cells ({f * dm.geometry.stride[1]} px), "
+           f"'.' = {dm.short(bg) if bg is not None else 'none'}:"]
+    for r0 in range(0, rows, f):
+        line = []
+        for c0 in range(0, cols, f):
+            block = arg[r0:r0 + f, c0:c0 + f]
+            score = np.where(block != bg, peak[r0:r0 + f, c0:c0 + f], -1.0)
+            if bg is not None and (block == bg).all():
+                line.append(".")
+            else:
+                i = np.unravel_index(int(score.argmax()), block.shape)
+                line.append(CHARS[int(block[i])])
+        out.append("  " + "".join(line))
+    legend = ", ".join(f"{CHARS[c]}={dm.short(c)}" for c in range(dm.num_classes)
+                       if c != bg and dm.short(c) != CHARS[c])
+    if legend:
+        out.append(f"  where {legend}")
+    return out
+
+
 def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
     """The terminal view: geometry, the argmax grid with short labels, the top classes."""
     rows, cols = dm.shape
@@ -140,6 +179,8 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
             lines.append("  " + " ".join(str(int(v)).rjust(width) for v in arg[r]))
         legend = ", ".join(f"{c}={dm.short(c)}" for c in used[:20])
         lines.append(f"  where {legend}" + (" ..." if len(used) > 20 else ""))
+    elif dm.num_classes <= len(CHARS):
+        lines += char_map(dm)
     else:
         lines.append(f"argmax grid not printed ({rows}x{cols} cells); see --out for the pictures")
     lines.append("top classes over the map (cells won, peak probability):")

@@ -312,12 +312,14 @@ def pool_geometry(p, shape: Shape):
     return kernel, stride, pad
 
 
-def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True) -> int:
+def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True,
+                padded: bool | None = None) -> int:
     """Caffe's pooled output size: ceil (or round_mode FLOOR) rounding, then drop a window
-    starting in the padding."""
+    starting in the padding. Caffe drops it on both axes when either is padded (`padded`,
+    default: this axis is)."""
     rounding = math.ceil if ceil else math.floor
     out = int(rounding(float(size + 2 * pad - kernel) / stride)) + 1
-    if pad and (out - 1) * stride >= size + pad:
+    if (pad if padded is None else padded) and (out - 1) * stride >= size + pad:
         out -= 1
     return out
 
@@ -329,8 +331,9 @@ def _pooling(layer, bottoms):
         raise ValueError(f"needs a 4-axis input, got {shape}")
     kernel, stride, pad = pool_geometry(layer.pooling_param, shape)
     ceil = getattr(layer.pooling_param, "round_mode", 0) != 1  # RoundMode FLOOR = 1
-    out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0], ceil)
-    out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1], ceil)
+    padded = any(pad)  # PoolingLayer::Reshape: `if (pad_h_ || pad_w_)` clips both axes
+    out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0], ceil, padded)
+    out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1], ceil, padded)
     if len(layer.top) > 1 and layer.pooling_param.pool != 0:
         raise ValueError("only MAX pooling can have a second (mask) top")
     top = (shape[0], shape[1], out_h, out_w)
@@ -483,7 +486,8 @@ def _prelu(layer, bottoms):
     shape = bottoms[0]
     if len(shape) < 2:
         raise ValueError(f"needs at least 2 axes, got {shape}")
-    return [shape], [(1,) if layer.prelu_param.channel_shared else (shape[1],)]
+    # a shared slope is a 0-axis blob in Caffe (PReLULayer: Blob(vector<int>(0)))
+    return [shape], [() if layer.prelu_param.channel_shared else (shape[1],)]
 
 
 def _silence(layer, bottoms):
