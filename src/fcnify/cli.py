@@ -52,8 +52,12 @@ def _memory(text: str | None) -> int | None:
         raise click.BadParameter(str(exc), param_hint="--max-memory") from None
 
 
+_argv: list[str] = []
+
+
 def _command_line() -> str:
-    return "fcnify " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as the user typed it, recorded in the JSON outputs."""
+    return "fcnify " + " ".join(shlex.quote(a) for a in _argv)
 
 
 def _err(msg: str) -> None:
@@ -355,14 +359,16 @@ def demo(obj, out_dir):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI, turning fcnify errors into one line."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    _argv[:] = args
+    debug = "--debug" in args
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        cli.main(args=argv, prog_name="fcnify", standalone_mode=False)
+        cli.main(args=args, prog_name="fcnify", standalone_mode=False)
         return 0
     except FcnifyError as exc:
         if debug:
