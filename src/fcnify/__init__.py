@@ -1,3 +1,27 @@
-"""fcnify: Caffe net surgery for dense prediction."""
+"""fcnify: Caffe net surgery for dense prediction.
+
+    import fcnify
+    result = fcnify.convert("deploy.prototxt", "net.caffemodel", "out/mynet")
+    dm = fcnify.classify_map("photo.jpg", model="caffenet")
+    dm.save("maps/")
+
+Caffe itself runs in a worker process (see sandbox.py): a Caffe abort
+becomes an `fcnify.errors.EngineCrash`, never the death of your interpreter.
+"""
 
 __version__ = "0.1.0"
+
+from .convert import ConvertResult, convert, verify_files  # noqa: E402
+from .dense import DenseMap, DenseModel, classify_map  # noqa: E402
+from .errors import FcnifyError  # noqa: E402
+from .geometry import MapGeometry, map_geometry  # noqa: E402
+from .models import ModelCard, find_model, read_card  # noqa: E402
+from .netdef import read_netdef  # noqa: E402
+from .preprocess import Preprocess  # noqa: E402
+from .surgery import convert_net  # noqa: E402
+
+__all__ = [
+    "ConvertResult", "DenseMap", "DenseModel", "FcnifyError", "MapGeometry", "ModelCard",
+    "Preprocess", "classify_map", "convert", "convert_net", "find_model", "map_geometry",
+    "read_card", "read_netdef", "verify_files",
+]

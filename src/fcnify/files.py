@@ -63,6 +63,12 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class OutputSet:
     """Stage several output files, then put them all in place at once.
 
@@ -95,6 +101,7 @@ class OutputSet:
     def path_for(self, final: str | Path) -> Path:
         final = self.check(final)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.close(fd)
         self._staged.append((Path(tmp), final))
         return Path(tmp)

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Benchmark dense inference with CaffeNet (seeded weights), in one process.
+
+Prints a table and writes JSON (default bench_dense.json):
+  (a) one 227x227 classification vs the 451x451 FCN map (Caffe's example says ~3x)
+  (b) the 451 map vs classifying its 64 crops in one batch (sliding window)
+  (c) achieved GFLOP/s of the FCN vs numpy's float32 matrix multiply, same run
+  (d) time and peak memory from 451 to 4000 px, whole image vs tiled (--max-memory)
+  (e) an 8000x8000 image, tiled under --max-memory, with peak RSS of both processes
+  plus the tiling overhead: time per map cell tiled vs whole at the largest size
+  that fits the same budget.
+
+Forward times in (a)-(c) are measured inside fcnify's Caffe worker around
+net.forward(); (d)-(e) are wall times of DenseModel.run (preprocessing,
+transfers and stitching included). Peak RSS is read from /proc (VmHWM), reset
+before each measurement. Usage: .venv/bin/python scripts/bench_dense.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fcnify.convert import convert
+from fcnify.dense import DenseModel
+from fcnify.models import read_card
+from fcnify.netdef import read_netdef
+from fcnify.paths import caffe_source
+from fcnify.planner import estimate, largest_square, format_bytes
+from fcnify.runner import CaffeRunner
+from fcnify.sandbox import Sandbox
+from fcnify.shapes import count, infer
+from fcnify.synthetic import write_random_caffemodel
+from fcnify.tiling import min_tile
+
+GIB = 2**30
+
+
+def hwm(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM) of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm(pid: int | str = "self") -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def conv_flops(net, h: int, w: int) -> int:
+    """Multiply-adds x 2 of every Convolution/InnerProduct at an h x w input."""
+    name = next(l.top[0] for l in net.layer if l.type == "Input")
+    shape = infer(net).blobs[name]
+    shapes = infer(net, {name: (1, shape[1], h, w)})
+    total = 0
+    for ls in shapes.layers:
+        if ls.type in ("Convolution", "InnerProduct") and ls.params:
+            total += 2 * count(ls.params[0]) * count(ls.tops[0][2:]) if ls.type == "Convolution" \
+                else 2 * count(ls.params[0])
+    return total
+
+
+def numpy_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth random 8-bit image, generated in strips to stay small in memory."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(h // 32 + 2, w // 32 + 2, 3)).astype(np.uint8)
+    out = np.empty((h, w, 3), np.uint8)
+    for y0 in range(0, h, 512):
+        ys = np.arange(y0, min(h, y0 + 512)) // 32
+        out[y0:y0 + len(ys)] = small[ys][:, np.arange(w) // 32]
+    return out
+
+
+def row(*cells) -> str:
+    return "  ".join(str(c).ljust(w) for c, w in zip(cells, (34, 14, 14, 14, 14)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_dense.json")
+    ap.add_argument("--max-memory", default="2GiB")
+    ap.add_argument("--quick", action="store_true", help="small sizes only (451-2000, no 8000)")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    from fcnify.planner import parse_size
+    budget = parse_size(args.max_memory)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "platform": platform.platform()},
+                     "budget_bytes": budget}
+    tmp = Path(tempfile.mkdtemp(prefix="fcnify-bench-"))
+    proto = caffe_source() / "models" / "bvlc_reference_caffenet" / "deploy.prototxt"
+    weights = write_random_caffemodel(read_netdef(proto), tmp / "caffenet.caffemodel", seed=1)
+    conv = convert(proto, weights, tmp / "caffenet", check=False)
+    fcn_card = read_card(conv.outputs["card"])
+    fcn_net = read_netdef(fcn_card.model_def).param
+    pre = fcn_card.preprocess
+
+    box = Sandbox()
+    runner = CaffeRunner(box=box)
+    original = runner.load(proto, weights)
+    fcn = runner.load(fcn_card.model_def, fcn_card.weights)
+    img451 = image(451, 451, 1)
+    x451 = pre.apply(img451)[None]
+    x227 = pre.apply(img451[:227, :227])[None]
+    crops = np.stack([pre.apply(img451[32 * r:32 * r + 227, 32 * c:32 * c + 227])
+                      for r in range(8) for c in range(8)])
+    _, t227 = original.timed_forward({"data": x227}, ["prob"], args.repeats)
+    _, t451 = fcn.timed_forward({"data": x451}, ["prob"], args.repeats)
+    _, t64 = original.timed_forward({"data": crops}, ["prob"], max(2, args.repeats // 2))
+    m227, m451, m64 = (float(np.median(t)) for t in (t227, t451, t64))
+    flops451 = conv_flops(fcn_net, 451, 451)
+    gf_fcn = flops451 / m451 / 1e9
+    gf_np = numpy_gflops()
+    results["a_227_vs_451"] = {"t227_s": m227, "t451_s": m451, "ratio": m451 / m227, "target": "<= 3.2"}
+    results["b_sliding_window"] = {"t451_map_s": m451, "t64_crops_s": m64, "speedup": m64 / m451,
+                                   "target": ">= 8"}
+    results["c_gflops"] = {"fcn_451_gflop": flops451 / 1e9, "fcn_gflops": gf_fcn,
+                           "numpy_sgemm_gflops": gf_np, "fraction": gf_fcn / gf_np}
+    original.close()
+    fcn.close()
+    box.close()
+
+    print(f"CaffeNet, seeded weights; {os.cpu_count()} CPUs; forward times are medians of "
+          f"{args.repeats} runs inside the Caffe worker\n")
+    print(row("measure", "value", "target"))
+    print(row("(a) 227x227 classification", f"{m227 * 1000:.1f} ms"))
+    print(row("(a) 451x451 map (8x8 cells)", f"{m451 * 1000:.1f} ms"))
+    print(row("(a) ratio 451 map / 227", f"{m451 / m227:.2f}x", "<= 3.2"))
+    print(row("(b) 64 crops, one batch", f"{m64 * 1000:.1f} ms"))
+    print(row("(b) map speed-up over crops", f"{m64 / m451:.1f}x", ">= 8"))
+    print(row("(c) FCN GFLOP/s at 451", f"{gf_fcn:.1f}"))
+    print(row("(c) numpy sgemm GFLOP/s", f"{gf_np:.1f}", f"FCN at {100 * gf_fcn / gf_np:.0f}%"))
+
+    sizes = [451, 1000, 2000] if args.quick else [451, 1000, 2000, 3000, 4000]
+    print(f"\n(d) whole image vs tiled under --max-memory {format_bytes(budget)} "
+          "(wall time of DenseModel.run; peak RSS of the Caffe worker / of this process)")
+    print(row("size", "mode", "seconds", "worker peak", "main peak"))
+    d_rows = []
+    for n in sizes:
+        img = image(n, n, n)
+        for mode in ("whole", "tiled"):
+            box = Sandbox()
+            runner = CaffeRunner(box=box)
+            model = DenseModel(fcn_card, runner=runner)
+            pid = box.worker.proc.pid
+            reset_hwm(pid)
+            reset_hwm()
+            t0 = time.perf_counter()
+            probs, info = model.run(img, budget=(1 << 40) if mode == "whole" else budget)
+            seconds = time.perf_counter() - t0
+            entry = {"size": n, "mode": mode, "ran_as": info["mode"], "tiles": info["tiles"],
+                     "tile_size": info["tile_size"], "seconds": seconds,
+                     "cells": int(probs.shape[1] * probs.shape[2]),
+                     "worker_peak_bytes": hwm(pid), "main_peak_bytes": hwm(),
+                     "estimate_bytes": estimate(fcn_net, *(info["tile_size"] or (n, n))).total}
+            d_rows.append(entry)
+            print(row(f"{n}x{n}", f"{info['mode']} ({info['tiles']})", f"{seconds:.2f}",
+                      format_bytes(entry["worker_peak_bytes"]), format_bytes(entry["main_peak_bytes"])))
+            model.close()
+            box.close()
+            del probs
+    results["d_sizes"] = d_rows
+
+    # tiling overhead: whole at the largest size within the budget vs a tiled large image
+    side = largest_square(fcn_net, budget, 32, 227, 8000)
+    results["budget_largest_whole_side"] = side
+    big = 4000 if args.quick else 8000
+    runs = {}
+    for label, n, b in (("whole_at_budget", side, budget), ("tiled", big, budget)):
+        img = image(n, n, 7)
+        box = Sandbox()
+        runner = CaffeRunner(box=box)
+        model = DenseModel(fcn_card, runner=runner)
+        pid = box.worker.proc.pid
+        reset_hwm(pid)
+        reset_hwm()
+        t0 = time.perf_counter()
+        probs, info = model.run(img, budget=b)
+        seconds = time.perf_counter() - t0
+        cells = probs.shape[1] * probs.shape[2]
+        runs[label] = {"size": n, "mode": info["mode"], "tiles": info["tiles"],
+                       "tile_size": info["tile_size"], "seconds": seconds, "cells": int(cells),
+                       "seconds_per_cell": seconds / cells, "worker_peak_bytes": hwm(pid),
+                       "main_peak_bytes": hwm()}
+        runs[label]["sum_peak_bytes"] = runs[label]["worker_peak_bytes"] + runs[label]["main_peak_bytes"]
+        model.close()
+        box.close()
+        del probs, img
+    overhead = runs["tiled"]["seconds_per_cell"] / runs["whole_at_budget"]["seconds_per_cell"] - 1
+    results["e_large"] = runs
+    results["tiling_overhead"] = {"value": overhead, "target": "<= 0.30"}
+    w, t = runs["whole_at_budget"], runs["tiled"]
+    print(f"\n(e) {big}x{big} tiled under {format_bytes(budget)}, against the largest whole image "
+          f"that fits ({side}x{side})")
+    print(row("run", "seconds", "ms per cell", "worker peak", "sum of peaks"))
+    for label, r in runs.items():
+        print(row(f"{label} {r['size']}px {r['mode']} ({r['tiles']})", f"{r['seconds']:.1f}",
+                  f"{1000 * r['seconds_per_cell']:.3f}", format_bytes(r["worker_peak_bytes"]),
+                  format_bytes(r["sum_peak_bytes"])))
+    print(row("tiling overhead per cell", f"{100 * overhead:.1f}%", "target <= 30%"))
+    print(row(f"{big}px peak RSS, both processes", format_bytes(t["sum_peak_bytes"]), "target < 3 GiB"))
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
