@@ -119,6 +119,7 @@ def main() -> int:
     proto = caffe_source() / "models" / "bvlc_reference_caffenet" / "deploy.prototxt"
     weights = write_random_caffemodel(read_netdef(proto), tmp / "caffenet.caffemodel", seed=1)
     conv = convert(proto, weights, tmp / "caffenet", check=False)
+    conv.blobs = {}  # the transplanted arrays are on disk now; keep this process small
     fcn_card = read_card(conv.outputs["card"])
     fcn_net = read_netdef(fcn_card.model_def).param
     pre = fcn_card.preprocess
