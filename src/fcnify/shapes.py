@@ -86,6 +86,19 @@ def input_shapes(net) -> dict[str, Shape]:
     return out
 
 
+def image_input(net, path: Path | None = None) -> tuple[str, Shape]:
+    """The first Input blob and its declared N x C x H x W shape: what an image is fed to."""
+    declared = input_shapes(net)
+    if not declared:
+        raise NetDefinitionError("declares no input shape (a deploy net has an Input layer "
+                                 "with a shape, or input: and input_dim:)", path)
+    name, shape = next(iter(declared.items()))
+    if len(shape) != 4:
+        raise NetDefinitionError(f"input '{name}' has shape {shape}; fcnify needs a 4-axis "
+                                 "N x C x H x W image input", path)
+    return name, shape
+
+
 def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
           allow_unmodelled: bool = False, check_limits: bool = True) -> NetShapes:
     """Propagate shapes through `net` (a NetParameter), with Caffe's checks.
@@ -101,6 +114,7 @@ def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
     layers: list[LayerShapes] = []
     unmodelled: list[str] = []
     unknown_blobs: set[str] = set()
+    shared: dict[str, list] = {}
     for layer in net.layer:
         if any(b in unknown_blobs for b in layer.bottom):
             unknown_blobs.update(layer.top)
@@ -118,6 +132,7 @@ def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
             continue
         except ValueError as exc:
             raise NetDefinitionError(f"layer '{layer.name}' ({layer.type}): {exc}", path) from None
+        _check_param_specs(layer, params, shared, path)
         for top, shape in zip(layer.top, tops):
             if any(d < 0 for d in shape):
                 raise NetDefinitionError(f"layer '{layer.name}' ({layer.type}): output shape "
@@ -129,6 +144,38 @@ def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
             blobs[top] = shape
         layers.append(LayerShapes(layer.name, layer.type, bottoms, list(tops), params))
     return NetShapes(blobs, layers, unmodelled)
+
+
+def _check_param_specs(layer, params: list[Shape], shared: dict[str, list], path: Path | None) -> None:
+    """`param { }` specs as Net::Init and AppendParam accept them (they abort otherwise).
+
+    At most one spec per parameter blob; a named blob shared with an earlier
+    layer must have its shape (its size, with share_mode PERMISSIVE) and the
+    same lr_mult/decay_mult where both give one. `shared` collects the names.
+    """
+    where = f"layer '{layer.name}' ({layer.type})"
+    if len(layer.param) > len(params):
+        raise NetDefinitionError(f"{where}: {len(layer.param)} param specs for "
+                                 f"{len(params)} parameter blob(s)", path)
+    for spec, shape in zip(layer.param, params):
+        if not spec.name:
+            continue
+        owner = shared.get(spec.name)
+        if owner is None:
+            shared[spec.name] = [shape, layer.name, {f: getattr(spec, f) for f in
+                                                     ("lr_mult", "decay_mult") if spec.HasField(f)}]
+            continue
+        permissive = spec.share_mode == 1  # DimCheckMode PERMISSIVE: sizes only
+        if (count(shape) != count(owner[0])) if permissive else (tuple(shape) != tuple(owner[0])):
+            raise NetDefinitionError(f"{where}: shares param '{spec.name}' of shape {shape} with "
+                                     f"layer '{owner[1]}', where it has shape {owner[0]}", path)
+        for field_name in ("lr_mult", "decay_mult"):
+            if spec.HasField(field_name):
+                value = getattr(spec, field_name)
+                if owner[2].setdefault(field_name, value) != value:
+                    raise NetDefinitionError(f"{where}: shared param '{spec.name}' has "
+                                             f"{field_name} {value}, another layer gives it "
+                                             f"{owner[2][field_name]}", path)
 
 
 def _need_bottoms(layer, bottoms: list[Shape], n: int | None = None, minimum: int = 1) -> None:
@@ -150,6 +197,7 @@ def layer_shapes(layer, bottoms: list[Shape], inputs: dict[str, Shape] | None = 
     if t in LOSS_LAYERS:
         raise ValueError("is a training-only layer (loss/accuracy needs labels); give fcnify "
                          "the deploy prototxt")
+    _check_blob_counts(layer)
     if t in ELEMENTWISE:
         _need_bottoms(layer, bottoms, 1)
         _check_elementwise(layer, bottoms[0])
@@ -158,6 +206,45 @@ def layer_shapes(layer, bottoms: list[Shape], inputs: dict[str, Shape] | None = 
     if handler is None:
         raise UnmodelledLayer(t)
     return handler(layer, bottoms)
+
+
+# Layer::CheckBlobCounts: (fewest, most) bottoms and tops per type, None for no limit.
+ONE = (1, 1)
+BLOB_COUNTS = {t: (ONE, ONE) for t in ELEMENTWISE | {"InnerProduct", "Flatten", "Reshape",
+                                                     "BatchNorm", "PReLU"}}
+BLOB_COUNTS.update({
+    "Input": ((0, 0), (1, None)),
+    "Convolution": ((1, None), (1, None)),
+    "Deconvolution": ((1, None), (1, None)),
+    "Pooling": (ONE, (1, 2)),
+    "Concat": ((1, None), ONE),
+    "Eltwise": ((2, None), ONE),
+    "Split": (ONE, (1, None)),
+    "Slice": (ONE, (1, None)),
+    "Scale": ((1, 2), ONE),
+    "Bias": ((1, 2), ONE),
+    "Silence": ((1, None), (0, 0)),
+    "Crop": ((2, 2), ONE),
+})
+ONE_TOP_PER_BOTTOM = {"Convolution", "Deconvolution"}
+NOT_IN_PLACE = {"AbsVal", "Flatten", "Reshape", "Split"}  # their SetUp CHECKs top != bottom
+
+
+def _check_blob_counts(layer) -> None:
+    """The numbers of bottoms and tops Caffe accepts for this type (it aborts otherwise)."""
+    counts = BLOB_COUNTS.get(layer.type)
+    if counts is None:
+        return
+    for (low, high), n, what in zip(counts, (len(layer.bottom), len(layer.top)), ("bottom", "top")):
+        if n < low or (high is not None and n > high):
+            wanted = str(low) if low == high else (f"at least {low}" if high is None
+                                                   else f"{low} to {high}")
+            raise ValueError(f"takes {wanted} {what}(s), has {n}")
+    if layer.type in ONE_TOP_PER_BOTTOM and len(layer.top) != len(layer.bottom):
+        raise ValueError(f"needs one top per bottom, has {len(layer.bottom)} bottom(s) and "
+                         f"{len(layer.top)} top(s)")
+    if layer.type in NOT_IN_PLACE and len(layer.bottom) and layer.bottom[0] in layer.top:
+        raise ValueError(f"cannot work in place (top '{layer.bottom[0]}' is its bottom)")
 
 
 def _input(layer, inputs: dict[str, Shape]) -> list[Shape]:
@@ -197,7 +284,8 @@ def _spatial(values, default: int, n: int, what: str, h=None, w=None) -> list[in
             raise ValueError(f"{what}_h/{what}_w need 2 spatial axes")
         if len(values):
             raise ValueError(f"give either {what} or {what}_h/{what}_w, not both")
-        return [int(h if h is not None else default), int(w if w is not None else default)]
+        # Caffe reads the one not given as its proto default, 0 (refused below).
+        return [int(h if h is not None else 0), int(w if w is not None else 0)]
     values = [int(v) for v in values]
     if not values:
         return [default] * n
@@ -243,7 +331,9 @@ def _convolution(layer, bottoms, deconv: bool = False):
         raise ValueError(f"all bottoms must have the same shape, got {bottoms}")
     kernel, stride, pad, dilation = conv_geometry(p, n_spatial)
     channels = shape[axis]
-    group = p.group or 1
+    group = p.group
+    if group <= 0:
+        raise ValueError(f"group must be positive, is {group}")
     if p.num_output <= 0:
         raise ValueError("num_output must be positive")
     if channels % group or p.num_output % group:
@@ -286,24 +376,23 @@ def pool_geometry(p, shape: Shape):
         kernel = [p.kernel_h, p.kernel_w]
     else:
         raise ValueError("kernel_size (or kernel_h and kernel_w) is required")
-    if p.HasField("pad_h") or p.HasField("pad_w"):
-        if p.HasField("pad"):
-            raise ValueError("give either pad or pad_h/pad_w, not both")
-        pad = [p.pad_h, p.pad_w]
-    else:
-        pad = [p.pad] * 2
-    if p.HasField("stride_h") or p.HasField("stride_w"):
-        if p.HasField("stride") and p.stride != 1:
-            raise ValueError("give either stride or stride_h/stride_w, not both")
-        stride = [p.stride_h or 1, p.stride_w or 1]
-    else:
-        stride = [p.stride] * 2
+    # PoolingLayer::LayerSetUp: pad (stride) alone, or both of pad_h and pad_w (stride_h
+    # and stride_w) without it.
+    for name in ("pad", "stride"):
+        h, w = p.HasField(f"{name}_h"), p.HasField(f"{name}_w")
+        if (h or w) and (p.HasField(name) or not (h and w)):
+            raise ValueError(f"give either {name} or both {name}_h and {name}_w")
+    pad = [p.pad_h, p.pad_w] if p.HasField("pad_h") else [p.pad] * 2
+    stride = [p.stride_h, p.stride_w] if p.HasField("stride_h") else [p.stride] * 2
     if any(k <= 0 for k in kernel):
         raise ValueError(f"kernel must be positive, is {kernel}")
     if any(s <= 0 for s in stride):
         raise ValueError(f"stride must be positive, is {stride}")
     if p.global_pooling and (any(pad) or any(s != 1 for s in stride)):
         raise ValueError("global pooling needs pad 0 and stride 1")
+    if p.pool == 2:  # STOCHASTIC: PoolingLayer::Forward_cpu is NOT_IMPLEMENTED, an abort
+        raise ValueError("STOCHASTIC pooling has no CPU implementation in Caffe (it aborts "
+                         "when run); use MAX or AVE")
     if any(pad):
         if p.pool not in (0, 1):  # MAX, AVE
             raise ValueError("padding is implemented only for MAX and AVE pooling")
