@@ -173,9 +173,12 @@ def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
 
 def require_weights(card: ModelCard) -> Path:
     """The card's weights file, or one line saying how to get it."""
-    if card.weights is not None and Path(card.weights).exists():
-        return Path(card.weights)
     from .fetch import MODELS
-    hint = (f"run `fcnify fetch {card.name}` (downloads into {models_dir()})"
-            if card.name in MODELS else "pass --weights")
-    raise InputError(f"weights for {card.name} not found at {card.weights}: {hint}")
+    from .files import check_input_file
+    if card.name in MODELS and card.card_path is not None and (
+            card.weights is None or not Path(card.weights).exists()):
+        raise InputError(f"weights for {card.name} not found at {card.weights}: run "
+                         f"`fcnify fetch {card.name}` (downloads into {models_dir()}) or pass --weights")
+    if card.weights is None:
+        raise InputError(f"no weights for {card.name}: pass --weights")
+    return check_input_file(card.weights, "weights (caffemodel)")
