@@ -13,12 +13,17 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .errors import FcnifyError, InputError
+
+
+# click's own readability check would print a usage block; fcnify's checks say it in one line.
+PATH = click.Path(readable=False)
 
 
 class Context:
@@ -64,6 +69,12 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped: an error is one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", message="fcnify %(version)s")
 @click.option("--verbose", is_flag=True, help="Show Caffe's own log lines (glog).")
@@ -84,8 +95,8 @@ def cli(ctx: click.Context, verbose: bool, debug: bool) -> None:
 
 
 def _model_options(f):
-    f = click.option("--weights", type=click.Path(dir_okay=True), help="Weights (.caffemodel).")(f)
-    f = click.option("--model-def", type=click.Path(dir_okay=True),
+    f = click.option("--weights", type=PATH, help="Weights (.caffemodel).")(f)
+    f = click.option("--model-def", type=PATH,
                      help="Net definition (deploy .prototxt).")(f)
     f = click.option("--model", "model_name", metavar="NAME",
                      help="A model fcnify ships: caffenet (default) or digits.")(f)
@@ -151,10 +162,10 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
 
 
 @cli.command()
-@click.argument("original", type=click.Path())
-@click.argument("fcn", type=click.Path())
-@click.option("--weights", type=click.Path(), help="Original weights (default: from FCN's card).")
-@click.option("--fcn-weights", type=click.Path(), help="FCN weights (default: FCN with .caffemodel).")
+@click.argument("original", type=PATH)
+@click.argument("fcn", type=PATH)
+@click.option("--weights", type=PATH, help="Original weights (default: from FCN's card).")
+@click.option("--fcn-weights", type=PATH, help="FCN weights (default: FCN with .caffemodel).")
 @click.option("--samples", default=3, show_default=True, help="Seeded random inputs (plus cat.jpg).")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU (CUDA build).")
 @click.pass_obj
@@ -174,7 +185,7 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu):
 
 
 @cli.command()
-@click.argument("net", type=click.Path())
+@click.argument("net", type=PATH)
 @click.option("--input-size", metavar="H[xW]", help="Input size to report shapes at.")
 @click.pass_obj
 def info(obj, net, input_size):
@@ -196,34 +207,44 @@ def info(obj, net, input_size):
 @cli.command("classify-map")
 @click.argument("images", nargs=-1, required=True)
 @_model_options
-@click.option("--card", type=click.Path(), help="A model card (.json) written by convert.")
+@click.option("--card", type=PATH, help="A model card (.json) written by convert.")
 @click.option("--size", metavar="N|HxW", help="Resize to N x N (or H x W) before mapping.")
 @click.option("--scale", type=float, help="Resize by this factor before mapping.")
 @click.option("--top-k", default=5, show_default=True, help="Classes listed per cell and overall.")
 @click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
-@click.option("--out", "out_dir", type=click.Path(), help="Folder for .npy/.json/.png outputs.")
+@click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
 @click.option("--engine", type=click.Choice(["caffe", "torch"]), default="caffe", show_default=True)
 @click.option("--max-memory", metavar="SIZE", help="Memory budget, e.g. 2GiB (default: half of free RAM).")
 @click.option("--tile", type=int, metavar="N", help="Force tiles of N x N px.")
-@click.option("--mean", "mean_file", type=click.Path(), help="Override the mean (.npy, C or CxHxW).")
-@click.option("--labels", "labels_file", type=click.Path(), help="Override the labels file.")
+@click.option("--mean", "mean_file", type=PATH, help="Override the mean (.npy, C or CxHxW).")
+@click.option("--labels", "labels_file", type=PATH, help="Override the labels file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
+@click.option("--workers", type=int, metavar="N",
+              help="Spread the images over N local Dask worker processes; needs --out.")
 @click.pass_obj
 def classify_map(obj, images, model_name, model_def, weights, card, size, scale, top_k, cls, out_dir,
-                 fmt, gpu, engine, max_memory, tile, mean_file, labels_file, quiet, force):
+                 fmt, gpu, engine, max_memory, tile, mean_file, labels_file, quiet, force,
+                 scheduler, workers):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
     loaded once; an image that fails is reported and skipped, and the exit
-    status is 1 if any failed.
+    status is 1 if any failed. With --scheduler or --workers the images (and
+    the tiles of large ones) are spread over Dask workers, each loading the
+    net once and writing the same files into --out (see docs/dask.md).
 
     \b
     Examples:
       fcnify classify-map cat.jpg --model caffenet --size 451 --out maps/
       fcnify classify-map scans/ --model-def fcn.prototxt --weights fcn.caffemodel --format json
+      fcnify classify-map scans/ --model digits --out maps/ --workers 2
+      fcnify classify-map /shared/scans/ --card /shared/mynet_full_conv.json --out /shared/maps \\
+          --scheduler tcp://10.0.0.5:8786
     """
     from dataclasses import replace
     from .dense import DenseModel, resolve_model
@@ -257,6 +278,11 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):
             raise InputError("--out folder is not writable", out)
+    if scheduler is not None or workers is not None:
+        _map_on_dask(obj, paths, the_card, out_dir, scheduler, workers, fmt, quiet, size=the_size,
+                     scale=scale, budget=budget, tile=tile, cls=cls, top_k=top_k,
+                     command=_command_line(), force=force, engine=engine, gpu=gpu)
+        return
     model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose)
     class_id = resolve_class(model.labels, cls) if (cls is not None and model.labels) else (
         int(cls) if cls is not None else None)
@@ -292,18 +318,53 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
             if len(paths) == 1:
                 raise
             failed += 1
-            _err(f"fcnify: skipped {exc}")
+            _err(f"fcnify: skipped {_one_line(exc)}")
     model.close()
     if failed:
         _err(f"fcnify: {failed} of {len(paths)} image(s) failed")
         raise SystemExit(1)
 
 
+def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **options) -> None:
+    """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
+    from .distributed import connect, map_images
+    if scheduler is not None and workers is not None:
+        raise click.UsageError("give either --scheduler or --workers, not both")
+    if workers is not None and workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    if not out_dir:
+        raise click.UsageError("--scheduler/--workers write each map's files: give --out DIR")
+    bar = (click.progressbar(length=len(paths), label="mapping", file=sys.stderr)
+           if not quiet and sys.stderr.isatty() else None)
+
+    def progress(result, done, total):
+        if bar is not None:
+            click.echo("\r\033[K", err=True, nl=False)  # the line below replaces the bar, then it is redrawn
+        if fmt == "json":
+            click.echo(json.dumps(result.to_dict()))
+        elif result.ok:
+            rows, cols = result.map_shape
+            how = f"{result.tiles} tiles" if result.mode == "tiled" else result.mode
+            click.echo(f"{result.path}: map {rows}x{cols} ({how}), {result.seconds:.2f} s on "
+                       f"{', '.join(result.workers)}; wrote {', '.join(result.outputs)}")
+        if not result.ok:
+            _err(f"fcnify: skipped {_one_line(result.error)}")
+        if bar is not None:
+            bar.update(1)
+
+    with connect(scheduler, workers) as client, bar if bar is not None else nullcontext():
+        report = map_images(paths, card, out_dir, client, progress=progress, verbose=obj.verbose,
+                            **options)
+    _err(f"fcnify: {report.summary()}")
+    if report.failed:
+        raise SystemExit(report.failed[0].exit_code if len(paths) == 1 else 1)
+
+
 # ------------------------------------------------------------------ fetch, doctor, demo
 
 @cli.command()
 @click.argument("name")
-@click.option("--dest", type=click.Path(), help="Folder to download into (default: models folder).")
+@click.option("--dest", type=PATH, help="Folder to download into (default: models folder).")
 def fetch(name, dest):
     """Download official Caffe weights (checked against the SHA-1 in Caffe's readme).
 
@@ -343,7 +404,7 @@ def doctor(obj):
 
 
 @cli.command()
-@click.option("--out", "out_dir", default="fcnify-demo", show_default=True, type=click.Path(),
+@click.option("--out", "out_dir", default="fcnify-demo", show_default=True, type=PATH,
               help="Folder for the demo's outputs.")
 @click.pass_obj
 def demo(obj, out_dir):
@@ -373,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     except FcnifyError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"fcnify: error: {exc}")
+        _err(f"fcnify: error: {_one_line(exc)}")
         return exc.exit_code
     except click.exceptions.Abort:
         _err("fcnify: interrupted")
@@ -390,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        _err(f"fcnify: error: {where}{exc.strerror or exc}")
+        _err(f"fcnify: error: {_one_line(where)}{_one_line(exc.strerror or exc)}")
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

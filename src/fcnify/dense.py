@@ -7,22 +7,25 @@ give the same map; the planner picks the tile size from the memory budget.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .caffemodel import read_weights
 from .errors import ImageError, InputError, ResourceError
 from .geometry import MapGeometry, map_geometry, map_size, output_blobs, score_blob
 from .images import load_image, resize
 from .labels import Labels
 from .models import ModelCard, card_for_model_def, find_model, read_card
-from .netdef import read_netdef
+from .netdef import check_layer_types, read_netdef
 from .planner import default_budget, estimate, fits, format_bytes, largest_square
-from .shapes import infer, input_shapes
+from .shapes import image_input, infer
 from .tiling import Tile, min_tile, plan
+from .transplant import check_weights
 
 Progress = Callable[[int, int], None]
 
@@ -158,12 +161,14 @@ class DenseModel:
     def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
                  verbose: bool = False, check: bool = True) -> None:
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
-        if not card.fully_convolutional:
+        self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
+        converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
+        if converted:
             card = self._convert(card, self.runner, check)
         self.card = card
         self.netdef = read_netdef(card.model_def)
         net = self.netdef.param
-        self.input_blob, declared = next(iter(input_shapes(net).items()))
+        self.input_blob, declared = image_input(net, card.model_def)
         self.channels = declared[1]
         if self.channels != card.preprocess.num_channels:
             raise InputError(f"the net takes {self.channels} channel(s), its preprocessing gives "
@@ -174,6 +179,11 @@ class DenseModel:
         self.softmaxed = self.output_blob != self.score_blob
         self.geometry = map_geometry(net, self.score_blob, path=card.model_def)
         shapes = infer(net, path=card.model_def)
+        if not converted:  # fcnify did not write this net and its weights: check what Caffe would
+            if hasattr(self.runner, "layer_types"):
+                check_layer_types(net, self.runner.layer_types(), card.model_def, self.runner.name)
+            if card.weights is not None:
+                check_weights(shapes, read_weights(card.weights), card.model_def)
         self.num_classes = shapes.blobs[self.score_blob][1]
         self.labels = card.load_labels(self.num_classes)
         self.minimum = self._minimum(declared)
@@ -181,11 +191,16 @@ class DenseModel:
         self.net = self.runner.load(card.model_def, card.weights)
         self.load_seconds = time.perf_counter() - t0
 
-    @staticmethod
-    def _convert(card: ModelCard, runner, check: bool) -> ModelCard:
-        """Convert an unconverted net in memory, checked on the engine that will run it."""
+    def _convert(self, card: ModelCard, runner, check: bool) -> ModelCard:
+        """Convert an unconverted net in memory, checked on the engine that will run it.
+
+        The converted files live in a temporary folder removed by close() (or
+        when the model is garbage-collected): CaffeNet's weights are 233 MB.
+        """
         from .convert import convert_in_memory
-        result, proto, model = convert_in_memory(card.model_def, card.weights, card, runner, check)
+        self._workdir = tempfile.TemporaryDirectory(prefix="fcnify-")
+        result, proto, model = convert_in_memory(card.model_def, card.weights, card, runner, check,
+                                                 Path(self._workdir.name))
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
 
     def _minimum(self, declared) -> tuple[int, int]:
@@ -236,28 +251,42 @@ class DenseModel:
         tiles, tile_size = self.plan(h, w, budget, tile)
         rows, cols = self.cells(h, w)
         probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
+        seconds = {"preprocess": 0.0, "forward": 0.0}
+        for i, (t, part) in enumerate(self.run_tiles(rgb, tiles, scores, seconds)):
+            probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = part
+            if progress:
+                progress(i + 1, len(tiles))
+        info = {"mode": "tiled" if len(tiles) > 1 else "whole", "tiles": len(tiles),
+                "tile_size": tile_size, **seconds}
+        return probs, info
+
+    def run_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], scores: bool = False,
+                  seconds: dict[str, float] | None = None) -> Iterator[tuple[Tile, np.ndarray]]:
+        """Each tile of a plan with the block of map cells it contributes (classes x rows x cols).
+
+        The block belongs at [:, y.first:y.last + 1, x.first:x.last + 1] of the
+        whole map. Tiles are independent, so one plan (which depends on the
+        machine's memory budget, so it is made once) can be split over processes
+        and stitched: run() does it in one loop, fcnify.distributed over a
+        cluster. `seconds` accumulates 'preprocess' and 'forward' times.
+        """
         pre = self.card.preprocess
-        t_pre = t_fwd = 0.0
         raw = scores or not self.softmaxed
         blob = self.score_blob if raw else self.output_blob
-        for i, t in enumerate(tiles):
+        seconds = {} if seconds is None else seconds
+        for t in tiles:
             t0 = time.perf_counter()
             x = pre.apply(rgb[t.y.start:t.y.stop, t.x.start:t.x.stop])[None]
             t1 = time.perf_counter()
             out = self.net.forward({self.input_blob: x}, [blob])[blob][0]
-            t_fwd += time.perf_counter() - t1
-            t_pre += t1 - t0
+            seconds["forward"] = seconds.get("forward", 0.0) + time.perf_counter() - t1
+            seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
             ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
             xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
             part = out[:, ys, xs]
             if raw and not scores:
                 part = softmax(part.astype(np.float32))
-            probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = part
-            if progress:
-                progress(i + 1, len(tiles))
-        info = {"mode": "tiled" if len(tiles) > 1 else "whole", "tiles": len(tiles),
-                "tile_size": tile_size, "preprocess": t_pre, "forward": t_fwd}
-        return probs, info
+            yield t, part
 
     def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
                  scale: float | None = None, budget: int | None = None, tile: int | None = None,
@@ -292,6 +321,9 @@ class DenseModel:
 
     def close(self) -> None:
         self.net.close()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
 
 
 def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):
