@@ -245,3 +245,15 @@ def test_unconverted_net_is_converted_in_memory(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_model_survives_a_worker_crash(red_model):
+    """After Caffe dies in the worker, the next image reloads the net and maps normally."""
+    from fcnify.errors import EngineCrash
+    img = _grey(160, 200)
+    img[40:48, 50:58] = (230, 20, 20)
+    before = red_model.classify(img).probs
+    with pytest.raises(EngineCrash, match="Check failed"):
+        red_model.runner.box.call("crash_for_test", "check", context="testing")
+    after = red_model.classify(img).probs
+    assert np.array_equal(before, after)

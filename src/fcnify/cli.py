@@ -284,8 +284,15 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
                      command=_command_line(), force=force, engine=engine, gpu=gpu)
         return
     model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose)
-    class_id = resolve_class(model.labels, cls) if (cls is not None and model.labels) else (
-        int(cls) if cls is not None else None)
+    class_id = None
+    if cls is not None and model.labels:
+        class_id = resolve_class(model.labels, cls)
+    elif cls is not None:
+        try:
+            class_id = int(cls)
+        except ValueError:
+            raise InputError(f"--class {cls}: this model has no labels; give a class number "
+                             "(or a labels file with --labels)") from None
     if class_id is not None and not 0 <= class_id < model.num_classes:
         raise InputError(f"--class {cls}: the net has classes 0..{model.num_classes - 1}")
     show_bar = not quiet and sys.stderr.isatty()

@@ -46,6 +46,7 @@ class DenseMap:
     tile_size: tuple[int, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None  # original pixels, kept for the pictures
+    source: ModelCard | None = None  # the unconverted model, when converted in memory
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -117,14 +118,16 @@ class DenseMap:
                               "top": [{"class": k, "label": self.label(k), "prob": round(p, 6)}
                                       for k, p in self.top_k(r, c, top_k)]})
         g = self.geometry
+        shown = self.source or self.model  # the user's files, not a temporary conversion
         return {
             "image": str(self.image_path) if self.image_path else None,
             "image_size": {"height": self.image_size[0], "width": self.image_size[1]},
             "input_size": {"height": self.input_size[0], "width": self.input_size[1]},
             "scale": {"y": self.scale[0], "x": self.scale[1]},
             "command": command,
-            "model": {"name": self.model.name, "model_def": str(self.model.model_def),
-                      "weights": str(self.model.weights) if self.model.weights else None,
+            "model": {"name": shown.name, "model_def": str(shown.model_def),
+                      "weights": str(shown.weights) if shown.weights else None,
+                      "converted_in_memory": self.source is not None,
                       "preprocess": self.model.preprocess.to_dict(),
                       "labels": self.model.labels},
             "map": {"rows": rows, "cols": cols, "classes": self.num_classes,
@@ -164,7 +167,10 @@ class DenseModel:
         self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
         converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
         if converted:
+            self.source: ModelCard | None = card
             card = self._convert(card, self.runner, check)
+        else:
+            self.source = None
         self.card = card
         self.netdef = read_netdef(card.model_def)
         net = self.netdef.param
@@ -317,7 +323,7 @@ class DenseModel:
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
         return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
                         info["mode"], info["tiles"], info["tile_size"], timings,
-                        rgb if keep_image else None)
+                        rgb if keep_image else None, self.source)
 
     def close(self) -> None:
         self.net.close()

@@ -118,7 +118,8 @@ def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: in
         out.write_bytes(names["scores"], npy_bytes(dm.probs))
         data = dm.to_json(top_k, command)
         data["heatmap_class"] = {"class": cls, "label": dm.label(cls)}
-        out.write_text(names["json"], json.dumps(data, indent=1) + "\n")
+        # compact: the C encoder is several times faster than indent= on maps of 10^4+ cells
+        out.write_text(names["json"], json.dumps(data, separators=(",", ":")) + "\n")
         out.write_bytes(names["heatmap"], heatmap_png(dm, cls))
         out.write_bytes(names["argmax"], argmax_png(dm))
     return list(names.values())

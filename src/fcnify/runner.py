@@ -64,31 +64,50 @@ def caffe_build() -> CaffeBuild:
 
 
 class CaffeNetHandle:
-    """A net living in the worker process."""
+    """A net living in the worker process.
 
-    def __init__(self, runner: "CaffeRunner", handle: int, model_def: Path) -> None:
-        self.runner, self.handle, self.model_def = runner, handle, model_def
+    If the worker died since the net was loaded (a Caffe abort on an earlier
+    input), the net is loaded again in the new worker before the next call,
+    so one bad image does not fail every image after it.
+    """
+
+    def __init__(self, runner: "CaffeRunner", model_def: Path, weights: Path | None) -> None:
+        self.runner, self.model_def, self.weights = runner, model_def, weights
+        self.handle, self.generation = self._load()
+
+    def _load(self) -> tuple[int, int]:
+        what = f"loading {self.model_def.name}" + (f" with {self.weights.name}" if self.weights else "")
+        handle = self.runner.box.call("load", str(self.model_def),
+                                      str(self.weights) if self.weights else None,
+                                      context=what, path=self.model_def)
+        return handle, self.runner.box.generation
+
+    def _call(self, name: str, *args, context: str):
+        if self.runner.box.generation != self.generation or self.runner.box._worker is None:
+            self.runner.restore_mode()
+            self.handle, self.generation = self._load()
+        return self.runner.box.call(name, self.handle, *args, context=context, path=self.model_def)
 
     def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        return self.runner.box.call("forward", self.handle, inputs, outputs,
-                                    context=f"running {self.model_def.name}", path=self.model_def)
+        return self._call("forward", inputs, outputs, context=f"running {self.model_def.name}")
 
     def timed_forward(self, inputs, outputs, repeats: int = 1):
-        return self.runner.box.call("timed_forward", self.handle, inputs, outputs, repeats,
-                                    context=f"running {self.model_def.name}", path=self.model_def)
+        return self._call("timed_forward", inputs, outputs, repeats,
+                          context=f"running {self.model_def.name}")
 
     def params(self) -> dict[str, list[np.ndarray]]:
-        return self.runner.box.call("params", self.handle, context="reading parameters")
+        return self._call("params", context="reading parameters")
 
     def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
-        return self.runner.box.call("param_digests", self.handle, context="reading parameters")
+        return self._call("param_digests", context="reading parameters")
 
     def blob_shapes(self) -> dict[str, tuple[int, ...]]:
-        return self.runner.box.call("blob_shapes", self.handle, context="reading blob shapes")
+        return self._call("blob_shapes", context="reading blob shapes")
 
     def close(self) -> None:
-        if self.runner.box._worker is not None and self.runner.box._worker.alive():
-            self.runner.box.call("release", self.handle)
+        box = self.runner.box
+        if box._worker is not None and box._worker.alive() and box.generation == self.generation:
+            box.call("release", self.handle)
 
 
 class CaffeRunner:
@@ -99,6 +118,11 @@ class CaffeRunner:
     def __init__(self, gpu: int | None = None, verbose: bool = False, box: Sandbox | None = None) -> None:
         self.box = box or shared(verbose)
         self.gpu = gpu
+        self.restore_mode()
+
+    def restore_mode(self) -> None:
+        """Put the (possibly new) worker in this runner's CPU/GPU mode."""
+        gpu = self.gpu
         if gpu is not None:
             build = caffe_build()
             if not build.cuda:
@@ -116,11 +140,7 @@ class CaffeRunner:
             self.box.call("set_mode", None, context="selecting CPU mode")
 
     def load(self, model_def: str | Path, weights: str | Path | None = None) -> CaffeNetHandle:
-        model_def = Path(model_def)
-        what = f"loading {model_def.name}" + (f" with {Path(weights).name}" if weights else "")
-        handle = self.box.call("load", str(model_def), str(weights) if weights else None,
-                               context=what, path=model_def)
-        return CaffeNetHandle(self, handle, model_def)
+        return CaffeNetHandle(self, Path(model_def), Path(weights) if weights else None)
 
     def max_rss(self) -> int:
         return self.box.call("max_rss")

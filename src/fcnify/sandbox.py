@@ -25,8 +25,10 @@ from .errors import EngineCrash, FcnifyError
 
 from .worker import HEADER
 
-GLOG_PREFIX = re.compile(r"^[FEWI]\d{4} [\d:.]+\s+\d+ (\S+:\d+)\] ")
-FATAL_LINE = re.compile(r"^F\d{4} |Check failed|terminate called|Segmentation fault|Error")
+# glog writes "F0101 12:00:00.000000  123 file.cpp:42] ...", newer glog with the year
+# ("F20260101 ..."); both are matched.
+GLOG_PREFIX = re.compile(r"^[FEWI]\d{4}(?:\d{4})? [\d:.]+\s+\d+ (\S+:\d+)\] ")
+FATAL_LINE = re.compile(r"^F\d{4}(?:\d{4})? |Check failed|terminate called|Segmentation fault|Error")
 
 
 class Worker:
@@ -80,6 +82,7 @@ class Worker:
             self.proc.kill()
             code = self.proc.wait()
         self._reader.join(timeout=5)
+        self._close_pipes()
         return EngineCrash(describe_death(code, list(self.lines)))
 
     def close(self) -> None:
@@ -92,7 +95,15 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
+        self._reader.join(timeout=5)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close this side of the worker's pipes, so a dead worker leaks no file descriptors."""
+        streams = [self.proc.stdin, self.proc.stdout]
+        if not self._reader.is_alive():  # it has read stderr to its end
+            streams.append(self.proc.stderr)
+        for stream in streams:
             try:
                 stream.close()
             except OSError:
@@ -116,11 +127,13 @@ class Sandbox:
         self.verbose = verbose
         self._worker: Worker | None = None
         self.crashes = 0
+        self.generation = 0  # workers started so far: nets of an older one are gone
 
     @property
     def worker(self) -> Worker:
         if self._worker is None or not self._worker.alive():
             self._worker = Worker(self.verbose)
+            self.generation += 1
         return self._worker
 
     def call(self, name: str, *args, context: str = "", path: str | Path | None = None, **kwargs):
