@@ -370,7 +370,7 @@ def cmake_args(info: dict, py: Path, cuda: bool, cuda_libs: Path | None = None) 
     return args + cuda_cmake_args(cuda_toolkit_root(), cuda_libs)
 
 
-def cuda_toolkit_root() -> Path:
+def cuda_toolkit_root(fallback: str = "/usr/local/cuda") -> Path:
     """The toolkit folder (bin/nvcc and include/cuda_runtime.h side by side).
 
     `nvcc` on PATH may be a wrapper script (/usr/local/bin/nvcc on these
@@ -380,7 +380,7 @@ def cuda_toolkit_root() -> Path:
     """
     nvcc = shutil.which("nvcc")
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  str(Path(nvcc).resolve().parent.parent) if nvcc else None, "/usr/local/cuda"]
+                  str(Path(nvcc).resolve().parent.parent) if nvcc else None, fallback]
     for c in candidates:
         if c and (Path(c) / "bin" / "nvcc").is_file() and (Path(c) / "include" / "cuda_runtime.h").is_file():
             return Path(c).resolve()

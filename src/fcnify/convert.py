@@ -52,9 +52,13 @@ class ConvertResult:
 
 
 def card_for(model_def: Path, weights: Path | None, netdef: NetDef, card: ModelCard | None = None) -> ModelCard:
-    """The model's card: given, next to the prototxt, or Caffe zoo defaults."""
+    """The model's card: given, next to the prototxt, or Caffe zoo defaults.
+
+    The weights being converted are the card's weights: verification runs the
+    original with them (a shipped card may have none, or point elsewhere).
+    """
     if card is not None:
-        return card
+        return card if weights is None else replace(card, weights=Path(weights))
     return replace(card_for_model_def(model_def, weights), fully_convolutional=False)
 
 
@@ -68,16 +72,16 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
 
 
 def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,
-            card: ModelCard | None = None, layer_types: frozenset[str] | None = None
-            ) -> tuple[ConvertResult, Weights]:
+            card: ModelCard | None = None, layer_types: frozenset[str] | None = None,
+            engine: str = "caffe") -> tuple[ConvertResult, Weights]:
     """Everything that needs no Caffe: parse, check, convert, transplant.
 
     `layer_types` are the types the engine that will run the net supports
-    (default: those this Caffe build registers).
+    (default: those this Caffe build registers); `engine` names it in errors.
     """
     model_def, weights = Path(model_def), Path(weights)
     netdef = read_netdef(model_def)
-    check_layer_types(netdef.param, layer_types or registered_layer_types(), model_def)
+    check_layer_types(netdef.param, layer_types or registered_layer_types(), model_def, engine)
     surgery = convert_net(netdef, input_size)
     w = read_weights(weights)
     the_card = card_for(model_def, weights, netdef, card)
@@ -162,7 +166,8 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     """
     runner = runner if (runner is not None or not check) else CaffeRunner(gpu)
     result, _ = prepare(model_def, weights, input_size, card,
-                        runner.layer_types() if runner is not None else None)
+                        runner.layer_types() if runner is not None else None,
+                        runner.name if runner is not None else "caffe")
     if not result.changed:
         return result
     prefix = Path(out_prefix) if out_prefix else default_prefix(Path(model_def), card)
@@ -192,7 +197,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCar
                       workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
     """Convert into a temporary folder (for classify-map on an unconverted net)."""
     runner = runner or CaffeRunner()
-    result, _ = prepare(model_def, weights, None, card, runner.layer_types())
+    result, _ = prepare(model_def, weights, None, card, runner.layer_types(), runner.name)
     if not result.changed:
         raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
                               "fully-convolutional net", Path(model_def))

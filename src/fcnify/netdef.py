@@ -112,7 +112,7 @@ def _finish(net, path: Path | None, phase: str) -> NetDef:
     if len(net.input):
         _upgrade_input_fields(net, path)
         upgraded = upgraded or "input fields"
-    _filter_phase(net, phase)
+    _filter_phase(net, phase, path)
     if not len(net.layer):
         raise NetDefinitionError("defines no layers", path)
     check_topology(net, path)
@@ -200,11 +200,14 @@ def _rule_matches(rule, phase_value: int) -> bool:
     return True
 
 
-def _filter_phase(net, phase: str) -> None:
+def _filter_phase(net, phase: str, path: Path | None = None) -> None:
     """Keep the layers Caffe would instantiate in `phase` (level 0, no stages)."""
     phase_value = 1 if phase == "TEST" else 0
     keep = []
     for layer in net.layer:
+        if len(layer.include) and len(layer.exclude):
+            raise NetDefinitionError(f"layer '{layer.name}' has both include and exclude rules; "
+                                     "Caffe accepts one or the other", path)
         if len(layer.include):
             ok = any(_rule_matches(r, phase_value) for r in layer.include)
         else:
@@ -220,10 +223,18 @@ def _filter_phase(net, phase: str) -> None:
 
 
 def check_topology(net, path: Path | None) -> None:
-    """Every bottom must be produced by an earlier layer; names must be unique."""
+    """Every bottom must be produced by an earlier layer; names must be unique.
+
+    A top may reuse an existing blob's name only in place, as Caffe's Net
+    wires it: it is the layer's bottom at the same position, and that version
+    of the blob has no other reader (a second reader makes Caffe insert a
+    Split, and the name is then produced twice, which aborts Caffe).
+    """
     available: set[str] = set()
     names: set[str] = set()
-    for layer in net.layer:
+    last_writer: dict[str, tuple[int, int]] = {}
+    readers: dict[tuple[int, int], int] = {}
+    for i, layer in enumerate(net.layer):
         if not layer.name:
             raise NetDefinitionError(f"a layer of type '{layer.type}' has no name", path)
         if layer.name in names:
@@ -235,8 +246,38 @@ def check_topology(net, path: Path | None) -> None:
             if bottom not in available:
                 raise NetDefinitionError(f"layer '{layer.name}' reads bottom '{bottom}', "
                                          "which no earlier layer produces", path)
-        for top in layer.top:
+            readers[last_writer[bottom]] = readers.get(last_writer[bottom], 0) + 1
+        for j, top in enumerate(layer.top):
+            last_writer[top] = (i, j)
             available.add(top)
+        for j, weight in enumerate(layer.loss_weight[:len(layer.top)]):
+            if weight:  # Caffe counts a loss output as one more reader
+                readers[(i, j)] = readers.get((i, j), 0) + 1
+        for field, values, per in (("propagate_down", layer.propagate_down, layer.bottom),
+                                   ("loss_weight", layer.loss_weight, layer.top)):
+            if len(values) and len(values) != len(per):
+                blob = "bottom" if field == "propagate_down" else "top"
+                raise NetDefinitionError(f"layer '{layer.name}' gives {len(values)} {field} "
+                                         f"value(s) for {len(per)} {blob}(s); Caffe needs none "
+                                         f"or one per {blob}", path)
+        if len(layer.blobs):
+            raise NetDefinitionError(f"layer '{layer.name}' carries {len(layer.blobs)} parameter "
+                                     "blob(s) in the net definition; fcnify takes weights only "
+                                     "from the caffemodel (remove them from the prototxt)", path)
+    produced: set[str] = set()
+    writer: dict[str, tuple[int, int]] = {}
+    for i, layer in enumerate(net.layer):
+        read = [writer[b] for b in layer.bottom]
+        for j, top in enumerate(layer.top):
+            in_place = (j < len(layer.bottom) and layer.bottom[j] == top
+                        and readers.get(read[j], 0) <= 1)
+            if top in produced and not in_place:
+                raise NetDefinitionError(
+                    f"layer '{layer.name}' writes top '{top}', which an earlier layer already "
+                    "produces; Caffe allows that only in place (the same blob as its bottom at "
+                    "that position, read by no other layer)", path)
+            produced.add(top)
+            writer[top] = (i, j)
 
 
 def to_text(net) -> str:
@@ -244,10 +285,39 @@ def to_text(net) -> str:
     return text_format.MessageToString(net)
 
 
-def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | None) -> None:
-    """Refuse layer types this Caffe build does not register (Caffe would abort)."""
+# Layers whose parameter's `engine` picks Caffe's own code or cuDNN (layer_factory.cpp).
+ENGINE_PARAMS = {"Convolution": "convolution_param", "Deconvolution": "convolution_param",
+                 "Pooling": "pooling_param", "LRN": "lrn_param", "ReLU": "relu_param",
+                 "Sigmoid": "sigmoid_param", "Softmax": "softmax_param", "TanH": "tanh_param"}
+ENGINE_CUDNN = 2
+
+
+def _caffe_has_cudnn() -> bool:
+    """Whether the installed pycaffe links cuDNN (read from its libraries, without importing it)."""
+    from .errors import FcnifyError
+    from .runner import caffe_build
+    try:
+        return any("cudnn" in lib for lib in caffe_build().libraries)
+    except FcnifyError:
+        return False
+
+
+def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | None,
+                      engine: str = "caffe") -> None:
+    """Refuse layer types the engine cannot run (this Caffe build would abort on them).
+
+    Caffe also aborts on `engine: CUDNN` when it was built without cuDNN.
+    """
     import difflib
     for layer in net.layer:
+        field = ENGINE_PARAMS.get(layer.type)
+        if (engine == "caffe" and field and getattr(layer, field).engine == ENGINE_CUDNN
+                and not _caffe_has_cudnn()):
+            raise NetDefinitionError(f"layer '{layer.name}' asks for engine CUDNN, and this Caffe "
+                                     "build has no cuDNN; remove the engine setting", path)
+        if layer.type not in registered and engine != "caffe":
+            raise NetDefinitionError(f"layer '{layer.name}': layer type '{layer.type}' is not "
+                                     f"supported by the {engine} engine", path)
         if layer.type not in registered:
             close = difflib.get_close_matches(layer.type, sorted(registered), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -31,7 +31,8 @@ from typing import Callable
 import numpy as np
 
 from .caffemodel import read_weights
-from .errors import DeviceError, FcnifyError, InputError, NetDefinitionError, SetupError, WeightsError
+from .errors import DeviceError, FcnifyError, InputError, NetDefinitionError, ResourceError, SetupError, \
+    WeightsError
 from .netdef import read_netdef
 from .shapes import Shape, canonical_axis, conv_geometry, count, infer, input_shapes, layer_shapes, \
     pool_geometry, pooled_size
@@ -116,15 +117,14 @@ class TorchNet:
         self.net = read_netdef(model_def).param
         for layer in self.net.layer:
             if layer.type not in SUPPORTED:
-                raise NetDefinitionError(f"layer '{layer.name}': type '{layer.type}' is not supported "
-                                         f"by the torch engine (it runs {', '.join(sorted(SUPPORTED))}); "
-                                         "use --engine caffe", model_def)
+                raise NetDefinitionError(f"layer '{layer.name}': layer type '{layer.type}' is not "
+                                         "supported by the torch engine (it runs "
+                                         f"{', '.join(sorted(SUPPORTED))})", model_def)
         self.inputs = input_shapes(self.net)
         shapes = infer(self.net, path=model_def)
-        self.params_np = load_params(shapes, weights, model_def)
-        self.params = {name: [torch.from_numpy(a).to(device) for a in arrays]
-                       for name, arrays in self.params_np.items()}
-        self.ops = [compile_layer(layer, self.params.get(layer.name, [])) for layer in self.net.layer]
+        self._params = {name: [torch.from_numpy(a).to(device) for a in arrays]
+                        for name, arrays in load_params(shapes, weights, model_def).items()}
+        self.ops = [compile_layer(layer, self._params.get(layer.name, [])) for layer in self.net.layer]
         self._shapes_key: tuple | None = None
         self._blob_shapes = shapes.blobs
 
@@ -137,7 +137,8 @@ class TorchNet:
 
     def timed_forward(self, inputs: dict[str, np.ndarray], outputs: list[str],
                       repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
-        """forward(), then `repeats` more passes timed on the device (inputs already there)."""
+        """forward(), then `repeats` more passes, each timed from copying the inputs to the
+        device until the device is done (outputs stay there)."""
         out = self.forward(inputs, outputs)
         times = []
         for _ in range(repeats):
@@ -150,18 +151,18 @@ class TorchNet:
         return out, times
 
     def params(self) -> dict[str, list[np.ndarray]]:
-        return {name: [t.cpu().numpy().copy() for t in ts] for name, ts in self.params.items()}
+        return {name: [t.cpu().numpy().copy() for t in ts] for name, ts in self._params.items()}
 
     def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
         """(shape, BLAKE2b-128) of every parameter as held on the device (verify.digest)."""
         return {name: [(tuple(t.shape), digest(t.cpu().numpy())) for t in ts]
-                for name, ts in self.params.items()}
+                for name, ts in self._params.items()}
 
     def blob_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._blob_shapes)
 
     def close(self) -> None:
-        self.params, self.ops = {}, []
+        self._params, self.ops = {}, []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -193,11 +194,14 @@ class TorchNet:
         with torch.inference_mode(), exact_float32(self.device):
             for i, (layer, op) in enumerate(zip(self.net.layer, self.ops)):
                 if layer.type == "Input":
-                    tops = [torch.from_numpy(np.ascontiguousarray(inputs[t], dtype=np.float32))
-                            .to(self.device) for t in layer.top]
+                    tops = [_tensor(inputs[t], self.device) for t in layer.top]
                 else:
                     try:
                         tops = op([blobs[b] for b in layer.bottom])
+                    except torch.cuda.OutOfMemoryError:
+                        raise ResourceError(f"{self.device} ran out of memory in layer '{layer.name}' "
+                                            "(torch engine); map in tiles with --tile N, or use a smaller "
+                                            "--max-memory", self.model_def) from None
                     except (RuntimeError, ValueError) as exc:
                         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                         raise FcnifyError(f"torch engine, layer '{layer.name}' ({layer.type}): {first}",
@@ -214,6 +218,12 @@ class TorchNet:
             torch.cuda.synchronize(self.device)
 
 
+def _tensor(array: np.ndarray, device: "torch.device") -> "torch.Tensor":
+    """A float32 tensor on `device` (numpy's read-only views are copied first)."""
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy()).to(device)
+
+
 def load_params(shapes, weights: Path | None, model_def: Path) -> dict[str, list[np.ndarray]]:
     """Each parameterised layer's blobs from the caffemodel, checked and in their declared shapes."""
     expected = shapes.params()
@@ -226,7 +236,7 @@ def load_params(shapes, weights: Path | None, model_def: Path) -> dict[str, list
     check_weights(shapes, w, model_def)
     out = {}
     for name, want in expected.items():
-        out[name] = [np.ascontiguousarray(blob, dtype=np.float32).reshape(shape)
+        out[name] = [np.array(blob, dtype=np.float32).reshape(shape)  # a writable copy
                      for blob, shape in zip(w[name].blobs, want)]
     return out
 
@@ -301,14 +311,16 @@ def _pooling(layer, params) -> Op:
 def caffe_pool(x, is_max: bool, kernel, stride, pad, ceil: bool = True):
     """MAX or AVE pooling of an N x C x H x W tensor exactly as Caffe's PoolingLayer."""
     sizes = x.shape[2:]
-    out = [pooled_size(sizes[i], kernel[i], stride[i], pad[i], ceil) for i in (0, 1)]
+    out = [pooled_size(sizes[i], kernel[i], stride[i], pad[i], ceil, any(pad)) for i in (0, 1)]
     # pad so that every window lies inside: pad before, and after up to the last window's end
     # (negative when floor rounding leaves rows unused: F.pad then crops them)
     after = [(out[i] - 1) * stride[i] + kernel[i] - sizes[i] - pad[i] for i in (0, 1)]
     spec = (pad[1], after[1], pad[0], after[0])
     if is_max:
-        return F.max_pool2d(F.pad(x, spec, value=float("-inf")), kernel, stride)
-    sums = F.avg_pool2d(F.pad(x, spec, value=0.0), kernel, stride, divisor_override=1)
+        padded = F.pad(x, spec, value=float("-inf")) if any(spec) else x
+        return F.max_pool2d(padded, kernel, stride)
+    padded = F.pad(x, spec, value=0.0) if any(spec) else x
+    sums = F.avg_pool2d(padded, kernel, stride, divisor_override=1)
     return sums / _window_sizes(out, sizes, kernel, stride, pad, x)
 
 

@@ -1,0 +1,345 @@
+"""The torch engine computes what Caffe computes, and runs where pycaffe is missing (torch_engine.py)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch engine needs PyTorch: pip install 'fcnify[torch]'")
+
+from fcnify.caffemodel import write_weights  # noqa: E402
+from fcnify.convert import convert  # noqa: E402
+from fcnify.dense import DenseModel  # noqa: E402
+from fcnify.errors import DeviceError, NetDefinitionError  # noqa: E402
+from fcnify.images import load_image, resize  # noqa: E402
+from fcnify.models import find_model, read_card  # noqa: E402
+from fcnify.netdef import parse_netdef, read_netdef  # noqa: E402
+from fcnify.paths import caffe_descriptor  # noqa: E402
+from fcnify.runner import CaffeRunner  # noqa: E402
+from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
+from fcnify.torch_engine import TorchRunner  # noqa: E402
+from fcnify.verify import REL_TOLERANCE  # noqa: E402
+
+from conftest import REPO, run_fcnify  # noqa: E402
+
+SCENE = REPO / "prototxt" / "digits" / "scene.png"
+
+
+def max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| relative to the largest |a| (verify.py's measure)."""
+    assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return float(np.abs(a64 - b64).max() / max(np.abs(a64).max(), np.finfo(np.float32).tiny))
+
+
+def blob_differences(proto: Path, weights: Path, inputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Run every blob of a net in Caffe and in torch on the same inputs; max_rel per blob."""
+    caffe_net = CaffeRunner().load(proto, weights)
+    torch_net = TorchRunner().load(proto, weights)
+    try:
+        names = list(torch_net.blob_shapes())
+        a = caffe_net.forward(inputs, names)
+        b = torch_net.forward(inputs, names)
+        # Caffe adds its own Split layers (blobs NAME_LAYER_I_split_J) for blobs read twice
+        theirs = {n: s for n, s in caffe_net.blob_shapes().items() if not re.search(r"_split_\d+$", n)}
+        assert theirs == torch_net.blob_shapes()
+        return {name: max_rel(a[name], b[name]) for name in names}
+    finally:
+        caffe_net.close()
+        torch_net.close()
+
+
+def assert_close(diffs: dict[str, float], tolerance: float = REL_TOLERANCE) -> None:
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= tolerance, f"blob '{worst}' differs by {diffs[worst]:.2e} (all: {diffs})"
+
+
+def maps(card, image: Path, size: int | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(Caffe's map, torch's map, max_rel of the maps, max_rel of the scores before softmax)."""
+    rgb = load_image(image)
+    if size:
+        rgb = resize(rgb, size, size)
+    out = []
+    for runner in (CaffeRunner(), TorchRunner()):
+        model = DenseModel(card, runner=runner)
+        try:
+            probs = model.classify(rgb).probs
+            x = model.card.preprocess.apply(rgb)[None]
+            scores = model.net.forward({model.input_blob: x}, [model.score_blob])[model.score_blob]
+        finally:
+            model.close()
+        out.append((probs, scores))
+    (pa, sa), (pb, sb) = out
+    return pa, pb, max_rel(pa, pb), max_rel(sa, sb)
+
+
+@pytest.fixture(scope="module")
+def caffenet_fcn(caffenet, tmp_path_factory) -> Path:
+    """CaffeNet with seeded weights, converted (and verified) by Caffe: the card's path."""
+    proto, weights = caffenet
+    out = tmp_path_factory.mktemp("caffenet_fcn") / "caffenet"
+    result = convert(proto, weights, out, runner=CaffeRunner())
+    return result.outputs["card"]
+
+
+# ------------------------------------------------------------------ whole nets
+
+def test_caffenet_map_matches_caffe(caffenet_fcn, caffe_root):
+    """CaffeNet (converted, seeded weights) maps cat.jpg at 451 px as Caffe does."""
+    pa, pb, rel_map, rel_scores = maps(read_card(caffenet_fcn),
+                                       caffe_root / "examples" / "images" / "cat.jpg", 451)
+    assert pa.shape == (1000, 8, 8)
+    assert rel_map <= REL_TOLERANCE and rel_scores <= REL_TOLERANCE, (rel_map, rel_scores)
+    assert (pa.argmax(0) == pb.argmax(0)).all()
+
+
+def test_caffenet_every_blob_matches_caffe(caffenet):
+    """Every blob of the original CaffeNet (LRN, ceil pooling, fc layers) matches Caffe's."""
+    proto, weights = caffenet
+    x = np.random.default_rng(3).normal(0, 60, (2, 3, 227, 227)).astype(np.float32)
+    assert_close(blob_differences(proto, weights, {"data": x}))
+
+
+def test_googlenet_map_matches_caffe(caffe_root, tmp_path):
+    """GoogLeNet (converted, seeded weights) maps cat.jpg at 451 px as Caffe does."""
+    proto = caffe_root / "models" / "bvlc_googlenet" / "deploy.prototxt"
+    weights = write_random_caffemodel(read_netdef(proto), tmp_path / "googlenet.caffemodel", seed=2)
+    card = convert(proto, weights, tmp_path / "googlenet", runner=CaffeRunner()).outputs["card"]
+    pa, pb, rel_map, rel_scores = maps(read_card(card), caffe_root / "examples" / "images" / "cat.jpg", 451)
+    assert pa.shape[1:] == (8, 8)
+    assert rel_map <= REL_TOLERANCE and rel_scores <= REL_TOLERANCE, (rel_map, rel_scores)
+
+
+def test_digits_map_matches_caffe():
+    """The shipped digits model, converted in memory by each engine, maps the scene alike."""
+    card = find_model("digits")
+    assert not card.fully_convolutional and card.weights.is_file()
+    pa, pb, rel_map, rel_scores = maps(card, SCENE)
+    assert rel_map <= REL_TOLERANCE and rel_scores <= REL_TOLERANCE, (rel_map, rel_scores)
+    assert (pa.argmax(0) == pb.argmax(0)).all()
+
+
+# ------------------------------------------------------------------ layers, in small nets
+
+def _layer(name: str, type_: str, bottoms: list[str] | str, tops: list[str] | str, body: str = "") -> str:
+    bottoms = [bottoms] if isinstance(bottoms, str) else bottoms
+    tops = [tops] if isinstance(tops, str) else tops
+    links = "".join(f' bottom: "{b}"' for b in bottoms) + "".join(f' top: "{t}"' for t in tops)
+    return f'layer {{ name: "{name}" type: "{type_}"{links} {body} }}\n'
+
+
+def _input(*dims: int) -> str:
+    return _layer("data", "Input", [], "data",
+                  "input_param { shape { " + " ".join(f"dim: {d}" for d in dims) + " } }")
+
+
+POOLS = {  # name -> pooling_param: Caffe's edge rules, one case each
+    "max_pad": "pool: MAX kernel_size: 3 stride: 2 pad: 1",
+    "ave_pad": "pool: AVE kernel_size: 3 stride: 2 pad: 1",
+    "max_drop_last": "pool: MAX kernel_size: 2 stride: 2 pad: 1",  # last window starts in the padding
+    "ave_drop_last": "pool: AVE kernel_size: 2 stride: 2 pad: 1",
+    "ave_ceil_overhang": "pool: AVE kernel_size: 3 stride: 2",  # last window hangs past the edge
+    "max_ceil_overhang": "pool: MAX kernel_size: 3 stride: 2",
+    "ave_big_pad": "pool: AVE kernel_size: 5 stride: 3 pad: 2",
+    "max_rect": "pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
+    "ave_rect": "pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
+    # padded along x only: Caffe still drops a last row window that starts past the image
+    "max_pad_w_only": "pool: MAX kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
+    "ave_pad_w_only": "pool: AVE kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
+    "ave_floor": "pool: AVE kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR",
+    "max_floor": "pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR",
+    "ave_global": "pool: AVE global_pooling: true",
+    "max_global": "pool: MAX global_pooling: true",
+}
+
+
+@pytest.mark.parametrize("size", [(5, 5), (6, 7), (8, 9), (13, 11), (16, 16)])
+def test_pooling_edge_cases_match_caffe(model_factory, size):
+    """MAX/AVE pooling with padding, ceil/floor rounding, dropped last windows, global, rectangular."""
+    text = _input(1, 3, *size) + "".join(
+        _layer(name, "Pooling", "data", name, f"pooling_param {{ {param} }}") for name, param in POOLS.items())
+    text += _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 1 }")
+    proto, weights = model_factory(f"pools_{size[0]}x{size[1]}", text)
+    x = np.random.default_rng(size[0]).normal(0, 1, (1, 3, *size)).astype(np.float32)
+    diffs = blob_differences(proto, weights, {"data": x})
+    assert set(POOLS) <= set(diffs)
+    assert_close(diffs, 1e-6)
+
+
+def test_batchnorm_and_scale_match_caffe(model_factory, tmp_path):
+    """BatchNorm (stored stats / factor blob, batch stats) and Scale (bias, axis, num_axes, 2 bottoms), in place."""
+    text = (_input(2, 4, 9, 9)
+            + _layer("conv1", "Convolution", "data", "conv1",
+                     "convolution_param { num_output: 6 kernel_size: 3 pad: 1 }")
+            + _layer("bn1", "BatchNorm", "conv1", "conv1")
+            + _layer("sc1", "Scale", "conv1", "conv1", "scale_param { bias_term: true }")
+            + _layer("relu1", "ReLU", "conv1", "conv1")
+            + _layer("bn2", "BatchNorm", "conv1", "bn2",
+                     "batch_norm_param { use_global_stats: false eps: 0.001 }")
+            + _layer("sc2", "Scale", "bn2", "sc2", "scale_param { axis: 1 num_axes: 2 bias_term: true }")
+            + _layer("sc3", "Scale", "sc2", "sc3", "scale_param { axis: 2 num_axes: -1 }")
+            + _layer("gap", "Pooling", "sc3", "gap", "pooling_param { pool: AVE global_pooling: true }")
+            + _layer("flat", "Flatten", "gap", "flat")
+            + _layer("sc4", "Scale", ["sc3", "flat"], "sc4", "scale_param { axis: 0 bias_term: true }"))
+    netdef = parse_netdef(text, tmp_path / "bn.prototxt")
+    blobs = random_blobs(netdef, seed=5)
+    blobs["bn1"][2] = np.array([4.0], dtype=np.float32)  # Caffe divides the stored stats by this
+    proto = tmp_path / "bn.prototxt"
+    proto.write_text(text)
+    weights = tmp_path / "bn.caffemodel"
+    with open(weights, "wb") as f:
+        write_weights(f, netdef.param, blobs)
+    x = np.random.default_rng(5).normal(0, 2, (2, 4, 9, 9)).astype(np.float32)
+    assert_close(blob_differences(proto, weights, {"data": x}), 1e-5)
+
+
+def test_other_layers_match_caffe(model_factory):
+    """Grouped dilated rectangular conv, LRN both regions, leaky ReLU, Eltwise, Concat, IP axis/transpose, ..."""
+    text = (_input(2, 6, 11, 13)
+            + _layer("cg", "Convolution", "data", "cg",
+                     "convolution_param { num_output: 8 group: 2 kernel_h: 3 kernel_w: 5 stride_h: 2 "
+                     "stride_w: 1 pad_h: 1 pad_w: 2 dilation: 2 }")
+            + _layer("c_nobias", "Convolution", "data", "c_nobias",
+                     "convolution_param { num_output: 4 kernel_size: 1 bias_term: false }")
+            + _layer("leaky", "ReLU", "cg", "cg", "relu_param { negative_slope: 0.1 }")
+            + _layer("lrn_across", "LRN", "cg", "lrn_a", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }")
+            + _layer("lrn_within", "LRN", "cg", "lrn_w",
+                     "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.7 beta: 0.8 }")
+            + _layer("sig", "Sigmoid", "lrn_a", "sig")
+            + _layer("tanh", "TanH", "lrn_w", "tanh")
+            + _layer("sum", "Eltwise", ["sig", "tanh"], "sum", "eltwise_param { operation: SUM coeff: 0.5 coeff: -2 }")
+            + _layer("prod", "Eltwise", ["sig", "tanh"], "prod", "eltwise_param { operation: PROD }")
+            + _layer("max", "Eltwise", ["sig", "tanh"], "max", "eltwise_param { operation: MAX }")
+            + _layer("cat", "Concat", ["sum", "prod", "max"], "cat")
+            + _layer("split", "Split", "cat", ["cat_a", "cat_b"])
+            + _layer("drop", "Dropout", "cat_a", "cat_a")
+            + _layer("ip_axis2", "InnerProduct", "cat_b", "ip_axis2", "inner_product_param { num_output: 5 axis: 2 }")
+            + _layer("ip_t", "InnerProduct", "cat_a", "ip_t",
+                     "inner_product_param { num_output: 7 transpose: true bias_term: false }")
+            + _layer("sm2", "Softmax", "ip_axis2", "sm2", "softmax_param { axis: 2 }")
+            + _layer("sm_neg", "Softmax", "ip_axis2", "sm_neg", "softmax_param { axis: -2 }")
+            + _layer("sm_t", "Softmax", "ip_t", "sm_t")
+            + _layer("flat", "Flatten", "c_nobias", "flat", "flatten_param { axis: 2 }")
+            + _layer("resh", "Reshape", "flat", "resh", "reshape_param { shape { dim: 0 dim: -1 dim: 11 } }"))
+    proto, weights = model_factory("ops", text)
+    x = np.random.default_rng(7).normal(0, 1, (2, 6, 11, 13)).astype(np.float32)
+    assert_close(blob_differences(proto, weights, {"data": x}), 1e-5)
+
+
+def test_reshaped_input_matches_caffe(caffenet_fcn):
+    """One loaded FCN, run at several input sizes in turn, gives Caffe's blobs at each."""
+    card = read_card(caffenet_fcn)
+    caffe_net = CaffeRunner().load(card.model_def, card.weights)
+    torch_net = TorchRunner().load(card.model_def, card.weights)
+    try:
+        for i, (h, w) in enumerate([(227, 227), (259, 323), (227, 227)]):
+            x = np.random.default_rng(i).normal(0, 50, (1, 3, h, w)).astype(np.float32)
+            a = caffe_net.forward({"data": x}, ["fc8-conv", "prob"])
+            b = torch_net.forward({"data": x}, ["fc8-conv", "prob"])
+            assert max_rel(a["fc8-conv"], b["fc8-conv"]) <= REL_TOLERANCE
+            assert torch_net.blob_shapes() == caffe_net.blob_shapes()
+        assert torch_net.param_digests() == caffe_net.param_digests()
+        theirs, ours = caffe_net.params(), torch_net.params()
+        assert list(ours) == list(theirs)
+        assert all(np.array_equal(a, b) for layer in ours for a, b in zip(theirs[layer], ours[layer]))
+    finally:
+        caffe_net.close()
+        torch_net.close()
+
+
+# ------------------------------------------------------------------ without pycaffe
+
+NO_CAFFE = '''
+import sys
+
+class _NoCaffe:
+    """Make `import caffe` fail, as on a machine where pycaffe was never built."""
+    def find_spec(self, name, path=None, target=None):
+        if name == "caffe" or name.startswith("caffe."):
+            raise ImportError("pycaffe is hidden by the test's sitecustomize")
+        return None
+
+sys.meta_path.insert(0, _NoCaffe())
+'''
+
+
+def test_runs_without_pycaffe(caffenet_fcn, caffe_root, tmp_path):
+    """With `import caffe` failing and only a copied caffe.desc, --engine torch gives Caffe's maps."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(textwrap.dedent(NO_CAFFE))
+    desc = tmp_path / "caffe.desc"
+    shutil.copy(caffe_descriptor(), desc)
+    env = {"PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "FCNIFY_SETUP_RECORD": str(tmp_path / "no-setup-record.json"),
+           "FCNIFY_CAFFE_DESCRIPTOR": str(desc)}
+    probe = run_fcnify("--version", env=env)  # the environment itself works ...
+    assert probe.code == 0, probe.err
+    import subprocess
+    blocked = subprocess.run([sys.executable, "-c", "import caffe"], capture_output=True, text=True,
+                             env=dict(os.environ, **env))
+    assert blocked.returncode != 0 and "hidden" in blocked.stderr  # ... and pycaffe is really gone
+
+    cat = caffe_root / "examples" / "images" / "cat.jpg"
+    card = read_card(caffenet_fcn)
+    run = run_fcnify("classify-map", cat, "--model-def", card.model_def, "--weights", card.weights,
+                     "--engine", "torch", "--size", "451", "--out", tmp_path / "caffenet", env=env)
+    assert run.code == 0, run.err
+    pa, *_ = maps(card, cat, 451)
+    assert max_rel(pa, np.load(tmp_path / "caffenet" / "cat.scores.npy")) <= REL_TOLERANCE
+
+    # an unconverted net: converted in memory and verified on torch, still without Caffe
+    run = run_fcnify("classify-map", SCENE, "--model", "digits", "--engine", "torch",
+                     "--out", tmp_path / "digits", env=env)
+    assert run.code == 0, run.err
+    pa, *_ = maps(find_model("digits"), SCENE)
+    assert max_rel(pa, np.load(tmp_path / "digits" / "scene.scores.npy")) <= REL_TOLERANCE
+
+
+# ------------------------------------------------------------------ failures
+
+def test_unsupported_layer_type_is_refused(model_factory):
+    """A layer type the torch engine does not run is named, with its layer, before anything runs."""
+    text = (_input(1, 3, 8, 8)
+            + _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 3 }")
+            + _layer("prelu", "PReLU", "conv", "conv"))
+    proto, weights = model_factory("prelu", text)
+    with pytest.raises(NetDefinitionError, match=r"layer 'prelu': layer type 'PReLU' is not supported "
+                                                 r"by the torch engine"):
+        TorchRunner().load(proto, weights)
+
+
+def test_unsupported_layer_type_cli_one_line(model_factory):
+    """classify-map --engine torch on an unconverted net with an unsupported type: one line, exit 2."""
+    text = (_input(1, 3, 12, 12)
+            + _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 3 }")
+            + _layer("absval", "AbsVal", "conv", "abs")
+            + _layer("fc", "InnerProduct", "abs", "fc", "inner_product_param { num_output: 3 }"))
+    proto, weights = model_factory("absval", text)
+    run = run_fcnify("classify-map", SCENE, "--model-def", proto, "--weights", weights, "--engine", "torch")
+    assert run.code == 2, run.err
+    assert run.err.count("\n") == 1, run.err
+    assert "layer 'absval': layer type 'AbsVal' is not supported by the torch engine" in run.err
+
+
+def test_gpu_without_cuda_is_one_line_exit_2():
+    """--gpu 0 --engine torch where PyTorch sees no CUDA GPU: one line on stderr, exit 2."""
+    run = run_fcnify("classify-map", SCENE, "--model", "digits", "--engine", "torch", "--gpu", "0")
+    if torch.cuda.is_available():
+        assert run.code == 0, run.err
+        return
+    assert run.code == 2, run.err
+    assert run.err.count("\n") == 1, run.err
+    assert run.err.startswith("fcnify: error: --gpu 0: PyTorch") and "sees no CUDA GPU" in run.err
+
+
+def test_gpu_number_out_of_range():
+    """A GPU number PyTorch does not have is a DeviceError, not a crash."""
+    with pytest.raises(DeviceError, match="--gpu 99"):
+        TorchRunner(99)
