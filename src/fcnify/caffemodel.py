@@ -9,6 +9,7 @@ offset instead of aborting Caffe.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping
@@ -30,6 +31,7 @@ V1_BLOBS, V1_V0LAYER = 6, 1
 V0_BLOBS = 50
 BLOB_NUM, BLOB_CHANNELS, BLOB_HEIGHT, BLOB_WIDTH = 1, 2, 3, 4
 BLOB_DATA, BLOB_DIFF, BLOB_SHAPE, BLOB_DOUBLE_DATA, BLOB_DOUBLE_DIFF = 5, 6, 7, 8, 9
+READ_LIMIT = 2**31 - 1  # Caffe's kProtoReadBytesLimit (INT_MAX bytes)
 
 
 @dataclass
@@ -136,14 +138,21 @@ def parse_weights(data: bytes, path: Path | None = None) -> Weights:
     if _looks_like_text(data):
         raise WeightsError("this is a text file (a prototxt?), not a binary caffemodel; "
                            "pass the net definition with --model-def", path)
+    if len(data) > READ_LIMIT:
+        raise WeightsError(f"is {len(data):,} bytes; Caffe reads at most {READ_LIMIT:,} "
+                           "(2 GB) of a caffemodel", path)
     reader = _Reader(memoryview(data), 0, path)
     layers: dict[str, LayerWeights] = {}
     fmt = "V2"
     seen_layer_field = False
+    seen = set()
+    header = bytearray()
     for number, wire, start, end in reader.fields():
         if number not in (NET_LAYER, NET_LAYERS) or wire != 2:
+            header += _field_bytes(reader, number, wire, start, end)
             continue
         seen_layer_field = True
+        seen.add(number)
         sub = reader.sub(start, end)
         if number == NET_LAYER:
             lw = _parse_layer(sub, v1=False)
@@ -156,6 +165,12 @@ def parse_weights(data: bytes, path: Path | None = None) -> Weights:
             layers[lw.name] = lw
     if not seen_layer_field:
         raise WeightsError("not a caffemodel: it contains no layers", path)
+    if len(seen) > 1:  # Caffe's upgrade refuses such a file (and aborts)
+        raise WeightsError("mixes old 'layers' and new 'layer' definitions", path)
+    try:  # everything but the layers, parsed as Caffe's protobuf would
+        caffe_pb2().NetParameter.FromString(bytes(header))
+    except DecodeError as exc:
+        raise WeightsError(f"not a caffemodel: its net header does not decode ({exc})", path) from None
     if not layers:
         raise WeightsError("contains no weights (no layer has parameter blobs)", path)
     return Weights(layers, path, fmt)
@@ -192,13 +207,19 @@ def _parse_layer(reader: _Reader, v1: bool) -> LayerWeights | None:
         value = enum.values_by_number.get(msg.type)
         type_name = V1_TYPES.get(value.name, value.name) if value else str(msg.type)
     else:
-        type_name = msg.type
+        type_name = _text(msg.type)
+    name = _text(msg.name)
     blobs, legacy = [], []
     for i, br in enumerate(blob_readers):
-        arr, is_legacy = _parse_blob(br, msg.name, i)
+        arr, is_legacy = _parse_blob(br, name, i)
         blobs.append(arr)
         legacy.append(is_legacy)
-    return LayerWeights(msg.name, type_name, blobs, legacy)
+    return LayerWeights(name, type_name, blobs, legacy)
+
+
+def _text(value: str | bytes) -> str:
+    """A string field as text; protobuf hands back bytes when they are not UTF-8."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
 def _field_bytes(reader: _Reader, number: int, wire: int, start: int, end: int) -> bytes:
@@ -210,46 +231,51 @@ def _field_bytes(reader: _Reader, number: int, wire: int, start: int, end: int) 
 
 
 def _parse_blob(reader: _Reader, layer: str, index: int) -> tuple[np.ndarray, bool]:
+    """One BlobProto read as Blob::FromProto reads it.
+
+    The float data (packed or not, in file order) goes straight to numpy;
+    every other field is parsed by protobuf. As in Caffe, double_data wins
+    over data, legacy num/channels/height/width win over `shape`, and a diff,
+    when present, must have the blob's size too.
+    """
     pb = caffe_pb2()
-    legacy = {}
-    shape: Shape | None = None
-    chunks: list[np.ndarray] = []
-    scalars: list[float] = []
+    floats: list[np.ndarray] = []
     doubles: list[np.ndarray] = []
+    rest = bytearray()
+    what = f"layer '{layer}' blob {index}"
     for number, wire, start, end in reader.fields():
-        if number == BLOB_SHAPE and wire == 2:
-            try:
-                shape = tuple(pb.BlobShape.FromString(bytes(reader.buf[start:end])).dim)
-            except DecodeError:
-                reader.fail(start, f"layer '{layer}' blob {index}: bad shape")
-        elif number in (BLOB_NUM, BLOB_CHANNELS, BLOB_HEIGHT, BLOB_WIDTH) and wire == 0:
-            legacy[number] = reader.varint(start)[0]
-        elif number == BLOB_DATA and wire == 2:
-            if (end - start) % 4:
-                reader.fail(start, f"layer '{layer}' blob {index}: float data is not a multiple of 4 bytes")
-            chunks.append(np.frombuffer(reader.buf[start:end], dtype="<f4"))
-        elif number == BLOB_DATA and wire == 5:
-            scalars.append(float(np.frombuffer(reader.buf[start:end], dtype="<f4")[0]))
-        elif number == BLOB_DOUBLE_DATA and wire == 2:
-            if (end - start) % 8:
-                reader.fail(start, f"layer '{layer}' blob {index}: double data is not a multiple of 8 bytes")
-            doubles.append(np.frombuffer(reader.buf[start:end], dtype="<f8"))
-    if scalars:
-        chunks.append(np.asarray(scalars, dtype=np.float32))
-    if chunks:
-        values = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-    elif doubles:
+        raw = reader.buf[start:end]
+        if number == BLOB_DATA and wire in (2, 5):
+            if len(raw) % 4:
+                reader.fail(start, f"{what}: float data is not a multiple of 4 bytes")
+            floats.append(np.frombuffer(raw, dtype="<f4"))
+        elif number == BLOB_DOUBLE_DATA and wire in (2, 1):
+            if len(raw) % 8:
+                reader.fail(start, f"{what}: double data is not a multiple of 8 bytes")
+            doubles.append(np.frombuffer(raw, dtype="<f8"))
+        else:
+            rest += _field_bytes(reader, number, wire, start, end)
+    try:
+        msg = pb.BlobProto.FromString(bytes(rest))
+    except DecodeError as exc:
+        raise WeightsError(f"not a caffemodel: {what} does not decode ({exc})", reader.path) from None
+    if doubles:
         values = np.concatenate(doubles).astype(np.float32)
+    elif floats:
+        values = floats[0] if len(floats) == 1 else np.concatenate(floats)
     else:
         values = np.zeros(0, dtype=np.float32)
-    is_legacy = shape is None
-    if shape is None:
-        shape = tuple(legacy.get(k, 0 if legacy else 1) for k in
-                      (BLOB_NUM, BLOB_CHANNELS, BLOB_HEIGHT, BLOB_WIDTH)) if legacy else (values.size,)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count != values.size:
-        raise WeightsError(f"layer '{layer}' blob {index}: shape {shape} needs {count} values "
+    is_legacy = any(msg.HasField(f) for f in ("num", "channels", "height", "width"))
+    shape = ((msg.num, msg.channels, msg.height, msg.width) if is_legacy
+             else tuple(int(d) for d in msg.shape.dim))
+    count = math.prod(shape)
+    if count != values.size or any(d < 0 for d in shape):
+        raise WeightsError(f"{what}: shape {shape} needs {count} values "
                            f"but the file has {values.size}", reader.path)
+    diffs = len(msg.double_diff) or len(msg.diff)
+    if diffs and diffs != count:
+        raise WeightsError(f"{what}: shape {shape} needs {count} values "
+                           f"but the file has {diffs} gradient (diff) values", reader.path)
     return values.reshape(shape), is_legacy
 
 

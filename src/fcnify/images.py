@@ -220,7 +220,11 @@ def _orientation(image: Image.Image, path: Path) -> int:
 def _expand(item: str) -> list[Path]:
     path = Path(item)
     if path.exists():
-        return _files_in(path)
+        found = _files_in(path)
+        if not found:  # a folder named on purpose that holds nothing to map
+            raise InputError("folder has no image files ("
+                             + ", ".join(sorted(IMAGE_SUFFIXES)) + ")", item)
+        return found
     if GLOB_CHARS & set(item):
         matches = sorted(glob.glob(item))
         if not matches:

@@ -6,7 +6,7 @@ from pathlib import Path
 from .geometry import blob_geometry, map_geometry, map_size, output_blobs, score_blob, smallest_input
 from .netdef import read_netdef
 from .planner import estimate, format_bytes
-from .shapes import infer, input_shapes
+from .shapes import image_input, infer, input_shapes
 from .surgery import convert_net
 
 
@@ -79,7 +79,7 @@ def verify_report(report) -> str:
 def net_info(path: Path, size: tuple[int, int] | None) -> str:
     netdef = read_netdef(path)
     net = netdef.param
-    name, declared = next(iter(input_shapes(net).items()))
+    name, declared = image_input(net, path)
     h, w = size or (declared[2], declared[3])
     has_ip = any(l.type == "InnerProduct" for l in net.layer)
     fcn = convert_net(netdef).net if has_ip else net

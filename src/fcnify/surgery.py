@@ -125,6 +125,7 @@ def convert_net(netdef: NetDef, input_size: tuple[int, int] | None = None) -> Su
     conversions: list[Conversion] = []
     source: dict[str, str] = {}
     names = {l.name for l in orig.layer}
+    blob_names = {t for l in orig.layer for t in l.top}
 
     for layer in orig.layer:
         info = layer_by_name[layer.name]
@@ -146,6 +147,10 @@ def convert_net(netdef: NetDef, input_size: tuple[int, int] | None = None) -> Su
 
         if layer.type == "InnerProduct":
             _to_convolution(layer, new_layer, info, bottoms_new, names, path)
+            taken = [t + SUFFIX for t in layer.top if t + SUFFIX in blob_names]
+            if taken:  # Caffe would see the renamed output produced twice, and abort
+                _fail(f"cannot rename InnerProduct '{layer.name}' output to '{taken[0]}': the net "
+                      "already has a blob of that name", path)
             for i, top in enumerate(layer.top):
                 rename[top] = top + SUFFIX
             spatial.update(new_layer.top)

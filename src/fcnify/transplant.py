@@ -71,6 +71,18 @@ def check_weights(shapes: NetShapes, weights: Weights, prototxt: Path | None = N
                 raise ShapeMismatchError(
                     f"layer '{name}' {BLOB_ROLES.get(i, f'blob {i}')}: the net definition needs "
                     f"{tuple(want)}, {wname} has {tuple(blob.shape)}{hint}", wpath)
+            if not np.isfinite(blob).all():
+                bad = blob.size - int(np.count_nonzero(np.isfinite(blob)))
+                raise WeightsError(f"layer '{name}' {BLOB_ROLES.get(i, f'blob {i}')}: {bad} of its "
+                                   f"{blob.size} values are NaN or infinite", wpath)
+    # Caffe copies blobs by layer name and aborts when a layer that takes none is given some.
+    surplus = [ls.name for ls in shapes.layers if not ls.params and ls.name in weights]
+    if surplus:
+        listed = ", ".join(f"'{n}' ({weights[n].type or 'no type'}, {len(weights[n].blobs)} blob(s))"
+                           for n in surplus[:6])
+        raise WeightsError(f"carries parameter blobs for layer(s) of "
+                           f"{prototxt.name if prototxt else 'the net'} that take none: {listed}; "
+                           "Caffe refuses to load that (rename or remove them)", wpath)
     unused = [n for n in weights.layers if n not in expected]
     return WeightsCheck(unused)
 

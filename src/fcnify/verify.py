@@ -100,9 +100,13 @@ def compare(original: str, converted: str, a_list: list[np.ndarray], b_list: lis
     agree = True
     for name, a, b in zip(names, a_list, b_list):
         b = b.reshape(a.shape)
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
         scale = max(float(np.abs(a).max()), np.finfo(np.float32).tiny)
-        rel = float(diff.max()) / scale
+        # NaN or infinity in an output proves nothing (and a NaN would never count as
+        # worse below): it is an unbounded difference.
+        finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+        rel = float(diff.max()) / scale if finite else float("inf")
         if rel >= worst.max_rel:
             idx = np.unravel_index(int(diff.argmax()), diff.shape)
             worst = BlobComparison(original, converted, float(diff.max()), rel, name,
