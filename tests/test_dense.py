@@ -257,3 +257,13 @@ def test_model_survives_a_worker_crash(red_model):
         red_model.runner.box.call("crash_for_test", "check", context="testing")
     after = red_model.classify(img).probs
     assert np.array_equal(before, after)
+
+
+def test_existing_output_refused_before_work(digits_fcn, tmp_path):
+    """An image whose outputs exist is refused without --force before it is mapped."""
+    scene = find_model("digits").model_def.parent / "scene.png"
+    (tmp_path / "scene.map.json").write_text("keep me")
+    run = call_fcnify("classify-map", scene, "--card", digits_fcn, "--out", tmp_path)
+    assert run.code == 2 and "already exists" in run.err
+    assert run.out == ""  # nothing was mapped or printed
+    assert (tmp_path / "scene.map.json").read_text() == "keep me"

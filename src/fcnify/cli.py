@@ -300,6 +300,12 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     command = _command_line()
     for i, path in enumerate(paths):
         try:
+            if out_dir:  # an output that would be refused is refused before the work
+                from .files import OutputSet
+                from .outputs import output_names
+                check = OutputSet(force)
+                for p in output_names(Path(out_dir), path.stem).values():
+                    check.check(p)
             if show_bar:
                 with click.progressbar(length=1, label=f"[{i + 1}/{len(paths)}] {path.name}",
                                        file=sys.stderr) as bar:
