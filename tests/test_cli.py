@@ -77,3 +77,13 @@ def test_info_on_digits():
     assert run.code == 0, run.err
     assert "stride:          4 px" in run.out and "field per cell:  28x28 px" in run.out
     assert "at 640x480: 114x154 cells" in run.out
+
+
+def test_caffe_logs_quiet_unless_verbose(tmp_path):
+    """Caffe's glog lines stay off stderr by default and come back with --verbose."""
+    quiet = run_fcnify("convert", "--model", "digits", "--out", tmp_path / "q")
+    assert quiet.code == 0, quiet.err
+    assert "net.cpp" not in quiet.err and quiet.err.strip() == ""
+    loud = run_fcnify("--verbose", "convert", "--model", "digits", "--out", tmp_path / "v")
+    assert loud.code == 0, loud.err
+    assert "net.cpp" in loud.err  # glog's "Initializing net from parameters" lines

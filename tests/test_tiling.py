@@ -12,7 +12,7 @@ from fcnify.geometry import map_geometry, map_size
 from fcnify.images import resize
 from fcnify.models import card_for_model_def
 from fcnify.netdef import parse_netdef
-from fcnify.planner import estimate
+from fcnify.planner import HEADROOM, SPEED_CAP, estimate
 from fcnify.tiling import min_tile, plan
 
 from conftest import write_model
@@ -143,9 +143,19 @@ def test_budget_picks_tiles(caffenet_fcn):
     budget = int(need * 0.75)
     tiles, tile_size = caffenet_fcn.plan(h, w, budget=budget)
     assert len(tiles) > 1 and tile_size is not None
-    assert estimate(net, *tile_size).total <= budget
+    assert estimate(net, *tile_size).total <= budget * HEADROOM
     bigger = (tile_size[0] + 32, tile_size[1] + 32)
-    assert estimate(net, *bigger).total > budget, "the planner should take the largest tile that fits"
+    assert estimate(net, *bigger).total > budget * HEADROOM, \
+        "the planner should take the largest tile that fits"
+
+
+def test_speed_cap_tiles_large_passes(caffenet_fcn):
+    """With memory to spare, a pass whose activations pass the speed cap is still tiled."""
+    net = caffenet_fcn.netdef.param
+    assert estimate(net, 3000, 3000).activations > SPEED_CAP
+    tiles, tile_size = caffenet_fcn.plan(3000, 3000, budget=1 << 40)
+    assert len(tiles) > 1 and estimate(net, *tile_size).activations <= SPEED_CAP
+    assert caffenet_fcn.plan(1000, 1000, budget=1 << 40)[1] is None  # small: one pass
 
 
 def test_int_max_forces_tiling(caffenet_fcn):

@@ -230,7 +230,10 @@ class DenseModel:
             if fits(net, height, width, budget):
                 return plan(height, width, rows, cols, (height, width), gy, gx, fy, fx), None
             smallest = max(min_tile(gy), min_tile(gx))
-            side = largest_square(net, budget, max(gy.stride, gx.stride), smallest, max(height, width))
+            step, limit = max(gy.stride, gx.stride), max(height, width)
+            side = largest_square(net, budget, step, smallest, limit)
+            if side is None:  # a net too big per pixel for the speed cap: the budget alone
+                side = largest_square(net, budget, step, smallest, limit, speed_cap=None)
             if side is None:
                 need = estimate(net, smallest, smallest).total
                 raise ResourceError(f"even the smallest exact tile ({smallest} px) needs about "
