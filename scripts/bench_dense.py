@@ -100,6 +100,27 @@ def image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def measured_run(card, img: np.ndarray, **run_args) -> dict:
+    """DenseModel.run in a fresh worker: wall time, and peak RSS of both processes during the run."""
+    box = Sandbox()
+    model = DenseModel(card, runner=CaffeRunner(box=box))
+    pid = box.worker.proc.pid
+    reset_hwm(pid)
+    reset_hwm()
+    t0 = time.perf_counter()
+    probs, info = model.run(img, **run_args)
+    seconds = time.perf_counter() - t0
+    cells = int(probs.shape[1] * probs.shape[2])
+    entry = {"size": img.shape[0], "ran_as": info["mode"], "tiles": info["tiles"],
+             "tile_size": info["tile_size"], "seconds": seconds, "cells": cells,
+             "seconds_per_cell": seconds / cells, "worker_peak_bytes": hwm(pid),
+             "main_peak_bytes": hwm()}
+    entry["sum_peak_bytes"] = entry["worker_peak_bytes"] + entry["main_peak_bytes"]
+    model.close()
+    box.close()
+    return entry
+
+
 def row(*cells) -> str:
     return "  ".join(str(c).ljust(w) for c, w in zip(cells, (34, 14, 14, 14, 14)))
 
@@ -189,29 +210,13 @@ def main() -> int:
     for n in sizes:
         img = image(n, n, n)
         for mode in ("whole", "tiled"):
-            box = Sandbox()
-            runner = CaffeRunner(box=box)
-            model = DenseModel(fcn_card, runner=runner)
-            pid = box.worker.proc.pid
-            reset_hwm(pid)
-            reset_hwm()
-            t0 = time.perf_counter()
-            if mode == "whole":  # forced: one pass whatever the planner would choose
-                probs, info = model.run(img, tile=n)
-            else:
-                probs, info = model.run(img, budget=budget)
-            seconds = time.perf_counter() - t0
-            entry = {"size": n, "mode": mode, "ran_as": info["mode"], "tiles": info["tiles"],
-                     "tile_size": info["tile_size"], "seconds": seconds,
-                     "cells": int(probs.shape[1] * probs.shape[2]),
-                     "worker_peak_bytes": hwm(pid), "main_peak_bytes": hwm(),
-                     "estimate_bytes": estimate(fcn_net, *(info["tile_size"] or (n, n))).total}
+            # "whole" is forced (one tile as large as the image), "tiled" is the planner's choice
+            entry = measured_run(fcn_card, img, tile=n) if mode == "whole" else \
+                measured_run(fcn_card, img, budget=budget)
+            entry.update(mode=mode, estimate_bytes=estimate(fcn_net, *(entry["tile_size"] or (n, n))).total)
             d_rows.append(entry)
-            print(row(f"{n}x{n}", f"{info['mode']} ({info['tiles']})", f"{seconds:.2f}",
+            print(row(f"{n}x{n}", f"{entry['ran_as']} ({entry['tiles']})", f"{entry['seconds']:.2f}",
                       format_bytes(entry["worker_peak_bytes"]), format_bytes(entry["main_peak_bytes"])))
-            model.close()
-            box.close()
-            del probs
     results["d_sizes"] = d_rows
 
     # tiling overhead: whole at the largest size within the budget vs a tiled large image
@@ -219,26 +224,8 @@ def main() -> int:
     results["budget_largest_whole_side"] = side
     big = 4000 if args.quick else 8000
     runs = {}
-    for label, n, b in (("whole_at_budget", side, budget), ("tiled", big, budget)):
-        img = image(n, n, 7)
-        box = Sandbox()
-        runner = CaffeRunner(box=box)
-        model = DenseModel(fcn_card, runner=runner)
-        pid = box.worker.proc.pid
-        reset_hwm(pid)
-        reset_hwm()
-        t0 = time.perf_counter()
-        probs, info = model.run(img, budget=b)
-        seconds = time.perf_counter() - t0
-        cells = probs.shape[1] * probs.shape[2]
-        runs[label] = {"size": n, "mode": info["mode"], "tiles": info["tiles"],
-                       "tile_size": info["tile_size"], "seconds": seconds, "cells": int(cells),
-                       "seconds_per_cell": seconds / cells, "worker_peak_bytes": hwm(pid),
-                       "main_peak_bytes": hwm()}
-        runs[label]["sum_peak_bytes"] = runs[label]["worker_peak_bytes"] + runs[label]["main_peak_bytes"]
-        model.close()
-        box.close()
-        del probs, img
+    for label, n in (("whole_at_budget", side), ("tiled", big)):
+        runs[label] = measured_run(fcn_card, image(n, n, 7), budget=budget)
     overhead = runs["tiled"]["seconds_per_cell"] / runs["whole_at_budget"]["seconds_per_cell"] - 1
     results["e_large"] = runs
     results["tiling_overhead"] = {"value": overhead, "target": "<= 0.30"}
@@ -247,7 +234,7 @@ def main() -> int:
           f"that fits ({side}x{side})")
     print(row("run", "seconds", "ms per cell", "worker peak", "sum of peaks"))
     for label, r in runs.items():
-        print(row(f"{label} {r['size']}px {r['mode']} ({r['tiles']})", f"{r['seconds']:.1f}",
+        print(row(f"{label} {r['size']}px {r['ran_as']} ({r['tiles']})", f"{r['seconds']:.1f}",
                   f"{1000 * r['seconds_per_cell']:.3f}", format_bytes(r["worker_peak_bytes"]),
                   format_bytes(r["sum_peak_bytes"])))
     print(row("tiling overhead per cell", f"{100 * overhead:.1f}%", "target <= 30%"))

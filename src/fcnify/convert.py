@@ -86,10 +86,11 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
     w = read_weights(weights)
     the_card = card_for(model_def, weights, netdef, card)
     result = ConvertResult(surgery, the_card)
-    result.unused_source_layers = check_weights(surgery.original_shapes, w, model_def).unused
+    checked = check_weights(surgery.original_shapes, w, model_def)
+    result.unused_source_layers = checked.unused
     if not surgery.changed:
         return result, w
-    result.blobs, result.provenance = transplant(surgery, w)
+    result.blobs, result.provenance = transplant(surgery, w, checked)
     result.geometry = map_geometry(surgery.net, path=model_def)
     result.minimum_input = smallest_input(surgery.net)
     return result, w
@@ -242,13 +243,13 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_layer_types(fcn_def.param, registered, fcn)
     card = card_for(original, Path(weights), original_def)
     w = read_weights(weights)
-    check_weights(infer(original_def.param, path=original), w, original)
+    checked = check_weights(infer(original_def.param, path=original), w, original)
     fw = read_weights(fcn_weights)
     check_weights(infer(fcn_def.param, path=fcn), fw, fcn)
     transplanted = None
     surgery = convert_net(original_def)
     if surgery.changed and {l.name for l in surgery.net.layer} == {l.name for l in fcn_def.param.layer}:
-        transplanted, _ = transplant(surgery, w)
+        transplanted, _ = transplant(surgery, w, checked)
     runner = CaffeRunner(gpu, verbose)
     a = runner.load(original, weights)
     b = runner.load(fcn, fcn_weights)

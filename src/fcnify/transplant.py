@@ -96,9 +96,15 @@ def _as_shape(blob: np.ndarray, want: Shape, legacy: bool) -> np.ndarray:
     raise ShapeMismatchError(f"blob of shape {tuple(blob.shape)} cannot stand for {tuple(want)}")
 
 
-def transplant(surgery: Surgery, weights: Weights) -> tuple[dict[str, list[np.ndarray]], list[Provenance]]:
-    """Parameter arrays for every layer of the converted net, and where each came from."""
-    check_weights(surgery.original_shapes, weights, surgery.original.path)
+def transplant(surgery: Surgery, weights: Weights, checked: WeightsCheck | None = None
+               ) -> tuple[dict[str, list[np.ndarray]], list[Provenance]]:
+    """Parameter arrays for every layer of the converted net, and where each came from.
+
+    `checked` is the result of check_weights on these weights, when the caller
+    already has it; otherwise the weights are checked here first.
+    """
+    if checked is None:
+        check_weights(surgery.original_shapes, weights, surgery.original.path)
     converted = {c.new_layer: c for c in surgery.converted()}
     old_params = surgery.original_shapes.params()
     out: dict[str, list[np.ndarray]] = {}
