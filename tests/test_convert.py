@@ -364,8 +364,8 @@ def test_not_equivalent_exits_1_and_keeps_the_files(small, tmp_path, monkeypatch
     module = importlib.import_module("fcnify.convert")  # the package exports a function of that name
     real = module.transplant
 
-    def fortran_fc6(surgery, weights):
-        blobs, provenance = real(surgery, weights)
+    def fortran_fc6(surgery, weights, checked=None):
+        blobs, provenance = real(surgery, weights, checked)
         blobs["fc6-conv"][0] = np.ascontiguousarray(weights["fc6"].blobs[0].reshape(32, 16, 7, 7, order="F"))
         return blobs, provenance
 
