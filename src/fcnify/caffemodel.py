@@ -62,6 +62,9 @@ class Weights:
         return sum(int(b.size) for lw in self.layers.values() for b in lw.blobs)
 
 
+FIXED_WIDTH = {1: 8, 5: 4}  # protobuf wire types of 64- and 32-bit fields, in bytes
+
+
 class _Reader:
     """Protobuf wire-format walker over a bytes buffer, with bounds checks."""
 
@@ -97,25 +100,18 @@ class _Reader:
                 self.fail(pos, "not a caffemodel: field number 0")
             if wire == 0:
                 _, new = self.varint(pos)
-                yield number, wire, pos, new
-            elif wire == 1:
-                new = pos + 8
+            elif wire in FIXED_WIDTH:
+                new = pos + FIXED_WIDTH[wire]
                 if new > end:
-                    self.fail(pos, "truncated: a 64-bit field runs past the end")
-                yield number, wire, pos, new
+                    self.fail(pos, f"truncated: a {8 * FIXED_WIDTH[wire]}-bit field runs past the end")
             elif wire == 2:
                 length, pos = self.varint(pos)
                 new = pos + length
                 if new > end:
                     self.fail(pos, f"truncated: a {length}-byte field runs past the end")
-                yield number, wire, pos, new
-            elif wire == 5:
-                new = pos + 4
-                if new > end:
-                    self.fail(pos, "truncated: a 32-bit field runs past the end")
-                yield number, wire, pos, new
             else:
                 self.fail(pos, f"not a caffemodel: invalid protobuf wire type {wire}")
+            yield number, wire, pos, new
             pos = new
 
     def sub(self, start: int, end: int) -> "_Reader":
