@@ -28,6 +28,23 @@ def test_help_has_text(command):
         assert "Example" in run.out
 
 
+def test_classify_map_help_grouped():
+    """classify-map's --help lists every option under a purpose heading, each with its help line."""
+    import click
+    from fcnify.cli import OPTION_GROUPS, cli
+    command = cli.commands["classify-map"]
+    run = call_fcnify("classify-map", "--help")
+    assert run.code == 0
+    headings = list(OPTION_GROUPS["classify-map"])
+    positions = [run.out.index(f"\n{h}:\n") for h in headings]
+    assert positions == sorted(positions)
+    assert "Other options:" not in run.out
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{param.opts[0]} has no help line"
+            assert param.opts[0] in run.out
+
+
 def _fake_caffe_root(tmp_path, url: str, sha1: str):
     root = tmp_path / "caffe"
     readme = root / "models" / "bvlc_reference_caffenet" / "readme.md"
