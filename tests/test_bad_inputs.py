@@ -409,10 +409,10 @@ def test_inner_product_that_cannot_become_a_convolution(tmp_path, out):
 
 
 def test_image_smaller_than_the_field(tiny, images, out):
-    """An image smaller than one receptive field: the message states the minimum size."""
+    """An image smaller than one window: the message states the minimum size (height x width)."""
     run = call_fcnify("classify-map", images["small.png"], *model_args(tiny), "--out", out)
-    assert_error(run, 2, f"{images['small.png']}: image is 12x10 px, smaller than one receptive "
-                         f"field: tiny needs at least {FIELD}x{FIELD} px")
+    assert_error(run, 2, f"{images['small.png']}: image is 10x12 px (height x width), smaller than "
+                         f"one window: tiny needs at least {FIELD}x{FIELD} px")
     assert_nothing_written(out)
 
 
@@ -497,11 +497,18 @@ def test_gpu_on_a_cpu_only_build(tiny, images, out, command):
 # ------------------------------------------------------------------ 9. outputs that cannot be written
 
 
-def test_output_folder_missing(tiny, tmp_path):
-    """convert --out into a folder that does not exist names the folder."""
+def test_output_folder_missing_is_made(tiny, tmp_path):
+    """convert --out into a folder that does not exist makes it, as classify-map --out does."""
     run = call_fcnify("convert", *model_args(tiny), "--out", tmp_path / "nowhere" / "net")
-    assert_error(run, 2, f"{tmp_path / 'nowhere'}: output folder does not exist")
-    assert not (tmp_path / "nowhere").exists()
+    assert run.code == 0, run.err
+    assert (tmp_path / "nowhere" / "net_full_conv.caffemodel").is_file()
+
+
+def test_output_folder_not_made_for_failed_work(tiny, tmp_path):
+    """A convert that fails before writing leaves no new folder behind."""
+    (tmp_path / "in_the_way").write_text("a file where a folder would go")
+    run = call_fcnify("convert", *model_args(tiny), "--out", tmp_path / "in_the_way" / "sub" / "net")
+    assert_error(run, 2, f"{tmp_path / 'in_the_way'}: cannot make the output folder: a file is in the way")
 
 
 def test_output_folder_read_only(tiny, out, deny):

@@ -88,12 +88,12 @@ def test_convert_without_weights_says_fetch(tmp_path, monkeypatch):
 
 
 def test_info_on_digits():
-    """`fcnify info` on the shipped digits net reports its 4-px stride and 28-px field."""
+    """`fcnify info` on the shipped digits net reports its 4-px stride and 28-px window."""
     from fcnify.models import find_model
     run = call_fcnify("info", find_model("digits").model_def, "--input-size", "480x640")
     assert run.code == 0, run.err
-    assert "stride:          4 px" in run.out and "field per cell:  28x28 px" in run.out
-    assert "at 640x480: 114x154 cells" in run.out
+    assert "stride:          4 px" in run.out and "window per cell: 28x28 px" in run.out
+    assert "at 480x640: 114x154 cells" in run.out  # sizes height x width, as --input-size
 
 
 def test_caffe_logs_quiet_unless_verbose(tmp_path):

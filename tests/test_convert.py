@@ -386,12 +386,12 @@ def test_not_equivalent_exits_1_and_keeps_the_files(small, tmp_path, monkeypatch
 # ------------------------------------------------------------------ fcnify info
 
 def test_info_on_caffenet_at_451(caffe_root):
-    """info reports the converted CaffeNet at 451 px: fc6-conv 8x8, stride 32, field 227."""
+    """info reports the converted CaffeNet at 451 px: fc6-conv 8x8, stride 32, reach 355, window 227."""
     run = call_fcnify("info", zoo(caffe_root, "caffenet"), "--input-size", "451")
     assert run.code == 0, run.err
-    assert re.search(r"^\s+fc6-conv\s+Convolution\s+fc6-conv\s+10x4096x8x8\s+stride 32, field 227$",
+    assert re.search(r"^\s+fc6-conv\s+Convolution\s+fc6-conv\s+1x4096x8x8\s+stride 32, reach 355$",
                      run.out, re.M)
-    assert re.search(r"stride:\s+32 px", run.out) and "227x227 px at offset (0, 0)" in run.out
+    assert re.search(r"stride:\s+32 px", run.out) and "227x227 px at offset (y 0, x 0)" in run.out
     assert "at 451x451: 8x8 cells" in run.out
 
 

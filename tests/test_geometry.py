@@ -245,8 +245,9 @@ def test_reach_bounds_the_pixels_that_change_a_cell(tmp_path):
     net = convert_net(parse_netdef(text)).net
     geo = map_geometry(net)
     # conv1 5; pool1 3/2 adds 2; conv2 3 pad 1 adds nothing to the box, 2 px to each side of
-    # the reach; pool2 2/2 adds 2; fc6 7x7 adds 6 x 4: box 33 px, reach -2 .. 34.
-    assert (geo.field[1], geo.x.reach_lo, geo.x.reach_hi) == (33, -2, 34)
+    # the reach; pool2 2/2 adds 2; fc6 7x7 adds 6 x 4: a 33 px box, reach -2 .. 34. The window
+    # is the classifier's own 32 px input (one cell; ceil-rounded pool1 lets the box overhang it).
+    assert (geo.window[1], geo.x.reach_lo, geo.x.reach_hi) == (32, -2, 34)
     _, fcn = converted_with_weights(tmp_path, "small", text)
     image = np.random.default_rng(1).normal(0, 50, (1, 3, 64, 64)).astype(np.float32)
     base = forward(fcn, image, "fc7-conv")[0, :, 4, 4]

@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from fcnify.convert import convert  # noqa: E402
 from fcnify.dense import DenseModel  # noqa: E402
 from fcnify.errors import DeviceError, NetDefinitionError  # noqa: E402
 from fcnify.images import load_image, resize  # noqa: E402
-from fcnify.models import find_model, read_card  # noqa: E402
+from fcnify.models import card_for_model_def, find_model, read_card  # noqa: E402
 from fcnify.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.paths import caffe_descriptor  # noqa: E402
 from fcnify.runner import CaffeRunner  # noqa: E402
@@ -308,11 +309,40 @@ def test_unsupported_layer_type_is_refused(model_factory):
     """A layer type the torch engine does not run is named, with its layer, before anything runs."""
     text = (_input(1, 3, 8, 8)
             + _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 3 }")
-            + _layer("prelu", "PReLU", "conv", "conv"))
-    proto, weights = model_factory("prelu", text)
-    with pytest.raises(NetDefinitionError, match=r"layer 'prelu': layer type 'PReLU' is not supported "
+            + _layer("absval", "AbsVal", "conv", "abs"))
+    proto, weights = model_factory("absval", text)
+    with pytest.raises(NetDefinitionError, match=r"layer 'absval': layer type 'AbsVal' is not supported "
                                                  r"by the torch engine"):
         TorchRunner().load(proto, weights)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prelu_matches_caffe(model_factory, shared):
+    """PReLU, per channel and channel-shared, gives Caffe's numbers bit for bit on the CPU."""
+    text = _input(1, 4, 9, 9) + _layer("prelu", "PReLU", "data", "out",
+                                       "prelu_param { channel_shared: true }" if shared else "")
+    proto, weights = model_factory("prelu", text)
+    x = np.random.default_rng(3).normal(0, 50, (1, 4, 9, 9)).astype(np.float32)
+    assert (x < 0).any() and (x > 0).any()
+    diffs = blob_differences(proto, weights, {"data": x})
+    assert diffs["out"] == 0.0, diffs
+
+
+def test_mtcnn_runs_on_torch_as_on_caffe(tmp_path):
+    """MTCNN's PNet (PReLU throughout) maps a photo on torch as Caffe does."""
+    from realdata import MTCNN_PHOTOS, mtcnn_net
+    proto, weights = mtcnn_net(1)
+    image = resize(load_image(MTCNN_PHOTOS[0]), 120, 160)
+    outs = {}
+    for engine in ("caffe", "torch"):
+        card = replace(card_for_model_def(proto, weights), fully_convolutional=True)
+        model = DenseModel(card, engine=engine)
+        try:
+            outs[engine], _ = model.run(image, scores=True)
+        finally:
+            model.close()
+    assert outs["caffe"].shape == outs["torch"].shape and outs["caffe"].shape[1:] == (55, 75)
+    assert max_rel(outs["caffe"], outs["torch"]) <= REL_TOLERANCE
 
 
 def test_unsupported_layer_type_cli_one_line(model_factory):

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import FcnifyError, InputError
+from .errors import FcnifyError, InputError, OutputExists
 
 
 # click's own readability check would print a usage block; fcnify's checks say it in one line.
@@ -67,6 +67,11 @@ def _command_line() -> str:
 
 def _err(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+def _worded(exc: FcnifyError) -> FcnifyError:
+    """The error as the command line says it: its own option names, not the API's arguments."""
+    return exc.for_option("--force") if isinstance(exc, OutputExists) else exc
 
 
 def _one_line(text: str) -> str:
@@ -170,9 +175,12 @@ def _card(model_name, model_def, weights):
 @click.option("--input-size", metavar="H[xW]", help="Input size written into the new net.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the equivalence check (not recommended).")
+@click.option("--keep-output-names", is_flag=True,
+              help="Keep the net's output blobs' names (default: converted blobs become NAME-conv).")
 @click.option("--gpu", type=int, metavar="ID", help="Run the check on this GPU (CUDA build).")
 @click.pass_obj
-def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify, gpu):
+def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
+            keep_output_names, gpu):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -189,7 +197,8 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     t0 = time.perf_counter()
     try:
         result = do_convert(card.model_def, card.weights, out_prefix, _size(input_size, "--input-size"),
-                            force, not no_verify, gpu, card, runner)
+                            force, not no_verify, gpu, card, runner,
+                            keep_output_names=keep_output_names)
     except FcnifyError as exc:
         if getattr(exc, "result", None) is not None:
             click.echo(conversion_report(exc.result))
@@ -251,6 +260,10 @@ def info(obj, net, input_size):
 @click.option("--card", type=PATH, help="A model card (.json) written by convert.")
 @click.option("--size", metavar="N|HxW", help="Resize to N x N (or H x W) before mapping.")
 @click.option("--scale", type=float, help="Resize by this factor before mapping.")
+@click.option("--long-side", type=click.IntRange(min=1), metavar="N",
+              help="Resize so the longer side is N px, keeping the aspect ratio.")
+@click.option("--short-side", type=click.IntRange(min=1), metavar="N",
+              help="Resize so the shorter side is N px, keeping the aspect ratio.")
 @click.option("--top-k", default=5, show_default=True, help="Classes listed per cell and overall.")
 @click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
 @click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs.")
@@ -265,14 +278,17 @@ def info(obj, net, input_size):
 @click.option("--labels", "labels_file", type=PATH, help="Override the labels file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--heatmap-scale", type=click.Choice(["map", "unit"]), default="map", show_default=True,
+              help="Heatmap colours over the class's own range (map) or 0-1 (unit).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
 @click.option("--workers", type=int, metavar="N",
               help="Spread the images over N local Dask worker processes; needs --out.")
 @click.pass_obj
-def classify_map(obj, images, model_name, model_def, weights, card, size, scale, top_k, cls, out_dir,
+def classify_map(obj, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
+                 top_k, cls, out_dir,
                  fmt, gpu, engine, max_memory, tile, mean_file, labels_file, quiet, force,
-                 scheduler, workers):
+                 heatmap_scale, scheduler, workers):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
@@ -291,11 +307,12 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     """
     from dataclasses import replace
     from .dense import DenseModel, resolve_model
-    from .images import list_images
+    from .images import image_size, list_images, side_scale
     from .labels import read_labels, resolve_class
-    from .outputs import text_summary
-    if size and scale:
-        raise click.UsageError("give either --size or --scale, not both")
+    from .outputs import (check_outputs, failure_document, map_document, renamed_note, text_summary,
+                          unique_names)
+    if sum(v is not None for v in (size, scale, long_side, short_side)) > 1:
+        raise click.UsageError("give one of --size, --scale, --long-side, --short-side")
     if scale is not None and scale <= 0:
         raise click.BadParameter("must be positive", param_hint="--scale")
     if top_k < 1:
@@ -305,6 +322,9 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     the_size = _size(size, "--size")
     budget = _memory(max_memory)
     paths = list_images(images)
+    names = unique_names(paths) if out_dir else {}
+    for line in renamed_note(names):
+        _err(f"fcnify: {line}")
     if card:
         the_card = resolve_model(card=card)
     else:
@@ -322,11 +342,14 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
         if not os.access(out, os.W_OK):
             raise InputError("--out folder is not writable", out)
     if scheduler is not None or workers is not None:
+        if long_side or short_side:
+            raise click.UsageError("--long-side/--short-side are not yet spread over Dask workers")
         _map_on_dask(obj, paths, the_card, out_dir, scheduler, workers, fmt, quiet, size=the_size,
                      scale=scale, budget=budget, tile=tile, cls=cls, top_k=top_k,
                      command=_command_line(), force=force, engine=engine, gpu=gpu)
         return
     model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose)
+    model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
     class_id = None
     if cls is not None and model.labels:
         class_id = resolve_class(model.labels, cls)
@@ -344,37 +367,39 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     for i, path in enumerate(paths):
         try:
             if out_dir:  # an output that would be refused is refused before the work
-                from .files import OutputSet
-                from .outputs import output_names
-                check = OutputSet(force)
-                for p in output_names(Path(out_dir), path.stem).values():
-                    check.check(p)
+                check_outputs(Path(out_dir), names[path], force, path)
+            factor = scale
+            if long_side or short_side:
+                factor = side_scale(image_size(path), long_side, short_side)
             if show_bar:
                 with click.progressbar(length=1, label=f"[{i + 1}/{len(paths)}] {path.name}",
                                        file=sys.stderr) as bar:
                     def progress(done, total, bar=bar):
                         bar.length = total
                         bar.update(done - bar.pos)
-                    dm = model.classify(path, the_size, scale, budget, tile, progress)
+                    dm = model.classify(path, the_size, factor, budget, tile, progress)
             else:
-                dm = model.classify(path, the_size, scale, budget, tile)
-            if fmt == "json":
-                click.echo(json.dumps(dm.to_json(top_k, command)))
-            else:
+                dm = model.classify(path, the_size, factor, budget, tile)
+            if fmt == "text":
                 click.echo(text_summary(dm, top_k))
+            written = []
             if out_dir:
-                written = dm.save(out_dir, None, class_id, top_k, command, force)
+                written = dm.save(out_dir, names[path], class_id, top_k, command, force, heatmap_scale)
                 if fmt == "text":
                     click.echo("wrote " + ", ".join(str(p) for p in written))
+            if fmt == "json":
+                click.echo(json.dumps(map_document(dm.to_json(top_k, command), written)))
             if fmt == "text":
                 t = dm.timings
                 click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
                            f"image {t['load_image']:.2f} s\n")
         except FcnifyError as exc:
+            if fmt == "json":
+                click.echo(json.dumps(failure_document(path, _worded(exc))))
             if len(paths) == 1:
                 raise
             failed += 1
-            _err(f"fcnify: skipped {_one_line(exc)}")
+            _err(f"fcnify: skipped {_one_line(_worded(exc))}")
     model.close()
     if failed:
         _err(f"fcnify: {failed} of {len(paths)} image(s) failed")
@@ -383,7 +408,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
 
 def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **options) -> None:
     """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
-    from .distributed import connect, map_images
+    from .distributed import connect, map_images, result_document
     if scheduler is not None and workers is not None:
         raise click.UsageError("give either --scheduler or --workers, not both")
     if workers is not None and workers < 1:
@@ -397,7 +422,7 @@ def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **op
         if bar is not None:
             click.echo("\r\033[K", err=True, nl=False)  # the line below replaces the bar, then it is redrawn
         if fmt == "json":
-            click.echo(json.dumps(result.to_dict()))
+            click.echo(json.dumps(result_document(result)))
         elif result.ok:
             rows, cols = result.map_shape
             how = f"{result.tiles} tiles" if result.mode == "tiled" else result.mode
@@ -490,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     except FcnifyError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"fcnify: error: {_one_line(exc)}")
+        _err(f"fcnify: error: {_one_line(_worded(exc))}")
         return exc.exit_code
     except click.exceptions.Abort:
         _err("fcnify: interrupted")

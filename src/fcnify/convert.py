@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from .caffemodel import Weights, read_weights, write_weights
+from .correspond import check_correspondence
 from .errors import ConversionError, NotEquivalentError
 from .files import OutputSet
 from .geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
@@ -21,7 +22,7 @@ from .models import ModelCard, card_for_model_def
 from .netdef import NetDef, check_layer_types, read_netdef, to_text
 from .runner import CaffeRunner, registered_layer_types
 from .shapes import infer, input_shapes
-from .surgery import Surgery, convert_net
+from .surgery import Surgery, convert_net, keep_output_names
 from .transplant import Provenance, check_weights, transplant
 from .verify import VerifyReport, verify
 
@@ -73,16 +74,19 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
 
 def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,
             card: ModelCard | None = None, layer_types: frozenset[str] | None = None,
-            engine: str = "caffe") -> tuple[ConvertResult, Weights]:
+            engine: str = "caffe", keep_names: bool = False) -> tuple[ConvertResult, Weights]:
     """Everything that needs no Caffe: parse, check, convert, transplant.
 
     `layer_types` are the types the engine that will run the net supports
     (default: those this Caffe build registers); `engine` names it in errors.
+    `keep_names` keeps the net's output blobs under their original names.
     """
     model_def, weights = Path(model_def), Path(weights)
     netdef = read_netdef(model_def)
     check_layer_types(netdef.param, layer_types or registered_layer_types(), model_def, engine)
     surgery = convert_net(netdef, input_size)
+    if keep_names:
+        surgery = keep_output_names(surgery)
     w = read_weights(weights)
     the_card = card_for(model_def, weights, netdef, card)
     result = ConvertResult(surgery, the_card)
@@ -158,8 +162,12 @@ def write_net(out: OutputSet, surgery: Surgery, blobs: dict, prototxt: Path, caf
 def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path | None = None,
             input_size: tuple[int, int] | None = None, force: bool = False, check: bool = True,
             gpu: int | None = None, card: ModelCard | None = None, runner: CaffeRunner | None = None,
-            samples: int = 3) -> ConvertResult:
+            samples: int = 3, keep_output_names: bool = False) -> ConvertResult:
     """Convert a net and its weights; write PREFIX_full_conv.{prototxt,caffemodel,json}.
+
+    Converted blobs are renamed NAME-conv (Caffe's reference naming); with
+    `keep_output_names` the net's output blobs keep their names, for code that
+    reads a net's heads by name.
 
     Nothing is written when the net has no InnerProduct. When the check finds
     the conversion not equivalent, the files are still written (for
@@ -168,7 +176,7 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     runner = runner if (runner is not None or not check) else CaffeRunner(gpu)
     result, _ = prepare(model_def, weights, input_size, card,
                         runner.layer_types() if runner is not None else None,
-                        runner.name if runner is not None else "caffe")
+                        runner.name if runner is not None else "caffe", keep_output_names)
     if not result.changed:
         return result
     prefix = Path(out_prefix) if out_prefix else default_prefix(Path(model_def), card)
@@ -241,13 +249,14 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     registered = registered_layer_types()
     check_layer_types(original_def.param, registered, original)
     check_layer_types(fcn_def.param, registered, fcn)
+    surgery = convert_net(original_def)
+    check_correspondence(original_def, fcn_def, surgery)
     card = card_for(original, Path(weights), original_def)
     w = read_weights(weights)
     checked = check_weights(infer(original_def.param, path=original), w, original)
     fw = read_weights(fcn_weights)
     check_weights(infer(fcn_def.param, path=fcn), fw, fcn)
     transplanted = None
-    surgery = convert_net(original_def)
     if surgery.changed and {l.name for l in surgery.net.layer} == {l.name for l in fcn_def.param.layer}:
         transplanted, _ = transplant(surgery, w, checked)
     runner = CaffeRunner(gpu, verbose)

@@ -17,14 +17,14 @@ import numpy as np
 
 from .caffemodel import read_weights
 from .errors import ImageError, InputError, ResourceError
-from .geometry import MapGeometry, map_geometry, map_size, output_blobs, score_blob
+from .geometry import MapGeometry, hw, map_geometry, map_size, output_blobs, score_blob
 from .images import load_image, resize
 from .labels import Labels
 from .models import ModelCard, card_for_model_def, find_model, read_card
 from .netdef import check_layer_types, read_netdef
 from .planner import default_budget, estimate, fits, format_bytes, largest_square
 from .shapes import image_input, infer
-from .tiling import Tile, min_tile, plan
+from .tiling import Tile, min_tile, overlap_warning, plan
 from .transplant import check_weights
 
 Progress = Callable[[int, int], None]
@@ -62,8 +62,15 @@ class DenseMap:
         return (self.input_size[0] / self.image_size[0], self.input_size[1] / self.image_size[1])
 
     def box(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
-        """Cell -> (x0, y0, x1, y1) in original-image pixels (x1, y1 exclusive)."""
-        x0, y0, x1, y1 = self.geometry.box(row, col)
+        """Cell's window -> (x0, y0, x1, y1) in original-image pixels (x1, y1 exclusive)."""
+        return self._in_image(self.geometry.box(row, col), clip)
+
+    def reach(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
+        """Cell's reach, every pixel that can change it -> (x0, y0, x1, y1) in original-image pixels."""
+        return self._in_image(self.geometry.reach_box(row, col), clip)
+
+    def _in_image(self, net_box: tuple[int, int, int, int], clip: bool) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = net_box
         sy, sx = self.scale
         box = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
         if clip:
@@ -114,7 +121,7 @@ class DenseMap:
             for c in range(cols):
                 cells.append({"row": r, "col": c,
                               "box": [round(v, 3) for v in self.box(r, c)],
-                              "field": [round(v, 3) for v in self.box(r, c, clip=False)],
+                              "window": [round(v, 3) for v in self.box(r, c, clip=False)],
                               "top": [{"class": k, "label": self.label(k), "prob": round(p, 6)}
                                       for k, p in self.top_k(r, c, top_k)]})
         g = self.geometry
@@ -131,12 +138,18 @@ class DenseMap:
                       "preprocess": self.model.preprocess.to_dict(),
                       "labels": self.model.labels},
             "map": {"rows": rows, "cols": cols, "classes": self.num_classes,
-                    "stride_px": list(g.stride), "field_px": list(g.field),
+                    "stride_px": list(g.stride), "window_px": list(g.window),
+                    "field_px": list(g.window),  # the window's old name
                     "offset_px": list(g.offset),
-                    "reach_px": [g.y.reach, g.x.reach],
-                    "note": "cell (row, col) sees input box x in [col*stride_x + offset_x, +field_x), "
-                            "y likewise, in net-input pixels; 'box' is that box in original-image "
-                            "pixels clipped to the image, 'field' unclipped"},
+                    "reach_px": list(g.reach),
+                    "reach_offset_px": [g.y.reach_lo, g.x.reach_lo],
+                    "note": "all (y, x) in net-input pixels. The window of cell (row, col) is the "
+                            "crop the original classifier would be given for it: x in "
+                            "[col*stride_x + offset_x, +window_x), y likewise; per cell, 'window' "
+                            "is it in original-image pixels and 'box' the same clipped to the "
+                            "image. The reach is every pixel that can change the cell (padding "
+                            "included, so pixels outside the window can): x in "
+                            "[col*stride_x + reach_offset_x, +reach_x), y likewise."},
             "run": {"mode": self.mode, "tiles": self.tiles,
                     "tile_size": list(self.tile_size) if self.tile_size else None,
                     "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
@@ -145,10 +158,14 @@ class DenseMap:
         }
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
-             top_k: int = 5, command: str | None = None, force: bool = False) -> list[Path]:
-        """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png."""
+             top_k: int = 5, command: str | None = None, force: bool = False,
+             heat_scale: str = "map") -> list[Path]:
+        """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png.
+
+        The heatmap's colours span the class's own range ("map") or 0-1 ("unit").
+        """
         from .outputs import save_outputs
-        return save_outputs(self, Path(out_dir), name, cls, top_k, command, force)
+        return save_outputs(self, Path(out_dir), name, cls, top_k, command, force, heat_scale)
 
 
 def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -164,6 +181,8 @@ class DenseModel:
     def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
                  verbose: bool = False, check: bool = True) -> None:
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
+        # called with a sentence about a costly choice before the work (the CLI prints it)
+        self.warn: Callable[[str], None] | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
         converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
         if converted:
@@ -210,8 +229,8 @@ class DenseModel:
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
 
     def _minimum(self, declared) -> tuple[int, int]:
-        """Smallest image: one field, or the net's declared input if that is smaller."""
-        fy, fx = self.geometry.field
+        """Smallest image: one window, or the net's declared input if that is smaller."""
+        fy, fx = self.geometry.window
         return min(fy, declared[2]), min(fx, declared[3])
 
     def cells(self, height: int, width: int) -> tuple[int, int]:
@@ -247,6 +266,9 @@ class DenseModel:
                                  f"for this net (reach {gy.reach} px, stride {gy.stride})")
         size = (min(tile, height), min(tile, width))
         tiles = plan(height, width, rows, cols, size, gy, gx, fy, fx)
+        warning = overlap_warning(tiles, height, width, tile)
+        if warning and self.warn is not None:
+            self.warn(warning)
         return tiles, (size if len(tiles) > 1 else None)
 
     def run(self, rgb: np.ndarray, budget: int | None = None, tile: int | None = None,
@@ -319,9 +341,9 @@ class DenseModel:
         t_load = time.perf_counter() - t0
         mh, mw = self.minimum
         if fed.shape[0] < mh or fed.shape[1] < mw:
-            what = f"{fed.shape[1]}x{fed.shape[0]} px" + (" after resizing" if fed is not rgb else "")
-            raise ImageError(f"image is {what}, smaller than one receptive field: "
-                             f"{self.card.name} needs at least {mw}x{mh} px", path)
+            what = f"{hw(*fed.shape[:2])} px" + (" after resizing" if fed is not rgb else "")
+            raise ImageError(f"image is {what} (height x width), smaller than one window: "
+                             f"{self.card.name} needs at least {hw(mh, mw)} px", path)
         probs, info = self.run(fed, budget, tile, progress)
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
         return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
@@ -347,14 +369,24 @@ def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = F
 
 def resolve_model(model: str | None = None, model_def: str | Path | None = None,
                   weights: str | Path | None = None, card: str | Path | None = None) -> ModelCard:
-    """A model card from --model NAME, a card file, or --model-def/--weights."""
+    """A model card from --model NAME, a card file, or --model-def/--weights.
+
+    A card's path is accepted wherever a model name is (model="x_full_conv.json").
+    """
     if card is not None:
         return read_card(card)
+    if model is not None and is_card_path(model):
+        return read_card(model)
     if model_def is not None:
         if weights is None:
             raise InputError("--model-def needs --weights")
         return card_for_model_def(Path(model_def), Path(weights))
     return find_model(model or "caffenet")
+
+
+def is_card_path(model: str | Path) -> bool:
+    """Whether --model/model= names a card file rather than a shipped model."""
+    return str(model).endswith(".json") or Path(model).is_file()
 
 
 def classify_map(image: str | Path | np.ndarray, model: str | ModelCard | None = None,

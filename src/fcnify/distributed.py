@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import pickle
 import threading
@@ -33,9 +34,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import EngineCrash, FcnifyError, ImageError, InputError, OutputError, ResourceError, SetupError
-from .files import TMP_MARK, OutputSet
+from .files import TMP_MARK
 from .models import ModelCard
-from .outputs import output_names
+from .outputs import check_outputs, output_names, unique_names
 from .tiling import Tile
 
 if TYPE_CHECKING:
@@ -65,6 +66,11 @@ class Job:
     top_k: int = 5
     command: str | None = None
     workers_per_host: tuple[tuple[str, int], ...] = ()
+    names: tuple[tuple[str, str], ...] = ()  # image path -> output name (outputs.unique_names)
+
+    def name_for(self, path: str) -> str:
+        """The output name the client chose for `path`, unique among the run's images."""
+        return dict(self.names).get(path) or Path(path).stem
 
 
 @dataclass(frozen=True)
@@ -215,6 +221,7 @@ def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path
     if not out.is_dir():
         raise OutputError("output folder does not exist or is not a folder", out)
     paths = [Path(p) for p in paths]
+    names = unique_names(paths)
     try:
         client.wait_for_workers(1, timeout=min(timeout or WORKER_WAIT_S, WORKER_WAIT_S))
     except TimeoutError:
@@ -222,7 +229,8 @@ def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path
     workers = client.scheduler_info(n_workers=-1)["workers"]
     hosts = Counter(w.get("host", a) for a, w in workers.items())
     job = Job(model_key(card, engine, gpu, verbose), card, str(out), engine, gpu, verbose, size, scale,
-              budget, tile, None, top_k, command, tuple(sorted(hosts.items())))
+              budget, tile, None, top_k, command, tuple(sorted(hosts.items())),
+              tuple((str(p), n) for p, n in names.items()))
     owner: dict = {}  # future -> index of its image
     try:
         answer = client.submit(_probe, job, pure=False).result(timeout=timeout)
@@ -252,9 +260,8 @@ def _run(client, distributed, job: Job, paths: list[Path], out: Path, force: boo
         if progress:
             progress(result, done, len(paths))
 
-    taken: dict[str, Path] = {}
     for i, path in enumerate(paths):
-        refused = _refuse_outputs(path, out, force, taken)
+        refused = _refuse_outputs(path, out, force, job.name_for(str(path)))
         if refused is not None:
             finish(i, refused)
             continue
@@ -270,8 +277,26 @@ def _run(client, distributed, job: Job, paths: list[Path], out: Path, force: boo
             continue
         finish(i, value)
     # every task of this run has ended: what is still staged was left by a killed worker
-    cleaned = sum(_remove_stale(out, p.stem) for p in paths)
+    cleaned = sum(_remove_stale(out, job.name_for(str(p))) for p in paths)
     return [r for r in results if r is not None], cleaned
+
+
+def result_document(result: ImageResult) -> dict:
+    """An image's --format json line, in the schema a single process prints (outputs.map_document).
+
+    The map document is the NAME.map.json the worker wrote; the run's
+    distribution details are added under "dask".
+    """
+    from .outputs import failure_document, map_document
+    dask = {"workers": list(result.workers), "seconds": result.seconds, "mode": result.mode,
+            "tiles": result.tiles}
+    if not result.ok:
+        doc = failure_document(result.path, result.error or "failed")
+        doc["exit_code"] = result.exit_code
+        return doc | {"dask": dask}
+    written = [Path(p) for p in result.outputs]
+    doc = next((json.loads(p.read_text()) for p in written if p.name.endswith(".map.json")), {})
+    return map_document(doc, written) | {"dask": dask}
 
 
 def _class_id(cls: int | str | None, num_classes: int, labels: "Labels | None") -> int | None:
@@ -290,22 +315,17 @@ def _class_id(cls: int | str | None, num_classes: int, labels: "Labels | None") 
     return index
 
 
-def _refuse_outputs(path: Path, out: Path, force: bool, taken: dict[str, Path]) -> ImageResult | None:
+def _refuse_outputs(path: Path, out: Path, force: bool, name: str) -> ImageResult | None:
     """Check an image's output names here, once, so that a re-run of it may overwrite them.
 
     Without this a worker that died after renaming some files would make the
-    image's second run fail with 'already exists'. Two inputs with one stem
-    would race for the same files, so the later one is refused.
+    image's second run fail with 'already exists'. The names are unique per
+    image (map_images chose them), so no two images race for one file.
     """
     try:
-        if path.stem in taken:
-            raise OutputError(f"writes the same output names as {taken[path.stem]}; rename one", path)
-        checker = OutputSet(force)
-        for final in output_names(out, path.stem).values():
-            checker.check(final)
+        check_outputs(out, name, force, path)
     except FcnifyError as exc:
         return ImageResult(str(path), False, str(exc), exc.exit_code)
-    taken[path.stem] = path
     return None
 
 
@@ -444,7 +464,7 @@ def _failure(path: str, exc: FcnifyError) -> ImageResult:
 def _save(job: Job, path: str, dm: "DenseMap", seconds: float, workers: tuple[str, ...]) -> ImageResult:
     t0 = time.perf_counter()
     # force: the client checked the names before the run; a re-run replaces its own files
-    written = dm.save(job.out_dir, None, job.cls, job.top_k, job.command, force=True)
+    written = dm.save(job.out_dir, job.name_for(path), job.cls, job.top_k, job.command, force=True)
     return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=dm.shape,
                        mode=dm.mode, tiles=dm.tiles, seconds=seconds + time.perf_counter() - t0,
                        workers=workers, pid=os.getpid(), loads=_loads[job.key])
@@ -487,8 +507,8 @@ def _run_tiles(job: Job, path: str, fed: tuple[int, int], tiles: tuple[Tile, ...
         with _loaded(job) as model:
             _, pixels = _read(path, job)
             if pixels.shape[:2] != tuple(fed):
-                raise ImageError(f"image is now {pixels.shape[1]}x{pixels.shape[0]} px, planned at "
-                                 f"{fed[1]}x{fed[0]}; did it change during the run?", path)
+                raise ImageError(f"image is now {pixels.shape[0]}x{pixels.shape[1]} px (height x width), "
+                                 f"planned at {fed[0]}x{fed[1]}; did it change during the run?", path)
             timings = {"load_image": time.perf_counter() - t0}
             cells = tuple(part.copy() for _, part in model.run_tiles(pixels, tiles, seconds=timings))
         return TileCells(tiles, cells, timings, time.perf_counter() - t0, _here())

@@ -56,6 +56,25 @@ class OutputError(FcnifyError):
     """An output path that cannot be written or already exists."""
 
 
+class OutputExists(OutputError):
+    """An output file already there; overwriting it takes `hint` (force=True in Python).
+
+    The command line words the same refusal with its own option (for_option).
+    `image` names the input whose outputs these are, when there is one.
+    """
+
+    def __init__(self, final: str | Path, image: str | Path | None = None,
+                 hint: str = "force=True") -> None:
+        self.final, self.image, self.hint = Path(final), image, hint
+        if image is None:
+            super().__init__(f"already exists (use {hint} to overwrite)", final)
+        else:
+            super().__init__(f"output {final} already exists (use {hint} to overwrite)", image)
+
+    def for_option(self, hint: str) -> "OutputExists":
+        return OutputExists(self.final, self.image, hint)
+
+
 class SetupError(FcnifyError):
     """pycaffe or another part of the installation is missing or broken."""
 
@@ -66,6 +85,12 @@ class EngineCrash(FcnifyError):
 
 class FetchError(FcnifyError):
     """A download that failed or did not match its checksum."""
+
+
+class DownloadError(FetchError):
+    """A download that failed on the way (offline, refused, HTTP error): failed work, exit 1."""
+
+    exit_code = 1
 
 
 class NotEquivalentError(FcnifyError):

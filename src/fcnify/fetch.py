@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from urllib.request import Request, urlopen
 
 from . import paths
-from .errors import FetchError, InputError, OutputError
+from .errors import DownloadError, FetchError, InputError, OutputError
 
 # progress(bytes_done, total_bytes_or_None), called as bytes arrive.
 Progress = Callable[[int, int | None], None]
@@ -140,7 +140,7 @@ def _transfer_with_retries(url: str, part: Path, progress: Progress | None,
         except (URLError, HTTPException, OSError) as e:  # HTTPError is turned into FetchError
             last = e
     host = urlsplit(url).hostname or url
-    raise FetchError(f"cannot reach {host} ({_one_line(last)}): are you offline? "
+    raise DownloadError(f"cannot reach {host} ({_one_line(last)}): are you offline? "
                      f"Download {url} by hand into {part.parent}") from last
 
 
@@ -157,7 +157,7 @@ def _transfer(url: str, part: Path, progress: Progress | None, timeout: float) -
         e.close()
         if e.code == 416 and start:
             return  # nothing beyond what the .part holds; the checksum judges it
-        raise FetchError(f"HTTP {e.code} ({e.reason}) from {url}") from e
+        raise DownloadError(f"HTTP {e.code} ({e.reason}) from {url}") from e
     except ValueError as e:
         raise FetchError(f"cannot download {url!r} ({e})") from e
     with response:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, OutputExists
 
 TMP_MARK = ".fcnify-tmp-"
 
@@ -81,13 +81,22 @@ class OutputSet:
     def __init__(self, force: bool = False) -> None:
         self.force = force
         self._staged: list[tuple[Path, Path]] = []
+        self._made: list[Path] = []  # folders made for the outputs, removed again on failure
 
     def check(self, final: str | Path) -> Path:
-        """Fail before any work if `final` cannot be written (or exists without force)."""
+        """Fail before any work if `final` cannot be written (or exists without force).
+
+        A missing output folder is fine when it can be made: path_for makes it.
+        """
         final = Path(final)
         parent = final.parent if str(final.parent) else Path(".")
         if not parent.exists():
-            raise OutputError("output folder does not exist", parent)
+            existing = next((p for p in parent.parents if p.exists()), Path("."))
+            if not existing.is_dir():
+                raise OutputError("cannot make the output folder: a file is in the way", existing)
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise OutputError("cannot make the output folder: not writable", existing)
+            return final
         if not parent.is_dir():
             raise OutputError("output folder is not a directory", parent)
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -95,11 +104,12 @@ class OutputSet:
         if final.is_dir():
             raise OutputError("output path is a directory", final)
         if final.exists() and not self.force:
-            raise OutputError("already exists (use --force to overwrite)", final)
+            raise OutputExists(final)
         return final
 
     def path_for(self, final: str | Path) -> Path:
         final = self.check(final)
+        self._make_folder(final.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.close(fd)
@@ -126,6 +136,7 @@ class OutputSet:
             os.replace(tmp, final)
         done = [final for _, final in self._staged]
         self._staged = []
+        self._made = []
         return done
 
     def discard(self) -> None:
@@ -135,6 +146,18 @@ class OutputSet:
             except FileNotFoundError:
                 pass
         self._staged = []
+        for folder in reversed(self._made):  # no empty folder is left behind by a failed run
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self._made = []
+
+    def _make_folder(self, folder: Path) -> None:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            self._made.append(p)
 
     def __enter__(self) -> "OutputSet":
         return self

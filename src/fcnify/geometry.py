@@ -2,26 +2,36 @@
 
 Each convolution or pooling layer with kernel extent e (dilation included),
 stride s and padding p maps output cell j to input cells [j*s - p, j*s - p + e - 1].
-Composing those along the net gives, per spatial axis, the map's stride S and:
+Composing those along the net gives, per spatial axis, the map's stride S and
+two boxes per cell, which fcnify always names this way:
 
-- the *field* F: the window of the original classifier that a cell stands
-  for, box [j*S + offset, j*S + offset + F). It grows by (e - 1 - 2p) * S_in per
-  layer, so padded "same" convolutions do not widen it. CaffeNet: 227 px.
-- the *reach*: every input pixel that can influence the cell, padding
-  included (CaffeNet: 355 px, from -64 to +290). Dense cells differ from
-  classifying their 227-px crop because of this: zero padding at crop edges
-  becomes real pixels in a large image. Exact tiling needs this margin.
+- the *window* W: the crop the original classifier would be given for this
+  cell, [j*S + offset, j*S + offset + W). It is the classifier's own input
+  size (CaffeNet 227 px, ResNet-50 224 px) when that input gives one cell;
+  otherwise the smallest box that grows by (e - 1 - 2p) * S_in per layer, so
+  padded "same" convolutions do not widen it.
+- the *reach*: every input pixel that can change the cell, padding included
+  (CaffeNet: 355 px, from -64 to +290 around the window's start). It is
+  larger than the window in padded nets: zero padding at a crop's edges
+  becomes real pixels in a large image, so pixels outside the window change
+  the cell. Exact tiling needs this margin.
 
 Pooling's ceil rounding changes only how many cells there are, not where
-they look; input sizes F + k*S are those at which every window fits exactly.
+they look; input sizes W + k*S are those at which every window fits exactly.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import NetDefinitionError
 from .shapes import ELEMENTWISE, conv_geometry, infer, input_shapes, pool_geometry
+
+def hw(height: int | float, width: int | float) -> str:
+    """A size as fcnify writes every size: height x width, the order of --size and of numpy."""
+    return f"{height:g}x{width:g}" if isinstance(height, float) or isinstance(width, float) \
+        else f"{height}x{width}"
+
 
 # Layers that keep the spatial layout of their (first) bottom.
 PASS_THROUGH = ELEMENTWISE | {"Split", "BatchNorm", "Scale", "Bias", "PReLU", "Silence"}
@@ -30,7 +40,8 @@ MERGE = {"Concat", "Eltwise"}
 
 @dataclass(frozen=True)
 class AxisGeometry:
-    """One spatial axis: cell j covers [j*stride + lo, j*stride + hi] (inclusive)."""
+    """One spatial axis: cell j's window is [j*stride + box_lo, j*stride + box_hi] and its
+    reach [j*stride + reach_lo, j*stride + reach_hi] (both inclusive)."""
 
     stride: int
     box_lo: int
@@ -39,8 +50,13 @@ class AxisGeometry:
     reach_hi: int
 
     @property
-    def field(self) -> int:
+    def window(self) -> int:
         return self.box_hi - self.box_lo + 1
+
+    @property
+    def field(self) -> int:
+        """The window's old name, kept for callers written before it was renamed."""
+        return self.window
 
     @property
     def reach(self) -> int:
@@ -73,18 +89,38 @@ class MapGeometry:
         return self.y.stride, self.x.stride
 
     @property
+    def window(self) -> tuple[int, int]:
+        """(height, width) of the crop the original classifier sees for one cell."""
+        return self.y.window, self.x.window
+
+    @property
     def field(self) -> tuple[int, int]:
-        return self.y.field, self.x.field
+        """The window's old name, kept for callers written before it was renamed."""
+        return self.window
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        """(height, width) of the pixels that can change one cell."""
+        return self.y.reach, self.x.reach
 
     @property
     def offset(self) -> tuple[int, int]:
         return self.y.box_lo, self.x.box_lo
 
     def box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """Cell (row, col) -> (x0, y0, x1, y1) in input pixels, x1/y1 exclusive."""
+        """Cell (row, col)'s window -> (x0, y0, x1, y1) in input pixels, x1/y1 exclusive."""
         x0 = col * self.x.stride + self.x.box_lo
         y0 = row * self.y.stride + self.y.box_lo
-        return x0, y0, x0 + self.x.field, y0 + self.y.field
+        return x0, y0, x0 + self.x.window, y0 + self.y.window
+
+    def reach_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """Cell (row, col)'s reach -> (x0, y0, x1, y1) in input pixels, x1/y1 exclusive.
+
+        It may start before 0 and end past the image: padding stands in there.
+        """
+        x0 = col * self.x.stride + self.x.reach_lo
+        y0 = row * self.y.stride + self.y.reach_lo
+        return x0, y0, x0 + self.x.reach, y0 + self.y.reach
 
     def exact_sizes(self, count: int = 5) -> list[tuple[int, int]]:
         """Input sizes whose windows tile exactly: field + k * stride."""
@@ -92,7 +128,8 @@ class MapGeometry:
                 for k in range(count)]
 
     def to_dict(self) -> dict:
-        return {"blob": self.blob, "stride": list(self.stride), "field": list(self.field),
+        return {"blob": self.blob, "stride": list(self.stride), "window": list(self.window),
+                "field": list(self.window),  # the window's old name
                 "offset": list(self.offset),
                 "reach": [self.y.reach, self.x.reach],
                 "reach_offset": [self.y.reach_lo, self.x.reach_lo],
@@ -194,13 +231,46 @@ def score_blob(net) -> str:
 
 
 def map_geometry(net, blob: str | None = None, path: Path | None = None) -> MapGeometry:
-    """Geometry of `blob` (default: the net's final output) of a fully-convolutional net."""
+    """Geometry of `blob` (default: the net's final output) of a fully-convolutional net.
+
+    The window is the classifier's own input size where the net declares one
+    that gives a single cell (see classifier_window).
+    """
     blob = blob or output_blobs(net)[-1]
     geos = blob_geometry(net, path=path)
     if blob not in geos:
         raise NetDefinitionError(f"output '{blob}' is not a spatial map (a layer before it "
                                  "flattens the input); convert the net first", path)
-    return geos[blob]
+    return with_window(geos[blob], classifier_window(net, blob))
+
+
+def classifier_window(net, blob: str) -> tuple[int | None, int | None]:
+    """(height, width) the classifier is fed, per axis where that input gives exactly one cell.
+
+    That is the crop a cell stands for. It can exceed the box the layers
+    alone imply: ResNet-50's padding and ceil-rounded pooling give a 197-px
+    box, but it classifies 224-px images, and a 224-px image is one cell.
+    None on an axis where the declared input gives several cells (an FCN
+    written for large images): the layers' box is used there.
+    """
+    declared = input_shapes(net)
+    if not declared:
+        return None, None
+    shape = next(iter(declared.values()))
+    if len(shape) != 4:
+        return None, None
+    try:
+        rows, cols = map_size(net, shape[2], shape[3], blob)
+    except (NetDefinitionError, KeyError):
+        return None, None
+    return (shape[2] if rows == 1 else None), (shape[3] if cols == 1 else None)
+
+
+def with_window(geo: MapGeometry, window: tuple[int | None, int | None]) -> MapGeometry:
+    """`geo` with the windows set to (height, width) where given, starting where they did."""
+    def axis(a: AxisGeometry, size: int | None) -> AxisGeometry:
+        return a if size is None else replace(a, box_hi=a.box_lo + size - 1)
+    return MapGeometry(geo.blob, axis(geo.y, window[0]), axis(geo.x, window[1]))
 
 
 def smallest_input(net, blob: str | None = None, limit: int = 1 << 14) -> tuple[int, int]:

@@ -81,6 +81,21 @@ def resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8)
 
 
+def side_scale(size: tuple[int, int], longer: int | None = None, shorter: int | None = None) -> float:
+    """The factor that brings an image's longer (or shorter) side to a length, keeping its shape.
+
+    What users of large photos ask for instead of a square --size: a 4000x3000
+    photo with longer=1000 becomes 1000x750, not 1000x1000.
+    """
+    if (longer is None) == (shorter is None):
+        raise InputError("give one of the longer or the shorter side")
+    target = longer if longer is not None else shorter
+    if target < 1:
+        raise InputError(f"a side of {target} px is not positive")
+    side = max(size) if longer is not None else min(size)
+    return target / side
+
+
 def list_images(inputs: Sequence[str]) -> list[Path]:
     """The files a command should read, in the order given, each once.
 

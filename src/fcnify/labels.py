@@ -130,14 +130,29 @@ def _checked_index(labels: Labels, index: int) -> int:
     return index
 
 
+MAX_SUGGESTIONS = 8
+
+
 def _suggestions(labels: Labels, wanted: str) -> str:
-    """'; did you mean ...' with the closest names, so a typo costs one retry."""
+    """'; did you mean ...' with the likeliest names, so a vague or misspelt name costs one retry.
+
+    Names that hold the query as a whole word come first ('cat' -> tabby cat,
+    tiger cat, Persian cat, ...): that is what a user typing a short, general
+    word means. Spelling neighbours ('crate', 'coast') only when none do.
+    """
     owner: dict[str, tuple[str, int]] = {}
     for index in range(len(labels)):
         for alias in labels.aliases(index):
             owner.setdefault(alias.casefold(), (alias, index))
-    close = difflib.get_close_matches(wanted, owner, n=3, cutoff=0.6)
+    word = re.compile(r"(?<![a-z0-9])" + re.escape(wanted) + r"(?![a-z0-9])")
+    by_word, seen = [], set()
+    for key, (alias, index) in owner.items():
+        if word.search(key) and index not in seen:
+            seen.add(index)
+            by_word.append(key)
+    close = by_word[:MAX_SUGGESTIONS] or difflib.get_close_matches(wanted, owner, n=3, cutoff=0.6)
     if not close:
         return ""
-    named = (f"{owner[key][0]!r} ({owner[key][1]})" for key in close)
-    return "; did you mean " + ", ".join(named) + "?"
+    named = [f"{owner[key][0]!r} ({owner[key][1]})" for key in close]
+    more = f" (and {len(by_word) - MAX_SUGGESTIONS} more)" if len(by_word) > MAX_SUGGESTIONS else ""
+    return "; did you mean " + ", ".join(named) + more + "?"

@@ -120,18 +120,37 @@ def find_model(name: str) -> ModelCard:
     return card
 
 
-def default_card(model_def: Path, weights: Path | None, channels: int, num_classes: int | None) -> ModelCard:
+GENERIC_STEMS = frozenset({"deploy", "model", "net", "train_val", "test"})
+
+
+def model_name(model_def: Path, declared_name: str = "") -> str:
+    """What to call a model in messages: the prototxt's `name:`, else its file or folder name.
+
+    Zoo models are all called deploy.prototxt, so a generic file name gives
+    way to the folder's name (bvlc_reference_caffenet, det2, ...).
+    """
+    if declared_name:
+        return declared_name
+    stem = model_def.stem
+    if stem in GENERIC_STEMS and model_def.resolve().parent.name:
+        return model_def.resolve().parent.name
+    return stem
+
+
+def default_card(model_def: Path, weights: Path | None, channels: int, num_classes: int | None,
+                 name: str = "") -> ModelCard:
     """A card for a net that came without one: Caffe zoo conventions.
 
     3-channel input: BGR, 0-255, ImageNet per-channel mean; 1000 classes:
-    ImageNet labels. 1-channel input: grey, 0-255, no mean.
+    ImageNet labels. 1-channel input: grey, 0-255, no mean. `name` is the
+    prototxt's own `name:` (see model_name).
     """
     if channels == 1:
         pre = Preprocess(channels="gray", raw_scale=255.0)
     else:
         pre = Preprocess(channels="BGR", raw_scale=255.0, mean=IMAGENET_MEAN_BGR)
     labels = IMAGENET if num_classes == 1000 else None
-    return ModelCard(model_def.stem, model_def, weights, pre, labels)
+    return ModelCard(model_name(model_def, name), model_def, weights, pre, labels)
 
 
 def sibling_card(model_def: Path) -> Path | None:
@@ -166,7 +185,7 @@ def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
     channels = next(iter(declared.values()))[1] if declared else 3
     out = infer(netdef.param, path=model_def, allow_unmodelled=True).blobs.get(score_blob(netdef.param))
     classes = out[1] if out and len(out) >= 2 else None
-    card = default_card(model_def, weights, channels, classes)
+    card = default_card(model_def, weights, channels, classes, netdef.param.name)
     has_ip = any(l.type == "InnerProduct" for l in netdef.param.layer)
     return replace(card, fully_convolutional=not has_ip)
 

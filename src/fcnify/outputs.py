@@ -1,25 +1,31 @@
 """What a person sees: the text summary, the JSON, the .npy and the two pictures.
 
 The heatmap shows one class's probability over the image (cells drawn at
-their stride, centred on their fields), the argmax picture shows which class
-wins each cell. Both are drawn in original-image pixels, so they line up
+their stride, centred on their windows), the argmax picture shows which class
+wins each cell. Both outline one cell's window (the crop the classifier would
+be given for it) and its reach (every pixel that can change it), and say so
+in their legend. Both are drawn in original-image pixels, so they line up
 with the photo whatever --size/--scale was used.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError, OutputExists
 from .files import OutputSet
+from .geometry import hw
 
 
 def _cell_extent(dm) -> tuple[float, float, float, float]:
     """Image-pixel extent (left, right, bottom, top) of the map drawn as stride-sized tiles.
 
-    Each cell is drawn as a stride x stride square centred on its field's centre.
+    Each cell is drawn as a stride x stride square centred on its window's centre.
     """
     rows, cols = dm.shape
     sy, sx = dm.scale
@@ -46,14 +52,55 @@ def _figure(dm, title: str):
     return fig, ax, plt
 
 
-def heatmap_png(dm, cls: int) -> bytes:
-    """Probability of class `cls` over the image, with a colour bar."""
+HEAT_RANGES = ("map", "unit")
+
+
+def heat_range(values: np.ndarray, how: str = "map") -> tuple[float, float]:
+    """The colour scale's ends: the map's own range ("map"), or 0-1 ("unit").
+
+    A class that peaks at 0.08 would be a uniformly dark picture on 0-1; on its
+    own range its peaks show, and the colour bar says what the colours mean.
+    """
+    if how == "unit":
+        return 0.0, 1.0
+    if how != "map":
+        raise ValueError(f"heatmap range {how!r} is not one of {', '.join(HEAT_RANGES)}")
+    lo, hi = float(values.min()), float(values.max())
+    return (lo, hi) if hi > lo else (max(0.0, lo - 0.5), lo + 0.5)
+
+
+def heatmap_png(dm, cls: int, scale: str = "map") -> bytes:
+    """Probability of class `cls` over the image, with a colour bar over `scale` (heat_range)."""
     fig, ax, plt = _figure(dm, f"P({dm.short(cls)}) — class {cls}, {dm.shape[0]}x{dm.shape[1]} map, "
                                f"stride {dm.geometry.stride[1]} px")
-    im = ax.imshow(dm.probs[cls], extent=_cell_extent(dm), cmap="inferno", vmin=0.0, vmax=1.0,
+    vmin, vmax = heat_range(dm.probs[cls], scale)
+    im = ax.imshow(dm.probs[cls], extent=_cell_extent(dm), cmap="inferno", vmin=vmin, vmax=vmax,
                    alpha=0.6 if dm.image is not None else 1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"probability of '{dm.short(cls)}'")
+    row, col = np.unravel_index(int(dm.probs[cls].argmax()), dm.shape)
+    _geometry_legend(fig, ax, dm, int(row), int(col))
     return _png(fig, plt)
+
+
+def geometry_marks(ax, dm, row: int, col: int) -> list:
+    """Outline cell (row, col)'s window and reach on `ax`; the legend entries that explain them."""
+    from matplotlib.patches import Rectangle
+    marks = []
+    for kind, box, style in (("window", dm.box(row, col, clip=False), dict(ec="#00e5ff", ls="-", lw=2.0)),
+                             ("reach", dm.reach(row, col, clip=False), dict(ec="#ff2bd6", ls="--", lw=1.5))):
+        x0, y0, x1, y1 = box
+        what = ("the crop the classifier would be given for this cell" if kind == "window"
+                else "every pixel that can change this cell")
+        label = f"{kind} of cell ({row}, {col}), {hw(y1 - y0, x1 - x0)} px: {what}"
+        marks.append(ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, label=label,
+                                            **style)))
+    return marks
+
+
+def _geometry_legend(fig, ax, dm, row: int, col: int) -> None:
+    """One cell's window and reach, outlined, and explained in a legend under the picture."""
+    fig.legend(handles=geometry_marks(ax, dm, row, col), loc="upper center", ncol=1, fontsize=8,
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
 
 
 def argmax_png(dm, max_legend: int = 12) -> bytes:
@@ -82,6 +129,8 @@ def argmax_png(dm, max_legend: int = 12) -> bytes:
     handles = [Patch(color=colors[index[c]], label=f"{c}: {dm.short(c)}") for c in shown]
     if len(present) > max_legend:
         handles.append(Patch(color="white", label=f"... {len(present) - max_legend} more"))
+    rows, cols = dm.shape
+    _geometry_legend(fig, ax, dm, rows // 2, cols // 2)
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
               title="class")
     return _png(fig, plt)
@@ -105,8 +154,81 @@ def output_names(out_dir: Path, name: str) -> dict[str, Path]:
             "heatmap": out_dir / f"{name}.heatmap.png", "argmax": out_dir / f"{name}.argmax.png"}
 
 
+def _name_levels(path: Path, root: Path) -> tuple[str, ...]:
+    """Ever longer names for one image: its stem, its file name, its path below `root`."""
+    relative = path.resolve().relative_to(root)
+    return path.stem, path.name, "__".join(relative.parts)
+
+
+def unique_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """An output name for every image, never the same for two of them.
+
+    Outputs are named after the image's stem (x.png -> x.*). Images whose
+    names clash (a/x.png, a/x.jpg, b/x.png) keep their extension, then their
+    folder below the images' common folder (x.jpg.*, a__x.png.*, b__x.png.*),
+    so that no map overwrites another. Names are compared case-folded, as a
+    case-insensitive file system would. Images that still clash are refused,
+    with both named, before any work is done.
+    """
+    paths = list(paths)
+    if not paths:
+        return {}
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([r.parent for r in resolved]))
+    levels = {p: _name_levels(p, root) for p in paths}
+    level = dict.fromkeys(paths, 0)
+    while True:
+        groups: dict[str, list[Path]] = {}
+        for p in paths:
+            groups.setdefault(levels[p][level[p]].casefold(), []).append(p)
+        clashes = [group for group in groups.values() if len(group) > 1]
+        if not clashes:
+            return {p: levels[p][level[p]] for p in paths}
+        for group in clashes:
+            stuck = [p for p in group if level[p] == len(levels[p]) - 1]
+            if len(stuck) > 1:
+                a, b = stuck[:2]
+                raise InputError(f"{a} and {b} would write the same outputs "
+                                 f"({levels[a][level[a]]}.*); rename one of them")
+            for p in group:
+                if p not in stuck:
+                    level[p] += 1
+
+
+def renamed_note(names: dict[Path, str]) -> list[str]:
+    """One line per image whose outputs are not named after its stem, saying so."""
+    return [f"{p}: outputs named {name}.* (another image is also called {p.stem})"
+            for p, name in names.items() if name != p.stem]
+
+
+def map_document(doc: dict, written: Sequence[Path] = ()) -> dict:
+    """One image's line of --format json: its map document, marked ok, with the files written.
+
+    Every mode (one process, Dask workers) and every outcome prints this one
+    schema; failure_document is the same for an image that failed.
+    """
+    return {"image": doc.get("image"), "ok": True, "error": None, "exit_code": 0,
+            "outputs": [str(p) for p in written], **doc}
+
+
+def failure_document(image: str | Path, exc) -> dict:
+    """The --format json line of an image that failed: why, and the exit code it stands for."""
+    return {"image": str(image), "ok": False, "error": str(exc),
+            "exit_code": getattr(exc, "exit_code", 1), "outputs": []}
+
+
+def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = None) -> None:
+    """Refuse an image's outputs before its work, naming the image and the file in the way."""
+    checker = OutputSet(force)
+    for final in output_names(Path(out_dir), name).values():
+        try:
+            checker.check(final)
+        except OutputExists as exc:
+            raise OutputExists(exc.final, image) from None
+
+
 def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: int,
-                 command: str | None, force: bool) -> list[Path]:
+                 command: str | None, force: bool, heat_scale: str = "map") -> list[Path]:
     """The four files for one image, written all at once."""
     name = name or (dm.image_path.stem if dm.image_path else "image")
     cls = dm.default_class() if cls is None else cls
@@ -120,7 +242,7 @@ def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: in
         data["heatmap_class"] = {"class": cls, "label": dm.label(cls)}
         # compact: the C encoder is several times faster than indent= on maps of 10^4+ cells
         out.write_text(names["json"], json.dumps(data, separators=(",", ":")) + "\n")
-        out.write_bytes(names["heatmap"], heatmap_png(dm, cls))
+        out.write_bytes(names["heatmap"], heatmap_png(dm, cls, heat_scale))
         out.write_bytes(names["argmax"], argmax_png(dm))
     return list(names.values())
 
@@ -164,12 +286,13 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
     rows, cols = dm.shape
     g = dm.geometry
     h, w = dm.image_size
-    lines = [f"{dm.image_path or 'image'}: {w}x{h} px"
-             + (f" (fed at {dm.input_size[1]}x{dm.input_size[0]})" if dm.input_size != dm.image_size else ""),
-             f"model {dm.model.name}: map {rows}x{cols} cells of {dm.num_classes} classes; each cell sees "
-             f"a {g.field[1]}x{g.field[0]} px field every {g.stride[1]} px"
+    lines = [f"{dm.image_path or 'image'}: {hw(h, w)} px (sizes are height x width)"
+             + (f", fed at {hw(*dm.input_size)}" if dm.input_size != dm.image_size else ""),
+             f"model {dm.model.name}: map {rows}x{cols} cells of {dm.num_classes} classes; one "
+             f"{hw(*g.window)} px window every {g.stride[1]} px"
              + (f" (offset {g.offset[1]},{g.offset[0]})" if any(g.offset) else "")
-             + f"; run: {dm.mode}" + (f", {dm.tiles} tiles of {dm.tile_size[1]}x{dm.tile_size[0]} px"
+             + f", each changed by pixels within its {hw(*g.reach)} px reach"
+             + f"; run: {dm.mode}" + (f", {dm.tiles} tiles of {hw(*dm.tile_size)} px"
                                        if dm.mode == "tiled" else "")]
     arg = dm.argmax()
     used = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0]

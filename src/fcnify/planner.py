@@ -53,7 +53,7 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
         shapes = infer(net, {name: shape})
     except NetDefinitionError as exc:
         if "INT_MAX" in exc.message:
-            raise ResourceError(f"an input of {width}x{height} px is too large for Caffe: "
+            raise ResourceError(f"an input of {height}x{width} px (height x width) is too large for Caffe: "
                                 f"{exc.message}") from None
         raise
     blobs = sum(count(s) for s in shapes.blobs.values()) * FLOAT

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .geometry import blob_geometry, map_geometry, map_size, output_blobs, score_blob, smallest_input
+from .geometry import blob_geometry, hw, map_geometry, map_size, output_blobs, score_blob, smallest_input
 from .netdef import read_netdef
 from .planner import estimate, format_bytes
 from .shapes import image_input, infer, input_shapes
@@ -18,13 +18,15 @@ def geometry_lines(geo, minimum, declared) -> list[str]:
     sy, sx = geo.stride
     fy, fx = geo.field
     lines = [f"  stride:          {sx} px" + ("" if sx == sy else f" (x), {sy} px (y)"),
-             f"  field per cell:  {fx}x{fy} px at offset ({geo.offset[1]}, {geo.offset[0]})"
-             f"  — cell (r, c) sees x in [c*{sx}{geo.offset[1]:+d}, +{fx}), y likewise",
-             f"  reach per cell:  {geo.x.reach}x{geo.y.reach} px, from {geo.x.reach_lo:+d} to "
-             f"{geo.x.reach_hi:+d} around the cell's box start (padding included)",
-             f"  smallest input giving one cell: {minimum[1]}x{minimum[0]} px (Caffe's ceil-rounded "
+             f"  window per cell: {hw(fy, fx)} px at offset (y {geo.offset[0]}, x "
+             f"{geo.offset[1]}) — the crop the classifier would be given for cell (r, c): "
+             f"x in [c*{sx}{geo.offset[1]:+d}, +{fx}), y likewise",
+             f"  reach per cell:  {hw(*geo.reach)} px, x from {geo.x.reach_lo:+d} to "
+             f"{geo.x.reach_hi:+d} around the window's start — every pixel that can change the "
+             "cell (padding included)",
+             f"  smallest input giving one cell: {hw(*minimum)} px (Caffe's ceil-rounded "
              f"pooling lets windows hang over the edge); fcnify asks for at least "
-             f"{min(fx, declared[3])}x{min(fy, declared[2])} px",
+             f"{hw(min(fy, declared[2]), min(fx, declared[3]))} px",
              "  sizes that tile exactly: " + ", ".join(f"{w}" for _, w in geo.exact_sizes(6))
              + f", ... ({fx} + {sx}k)"]
     return lines
@@ -84,16 +86,20 @@ def net_info(path: Path, size: tuple[int, int] | None) -> str:
     has_ip = any(l.type == "InnerProduct" for l in net.layer)
     fcn = convert_net(netdef).net if has_ip else net
     shown = fcn if size else net
-    shapes = infer(shown, {name: declared[:2] + (h, w)} if len(declared) == 4 else None, path=path)
+    # one image (batch 1) throughout, whatever batch the prototxt declares: the memory line is for one too
+    shapes = infer(shown, {name: (1,) + tuple(declared[1:2]) + (h, w)} if len(declared) == 4 else None,
+                   path=path)
     lines = [f"{path}: {netdef.name}, {len(net.layer)} layers"
              + (f" (upgraded from {netdef.upgraded_from})" if netdef.upgraded_from else "")
              + ("" if has_ip else ", fully convolutional (no InnerProduct)"),
-             f"blob shapes at input {w}x{h}" + (" (fully-convolutional version)" if has_ip and size else "") + ":"]
+             f"blob shapes for one image (batch 1) at input {hw(h, w)} (height x width)"
+             + (f", not the prototxt's batch of {declared[0]}" if declared[0] != 1 else "")
+             + (" (fully-convolutional version)" if has_ip and size else "") + ":"]
     geos = blob_geometry(shown, path=path)
     for ls in shapes.layers:
         for top, shape in zip([l for l in shown.layer if l.name == ls.name][0].top, ls.tops):
             g = geos.get(top)
-            extra = f"  stride {g.stride[1]}, field {g.field[1]}" if g and ls.type != "Input" else ""
+            extra = f"  stride {g.stride[1]}, reach {g.x.reach}" if g and ls.type != "Input" else ""
             lines.append(f"  {ls.name:<28} {ls.type:<14} {top:<28} {_shape(shape)}{extra}")
     score = score_blob(fcn)
     try:
@@ -105,7 +111,8 @@ def net_info(path: Path, size: tuple[int, int] | None) -> str:
     lines += geometry_lines(geo, smallest_input(fcn, score), declared)
     rows, cols = map_size(fcn, h, w, score)
     est = estimate(fcn, h, w)
-    lines.append(f"  at {w}x{h}: {rows}x{cols} cells; Caffe needs about {format_bytes(est.total)} "
+    lines.append(f"  at {hw(h, w)}: {rows}x{cols} cells; for one image (batch 1) Caffe needs about "
+                 f"{format_bytes(est.total)} "
                  f"(activations {format_bytes(est.activations)}, weights {format_bytes(est.params)}; "
                  f"largest blob {est.largest_blob_name}: {est.largest_blob:,} values)")
     return "\n".join(lines)

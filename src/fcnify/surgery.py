@@ -11,7 +11,7 @@ Everything is derived from the net's own shapes; nothing is CaffeNet-specific.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConversionError, NetDefinitionError
@@ -200,6 +200,31 @@ def convert_net(netdef: NetDef, input_size: tuple[int, int] | None = None) -> Su
     blob_map = {b: rename.get(b, b) for b in orig_shapes.blobs}
     input_shape = _set_input_size(new, input_size, path)
     return Surgery(netdef, new, conversions, source, blob_map, orig_shapes, new_shapes, input_shape)
+
+
+def keep_output_names(surgery: Surgery) -> Surgery:
+    """The same conversion with the net's output blobs under their original names.
+
+    By default a converted InnerProduct's output is renamed NAME-conv, as in
+    Caffe's net-surgery example. Code that reads a net's heads by name
+    (MTCNN's conv5-2, prob1) wants them where they were; inner blobs keep the
+    reference naming, so that weights and layers still say what changed.
+    """
+    from .geometry import output_blobs
+    back = {surgery.blob_map[b]: b for b in output_blobs(surgery.original.param)
+            if surgery.blob_map.get(b, b) != b}
+    if not back:
+        return surgery
+    net = type(surgery.net)()
+    net.CopyFrom(surgery.net)
+    for layer in net.layer:
+        for names in (layer.bottom, layer.top):
+            for i, name in enumerate(names):
+                names[i] = back.get(name, name)
+    shapes = NetShapes({back.get(b, b): s for b, s in surgery.shapes.blobs.items()},
+                       surgery.shapes.layers, surgery.shapes.unmodelled)
+    blob_map = {b: back.get(n, n) for b, n in surgery.blob_map.items()}
+    return replace(surgery, net=net, blob_map=blob_map, shapes=shapes)
 
 
 def _to_convolution(layer, new_layer, info, bottoms_new: list[Shape], names: set[str],

@@ -32,6 +32,28 @@ class Span:
         return self.stop - self.start
 
 
+OVERLAP_WARNING = 2.0  # forced tiles that compute this many times the image's pixels are worth a word
+
+
+def overlap_cost(tiles: "list[Tile]", height: int, width: int) -> float:
+    """Pixels the tiles run through the net, per pixel of the image (1.0: no overlap).
+
+    Tiles overlap by each cell's reach; when tiles are little larger than the
+    reach, most of every tile is overlap, and the run's time grows with this.
+    """
+    return sum(t.shape[0] * t.shape[1] for t in tiles) / float(height * width)
+
+
+def overlap_warning(tiles: "list[Tile]", height: int, width: int, tile: int) -> str | None:
+    """A sentence for forced tiles so small that their overlap dominates, else None."""
+    cost = overlap_cost(tiles, height, width)
+    if len(tiles) < 2 or cost < OVERLAP_WARNING:
+        return None
+    return (f"--tile {tile} cuts this {height}x{width} px input into {len(tiles)} tiles that "
+            f"overlap so much they compute {cost:.1f}x its pixels: expect roughly {cost:.0f}x "
+            "the time of larger tiles; leave --tile out to let fcnify choose")
+
+
 @dataclass(frozen=True)
 class Tile:
     """A rectangle of the image and the block of map cells it contributes."""

@@ -48,7 +48,7 @@ except ImportError:  # the optional extra (pip install 'fcnify[torch]') is not i
 SUPPORTED = frozenset({
     "Input", "Convolution", "Pooling", "LRN", "ReLU", "Sigmoid", "TanH", "Dropout",
     "InnerProduct", "Softmax", "Concat", "Eltwise", "BatchNorm", "Scale", "Flatten",
-    "Reshape", "Split",
+    "Reshape", "Split", "PReLU",
 })
 
 # Caffe's enum values (caffe.proto).
@@ -445,6 +445,22 @@ def _scale(layer, params) -> Op:
     return run
 
 
+def _prelu(layer, params) -> Op:
+    """Caffe's PReLU: max(x, 0) + slope * min(x, 0), a slope per channel or one shared.
+
+    The same two float operations per value as Caffe's PReLULayer, so CPU
+    results match it bit for bit.
+    """
+    slope = params[0]
+    shared = layer.prelu_param.channel_shared
+
+    def run(xs):
+        x = xs[0]
+        s = slope.reshape(()) if shared else slope.reshape((1, -1) + (1,) * (x.ndim - 2))
+        return [torch.clamp(x, min=0) + s * torch.clamp(x, max=0)]
+    return run
+
+
 _BUILDERS = {
     "Convolution": _convolution,
     "Pooling": _pooling,
@@ -454,4 +470,5 @@ _BUILDERS = {
     "Eltwise": _eltwise,
     "BatchNorm": _batch_norm,
     "Scale": _scale,
+    "PReLU": _prelu,
 }
