@@ -132,8 +132,8 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "classify-map": {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("mean_file",),
-        "Map": ("size", "scale", "tile"),
-        "Outputs": ("out_dir", "fmt", "top_k", "cls", "force", "quiet"),
+        "Map": ("size", "scale", "long_side", "short_side", "tile"),
+        "Outputs": ("out_dir", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
     },
