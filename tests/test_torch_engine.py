@@ -25,7 +25,8 @@ from fcnify.paths import caffe_descriptor  # noqa: E402
 from fcnify.runner import CaffeRunner  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
 from fcnify.torch_engine import TorchRunner  # noqa: E402
-from fcnify.verify import REL_TOLERANCE  # noqa: E402
+from fcnify.bound import probability_tolerance, score_layer, within  # noqa: E402
+from fcnify.caffemodel import read_weights  # noqa: E402
 
 from conftest import REPO, run_fcnify  # noqa: E402
 
@@ -56,13 +57,18 @@ def blob_differences(proto: Path, weights: Path, inputs: dict[str, np.ndarray]) 
         torch_net.close()
 
 
-def assert_close(diffs: dict[str, float], tolerance: float = REL_TOLERANCE) -> None:
+def assert_close(diffs: dict[str, float], tolerance: float) -> None:
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= tolerance, f"blob '{worst}' differs by {diffs[worst]:.2e} (all: {diffs})"
 
 
-def maps(card, image: Path, size: int | None = None) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """(Caffe's map, torch's map, max_rel of the maps, max_rel of the scores before softmax)."""
+def maps(card, image: Path, size: int | None = None) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
+    """(Caffe's map, torch's map, share of the bound used by the map, and by the scores before
+    softmax, the map's bound).
+
+    The bound (bound.py) comes from Caffe's run: its score layer's |W||x| + |b|
+    per score; the map's from the scores' bound through Softmax.
+    """
     rgb = load_image(image)
     if size:
         rgb = resize(rgb, size, size)
@@ -72,12 +78,16 @@ def maps(card, image: Path, size: int | None = None) -> tuple[np.ndarray, np.nda
         try:
             probs = model.classify(rgb).probs
             x = model.card.preprocess.apply(rgb)[None]
-            scores = model.net.forward({model.input_blob: x}, [model.score_blob])[model.score_blob]
+            scores = score_layer(model.netdef.param, model.score_blob, read_weights(model.card.weights))
+            blobs = model.net.forward({model.input_blob: x}, [model.score_blob, scores.bottom])
         finally:
             model.close()
-        out.append((probs, scores))
-    (pa, sa), (pb, sb) = out
-    return pa, pb, max_rel(pa, pb), max_rel(sa, sb)
+        out.append((probs, blobs[model.score_blob], scores.tolerance(blobs[scores.bottom])))
+    (pa, sa, tol), (pb, sb, _) = out
+    _, used_scores = within(sa, sb, tol)
+    map_tol = probability_tolerance(pa[None], pb[None], tol)[0]
+    _, used_map = within(pa, pb, map_tol)
+    return pa, pb, used_map, used_scores, map_tol
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +103,10 @@ def caffenet_fcn(caffenet, tmp_path_factory) -> Path:
 
 def test_caffenet_map_matches_caffe(caffenet_fcn, caffe_root):
     """CaffeNet (converted, seeded weights) maps cat.jpg at 451 px as Caffe does."""
-    pa, pb, rel_map, rel_scores = maps(read_card(caffenet_fcn),
+    pa, pb, used_map, used_scores, _ = maps(read_card(caffenet_fcn),
                                        caffe_root / "examples" / "images" / "cat.jpg", 451)
     assert pa.shape == (1000, 8, 8)
-    assert rel_map <= REL_TOLERANCE and rel_scores <= REL_TOLERANCE, (rel_map, rel_scores)
+    assert used_map <= 1 and used_scores <= 1, (used_map, used_scores)
     assert (pa.argmax(0) == pb.argmax(0)).all()
 
 
@@ -104,7 +114,7 @@ def test_caffenet_every_blob_matches_caffe(caffenet):
     """Every blob of the original CaffeNet (LRN, ceil pooling, fc layers) matches Caffe's."""
     proto, weights = caffenet
     x = np.random.default_rng(3).normal(0, 60, (2, 3, 227, 227)).astype(np.float32)
-    assert_close(blob_differences(proto, weights, {"data": x}))
+    assert_close(blob_differences(proto, weights, {"data": x}), 1e-4)
 
 
 def test_googlenet_map_matches_caffe(caffe_root, tmp_path):
@@ -112,17 +122,17 @@ def test_googlenet_map_matches_caffe(caffe_root, tmp_path):
     proto = caffe_root / "models" / "bvlc_googlenet" / "deploy.prototxt"
     weights = write_random_caffemodel(read_netdef(proto), tmp_path / "googlenet.caffemodel", seed=2)
     card = convert(proto, weights, tmp_path / "googlenet", runner=CaffeRunner()).outputs["card"]
-    pa, pb, rel_map, rel_scores = maps(read_card(card), caffe_root / "examples" / "images" / "cat.jpg", 451)
+    pa, pb, used_map, used_scores, _ = maps(read_card(card), caffe_root / "examples" / "images" / "cat.jpg", 451)
     assert pa.shape[1:] == (8, 8)
-    assert rel_map <= REL_TOLERANCE and rel_scores <= REL_TOLERANCE, (rel_map, rel_scores)
+    assert used_map <= 1 and used_scores <= 1, (used_map, used_scores)
 
 
 def test_digits_map_matches_caffe():
     """The shipped digits model, converted in memory by each engine, maps the scene alike."""
     card = find_model("digits")
     assert not card.fully_convolutional and card.weights.is_file()
-    pa, pb, rel_map, rel_scores = maps(card, SCENE)
-    assert rel_map <= REL_TOLERANCE and rel_scores <= REL_TOLERANCE, (rel_map, rel_scores)
+    pa, pb, used_map, used_scores, _ = maps(card, SCENE)
+    assert used_map <= 1 and used_scores <= 1, (used_map, used_scores)
     assert (pa.argmax(0) == pb.argmax(0)).all()
 
 
@@ -236,14 +246,15 @@ def test_other_layers_match_caffe(model_factory):
 def test_reshaped_input_matches_caffe(caffenet_fcn):
     """One loaded FCN, run at several input sizes in turn, gives Caffe's blobs at each."""
     card = read_card(caffenet_fcn)
+    scores = score_layer(read_netdef(card.model_def).param, "fc8-conv", read_weights(card.weights))
     caffe_net = CaffeRunner().load(card.model_def, card.weights)
     torch_net = TorchRunner().load(card.model_def, card.weights)
     try:
         for i, (h, w) in enumerate([(227, 227), (259, 323), (227, 227)]):
             x = np.random.default_rng(i).normal(0, 50, (1, 3, h, w)).astype(np.float32)
-            a = caffe_net.forward({"data": x}, ["fc8-conv", "prob"])
+            a = caffe_net.forward({"data": x}, ["fc8-conv", "prob", scores.bottom])
             b = torch_net.forward({"data": x}, ["fc8-conv", "prob"])
-            assert max_rel(a["fc8-conv"], b["fc8-conv"]) <= REL_TOLERANCE
+            assert within(a["fc8-conv"], b["fc8-conv"], scores.tolerance(a[scores.bottom]))[0]
             assert torch_net.blob_shapes() == caffe_net.blob_shapes()
         assert torch_net.param_digests() == caffe_net.param_digests()
         theirs, ours = caffe_net.params(), torch_net.params()
@@ -292,15 +303,15 @@ def test_runs_without_pycaffe(caffenet_fcn, caffe_root, tmp_path):
     run = run_fcnify("classify-map", cat, "--model-def", card.model_def, "--weights", card.weights,
                      "--engine", "torch", "--size", "451", "--out", tmp_path / "caffenet", env=env)
     assert run.code == 0, run.err
-    pa, *_ = maps(card, cat, 451)
-    assert max_rel(pa, np.load(tmp_path / "caffenet" / "cat.scores.npy")) <= REL_TOLERANCE
+    pa, *_, map_tol = maps(card, cat, 451)
+    assert within(pa, np.load(tmp_path / "caffenet" / "cat.scores.npy"), map_tol)[0]
 
     # an unconverted net: converted in memory and verified on torch, still without Caffe
     run = run_fcnify("classify-map", SCENE, "--model", "digits", "--engine", "torch",
                      "--out", tmp_path / "digits", env=env)
     assert run.code == 0, run.err
-    pa, *_ = maps(find_model("digits"), SCENE)
-    assert max_rel(pa, np.load(tmp_path / "digits" / "scene.scores.npy")) <= REL_TOLERANCE
+    pa, *_, map_tol = maps(find_model("digits"), SCENE)
+    assert within(pa, np.load(tmp_path / "digits" / "scene.scores.npy"), map_tol)[0]
 
 
 # ------------------------------------------------------------------ failures

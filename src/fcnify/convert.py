@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .bound import ScoreLayer, score_layer
 from .caffemodel import Weights, read_weights, write_weights
 from .correspond import check_correspondence
 from .errors import ConversionError, NotEquivalentError
@@ -42,6 +43,8 @@ class ConvertResult:
     geometry: MapGeometry | None = None
     minimum_input: tuple[int, int] | None = None
     blobs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    scores: ScoreLayer | None = None  # the original's score layer: sets verify's bound
+    scores_problem: str = ""          # why there is none
 
     @property
     def changed(self) -> bool:
@@ -95,6 +98,10 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
     if not surgery.changed:
         return result, w
     result.blobs, result.provenance = transplant(surgery, w, checked)
+    try:
+        result.scores = score_layer(surgery.original.param, score_blob(surgery.original.param), w)
+    except ValueError as exc:
+        result.scores_problem = str(exc)
     result.geometry = map_geometry(surgery.net, path=model_def)
     result.minimum_input = smallest_input(surgery.net)
     return result, w
@@ -112,6 +119,8 @@ def blob_pairs(surgery: Surgery) -> list[tuple[str, str]]:
 def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: CaffeRunner,
                samples: int = 3) -> VerifyReport:
     surgery = result.surgery
+    if result.scores is None:
+        raise ConversionError(f"cannot check the conversion: {result.scores_problem}", surgery.original.path)
     original = runner.load(surgery.original.path, result.card.weights)
     converted = runner.load(prototxt, caffemodel)
     try:
@@ -119,7 +128,7 @@ def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: 
         blob, shape = next(iter(shapes.items()))
         shape = (1,) + tuple(shape[1:])  # one image at a time: the declared batch adds nothing
         return verify(original, converted, blob, shape, blob_pairs(surgery), result.card.preprocess,
-                      result.blobs, samples=samples)
+                      result.blobs, samples=samples, scores=result.scores)
     finally:
         original.close()
         converted.close()
@@ -225,14 +234,16 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCar
 
 def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
                  fcn_weights: str | Path | None = None, samples: int = 3, gpu: int | None = None,
-                 verbose: bool = False) -> VerifyReport:
+                 verbose: bool = False, engine: str = "caffe") -> VerifyReport:
     """`fcnify verify`: compare any fully-convolutional net with its original.
 
     The FCN may come from fcnify or be written by hand (Caffe's own
     net_surgery example): outputs are paired by role (scores before Softmax,
     final output). When its layer names follow fcnify's surgery, every
-    parameter blob is also checked against the original's weights.
+    parameter blob is also checked against the original's weights. Both
+    nets run on `engine` (caffe or torch).
     """
+    from .dense import make_runner
     from .files import check_input_file
     from .models import sibling_card
     fcn_weights = Path(fcn_weights) if fcn_weights else fcn.with_suffix(".caffemodel")
@@ -246,9 +257,10 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_input_file(fcn_weights, "weights (caffemodel)")
     original_def = read_netdef(original)
     fcn_def = read_netdef(fcn)
-    registered = registered_layer_types()
-    check_layer_types(original_def.param, registered, original)
-    check_layer_types(fcn_def.param, registered, fcn)
+    runner = make_runner(engine, gpu, verbose)
+    registered = runner.layer_types()
+    check_layer_types(original_def.param, registered, original, runner.name)
+    check_layer_types(fcn_def.param, registered, fcn, runner.name)
     surgery = convert_net(original_def)
     check_correspondence(original_def, fcn_def, surgery)
     card = card_for(original, Path(weights), original_def)
@@ -259,7 +271,10 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     transplanted = None
     if surgery.changed and {l.name for l in surgery.net.layer} == {l.name for l in fcn_def.param.layer}:
         transplanted, _ = transplant(surgery, w, checked)
-    runner = CaffeRunner(gpu, verbose)
+    try:
+        scores = score_layer(original_def.param, score_blob(original_def.param), w)
+    except ValueError as exc:
+        raise ConversionError(f"cannot check the conversion: {exc}", original) from None
     a = runner.load(original, weights)
     b = runner.load(fcn, fcn_weights)
     try:
@@ -268,7 +283,7 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
                  (output_blobs(original_def.param)[-1], output_blobs(fcn_def.param)[-1])]
         pairs = list(dict.fromkeys(pairs))
         return verify(a, b, blob, (1,) + tuple(shape[1:]), pairs, card.preprocess, transplanted,
-                      samples=samples)
+                      samples=samples, scores=scores)
     finally:
         a.close()
         b.close()

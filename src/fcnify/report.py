@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .geometry import blob_geometry, hw, map_geometry, map_size, output_blobs, score_blob, smallest_input
+from .bound import LAMBDA
 from .netdef import read_netdef
 from .planner import estimate, format_bytes
 from .shapes import image_input, infer, input_shapes
@@ -64,14 +65,29 @@ def conversion_report(result) -> str:
 
 
 def verify_report(report) -> str:
+    from .verify import SATURATED, TOP_K
     lines = [f"equivalence check at input {_shape(report.input_shape)} on {len(report.inputs)} inputs "
              f"({'; '.join(report.inputs)}):"]
     for c in report.comparisons:
-        lines.append(f"  {c.original} vs {c.converted}: max abs diff {c.max_abs:.3g}, max rel diff "
-                     f"{c.max_rel:.3g} (limit 1e-4), top-5 {'same' if c.top5_agree else 'DIFFERENT'}")
+        ranks = ("top-1 and top-%d %s" % (TOP_K, "same" if c.top1_agree and c.topk_agree else "DIFFERENT")
+                 + f" ({c.near_ties} near-ties, {c.near_ties_excused} excused)")
+        lines.append(f"  {c.original} vs {c.converted} ({c.kind}): largest difference {c.max_abs:.3g}, "
+                     f"bound there {c.bound:.3g}: {c.fraction:.3g} of the bound"
+                     f" [{c.worst_input}, index {c.worst_index}]; {ranks}")
+    if report.accumulation_length:
+        lines.append(f"  bound: |ds| <= 2*{LAMBDA:g}*sqrt(N)*u*(|W||x|+|b|) per score, u = 2^-24, "
+                     f"N = {report.accumulation_length} terms summed on the way (docs/verify.md)")
+    if report.top_probability:
+        tops = report.top_probability
+        lines.append(f"  inputs' top probability: {min(tops):.4g} to {max(tops):.4g}"
+                     + (f"; EVERY input saturated (> {SATURATED}): the probabilities hide differences"
+                        if report.saturated else ""))
+    if report.added_for_saturation:
+        lines.append(f"  saturated inputs (top probability > {SATURATED}) were also checked scaled down: "
+                     + "; ".join(report.added_for_saturation))
     if report.params_checked:
         bad = report.params_mismatched
-        lines.append(f"  parameters read back from Caffe: {report.params_checked - len(bad)}/"
+        lines.append(f"  parameters read back from the engine: {report.params_checked - len(bad)}/"
                      f"{report.params_checked} identical to the transplanted weights"
                      + (f"; mismatched: {', '.join(bad)}" if bad else ""))
     lines.append("  result: " + ("EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"))
