@@ -253,7 +253,8 @@ def probability_tolerance(pa: np.ndarray, pb: np.ndarray, score_tol: np.ndarray,
     t = np.max(score_tol, axis=axis, keepdims=True)
     a, b = np.asarray(pa, dtype=np.float64), np.asarray(pb, dtype=np.float64)
     classes = a.shape[axis]
-    return np.minimum(a, b) * np.expm1(2.0 * t) + factor(classes + 2) * np.maximum(a, b)
+    with np.errstate(over="ignore", invalid="ignore"):  # an infinite score bound: an infinite one here
+        return np.minimum(a, b) * np.expm1(2.0 * t) + factor(classes + 2) * np.maximum(a, b)
 
 
 def within(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> tuple[bool, float]:
