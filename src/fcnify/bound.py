@@ -237,8 +237,9 @@ def score_layer(net, blob: str, weights) -> ScoreLayer:
 def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
     """float64 Softmax (for saturation and for nets whose output is the scores)."""
     s = np.asarray(scores, dtype=np.float64)
-    e = np.exp(s - s.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scores give NaN, not a warning
+        e = np.exp(s - s.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
 
 
 def probability_tolerance(pa: np.ndarray, pb: np.ndarray, score_tol: np.ndarray, axis: int = 1) -> np.ndarray:
@@ -265,6 +266,7 @@ def within(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> tuple[bool, float]:
     a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64).reshape(np.shape(a))
     if not (np.isfinite(a64).all() and np.isfinite(b64).all()):
         return False, math.inf
-    used = np.abs(a64 - b64) / np.maximum(tol, np.finfo(np.float64).tiny)
+    with np.errstate(invalid="ignore", over="ignore"):
+        used = np.abs(a64 - b64) / np.maximum(tol, np.finfo(np.float64).tiny)
     worst = float(used.max()) if used.size else 0.0
     return worst <= 1.0, worst

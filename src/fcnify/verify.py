@@ -161,25 +161,31 @@ def compare(original: str, converted: str, a_list: list[np.ndarray], b_list: lis
     every position.
     """
     result = BlobComparison(original, converted, kind)
-    for name, a, b, tol in zip(names, a_list, b_list, tol_list):
-        b = np.asarray(b).reshape(a.shape)
-        tol = np.broadcast_to(tol, a.shape)
-        _, used = within(a, b, tol)
-        if used >= result.fraction:
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            ratio = np.nan_to_num(diff / np.maximum(tol, np.finfo(np.float64).tiny), nan=np.inf)
-            idx = np.unravel_index(int(ratio.argmax()), ratio.shape)
-            result.fraction, result.worst_input = used, name
-            result.max_abs, result.bound = float(diff[idx]), float(tol[idx])
-            result.worst_index = tuple(int(i) for i in idx)
-        rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])  # noqa: E731 (one row per position)
-        for ra, rb, rt in zip(rows(a.astype(np.float64)), rows(b.astype(np.float64)), rows(tol)):
-            top1, topk, ties, excused = rank_agreement(ra, rb, rt)
-            result.top1_agree &= top1
-            result.topk_agree &= topk
-            result.near_ties += ties
-            result.near_ties_excused += excused
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN outputs are reported, not warned about
+        for name, a, b, tol in zip(names, a_list, b_list, tol_list):
+            _compare_item(result, name, a, b, tol)
     return result
+
+
+def _compare_item(result: BlobComparison, name: str, a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> None:
+    """Fold one input's arrays into `result` (worst element, rank agreement)."""
+    b = np.asarray(b).reshape(a.shape)
+    tol = np.broadcast_to(tol, a.shape)
+    _, used = within(a, b, tol)
+    if used >= result.fraction:
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        ratio = np.nan_to_num(diff / np.maximum(tol, np.finfo(np.float64).tiny), nan=np.inf)
+        idx = np.unravel_index(int(ratio.argmax()), ratio.shape)
+        result.fraction, result.worst_input = used, name
+        result.max_abs, result.bound = float(diff[idx]), float(tol[idx])
+        result.worst_index = tuple(int(i) for i in idx)
+    rows = lambda t: np.moveaxis(t, 1, -1).reshape(-1, t.shape[1])  # noqa: E731 (one row per position)
+    for ra, rb, rt in zip(rows(a.astype(np.float64)), rows(b.astype(np.float64)), rows(tol)):
+        top1, topk, ties, excused = rank_agreement(ra, rb, rt)
+        result.top1_agree &= top1
+        result.topk_agree &= topk
+        result.near_ties += ties
+        result.near_ties_excused += excused
 
 
 def _top_probability(scores: np.ndarray) -> float:
