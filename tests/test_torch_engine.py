@@ -339,21 +339,14 @@ def test_prelu_matches_caffe(model_factory, shared):
     assert diffs["out"] == 0.0, diffs
 
 
-def test_mtcnn_runs_on_torch_as_on_caffe(tmp_path):
-    """MTCNN's PNet (PReLU throughout) maps a photo on torch as Caffe does."""
+def test_mtcnn_runs_on_torch_as_on_caffe():
+    """MTCNN's P-Net (PReLU throughout) maps a photo on torch as Caffe does, within the float32 bound."""
     from realdata import MTCNN_PHOTOS, mtcnn_net
     proto, weights = mtcnn_net(1)
-    image = resize(load_image(MTCNN_PHOTOS[0]), 120, 160)
-    outs = {}
-    for engine in ("caffe", "torch"):
-        card = replace(card_for_model_def(proto, weights), fully_convolutional=True)
-        model = DenseModel(card, engine=engine)
-        try:
-            outs[engine], _ = model.run(image, scores=True)
-        finally:
-            model.close()
-    assert outs["caffe"].shape == outs["torch"].shape and outs["caffe"].shape[1:] == (55, 75)
-    assert max_rel(outs["caffe"], outs["torch"]) <= REL_TOLERANCE
+    card = replace(card_for_model_def(proto, weights), fully_convolutional=True)
+    pa, pb, used_map, used_scores, _ = maps(card, MTCNN_PHOTOS[0], 120)
+    assert pa.shape == (2, 55, 55)
+    assert used_map <= 1 and used_scores <= 1, (used_map, used_scores)
 
 
 def test_unsupported_layer_type_cli_one_line(model_factory):
