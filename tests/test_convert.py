@@ -104,6 +104,24 @@ def test_verify_finds_the_converted_caffenet_equivalent(caffenet_converted, caff
     assert_equivalent(call_fcnify("verify", caffenet[0], outputs(prefix)["prototxt"]))
 
 
+@pytest.mark.parametrize("env", [{"OPENBLAS_NUM_THREADS": "1"}, {"OPENBLAS_NUM_THREADS": "4"},
+                                 {"ENGINE": "torch"}], ids=["1 BLAS thread", "4 BLAS threads", "torch"])
+def test_caffenet_verify_is_equivalent_on_other_kernels(caffenet_converted, caffenet, env):
+    """verify --format json: EQUIVALENT with 1 or 4 BLAS threads (2 is the run above) and on the
+    torch engine, each score within its bound, inputs that are not all saturated."""
+    _, prefix, _ = caffenet_converted
+    engine = ["--engine", env.pop("ENGINE")] if "ENGINE" in env else []
+    run = run_fcnify("verify", caffenet[0], outputs(prefix)["prototxt"], "--samples", "1", "--format", "json",
+                     *engine, env=env)
+    assert run.code == 0, run.out + run.err
+    doc = json.loads(run.out)
+    assert doc["equivalent"] is True and doc["saturated"] is False
+    scores = doc["comparisons"][0]
+    assert scores["kind"] == "scores" and 0 <= scores["fraction"] <= 1 and scores["bound"] > 0
+    assert doc["criterion"]["accumulation_length"] == 24756  # conv1 363+1 ... fc8 4096+1, LRN 5+3, input 1
+    assert min(doc["top_probability"]) <= 0.9 and doc["added_for_saturation"]
+
+
 def test_verify_accepts_caffes_hand_written_fcn(caffenet_converted, caffenet, caffe_root):
     """Caffe's own full-conv CaffeNet with fcnify's weights reproduces CaffeNet, all 16 blobs equal."""
     proto, weights = caffenet

@@ -178,9 +178,11 @@ def _card(model_name, model_def, weights):
 @click.option("--keep-output-names", is_flag=True,
               help="Keep the net's output blobs' names (default: converted blobs become NAME-conv).")
 @click.option("--gpu", type=int, metavar="ID", help="Run the check on this GPU (CUDA build).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.pass_obj
 def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
-            keep_output_names, gpu):
+            keep_output_names, gpu, fmt):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -190,7 +192,7 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
       fcnify convert --model-def deploy.prototxt --weights net.caffemodel --out mynet
     """
     from .convert import convert as do_convert
-    from .report import conversion_report
+    from .report import conversion_document, conversion_report
     card = _card(model_name, model_def, weights)
     from .runner import CaffeRunner
     runner = None if no_verify else CaffeRunner(gpu, obj.verbose)
@@ -201,8 +203,12 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
                             keep_output_names=keep_output_names)
     except FcnifyError as exc:
         if getattr(exc, "result", None) is not None:
-            click.echo(conversion_report(exc.result))
+            click.echo(json.dumps(conversion_document(exc.result, time.perf_counter() - t0))
+                       if fmt == "json" else conversion_report(exc.result))
         raise
+    if fmt == "json":
+        click.echo(json.dumps(conversion_document(result, time.perf_counter() - t0)))
+        return
     if not result.changed:
         click.echo(f"{card.model_def}: no InnerProduct layer — the net is already fully "
                    "convolutional; nothing written.")
@@ -218,18 +224,29 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
 @click.option("--fcn-weights", type=PATH, help="FCN weights (default: FCN with .caffemodel).")
 @click.option("--samples", default=3, show_default=True, help="Seeded random inputs (plus cat.jpg).")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU (CUDA build).")
+@click.option("--engine", type=click.Choice(["caffe", "torch"]), default="caffe", show_default=True,
+              help="Run both nets with Caffe or with PyTorch.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.pass_obj
-def verify(obj, original, fcn, weights, fcn_weights, samples, gpu):
+def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt):
     """Check that FCN reproduces ORIGINAL at ORIGINAL's input size (exit 1 if not).
 
+    Scores before Softmax must agree within a float32 accumulation bound
+    (docs/verify.md); the report gives the largest difference and the share
+    of the bound it used.
+
     \b
-    Example:
+    Examples:
       fcnify verify deploy.prototxt mynet_full_conv.prototxt --weights net.caffemodel
+      fcnify verify deploy.prototxt mynet_full_conv.prototxt --engine torch --format json
     """
-    from .report import verify_report
+    from .report import verify_document, verify_report
     from .convert import verify_files
-    report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples, gpu, obj.verbose)
-    click.echo(verify_report(report))
+    report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples, gpu, obj.verbose,
+                          engine)
+    click.echo(json.dumps(verify_document(report, Path(original), Path(fcn))) if fmt == "json"
+               else verify_report(report))
     if not report.equivalent:
         raise SystemExit(1)
 

@@ -1,6 +1,7 @@
 """Plain-text reports for convert, verify and info."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .geometry import blob_geometry, hw, map_geometry, map_size, output_blobs, score_blob, smallest_input
@@ -132,3 +133,42 @@ def net_info(path: Path, size: tuple[int, int] | None) -> str:
                  f"(activations {format_bytes(est.activations)}, weights {format_bytes(est.params)}; "
                  f"largest blob {est.largest_blob_name}: {est.largest_blob:,} values)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ JSON (--format json)
+
+def json_safe(value):
+    """`value` with infinities and NaN as strings ("inf", "-inf", "nan"): strict JSON, still readable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def verify_document(report, original: Path, fcn: Path) -> dict:
+    """The whole verify report as one JSON-ready document."""
+    return json_safe({"original": str(original), "fcn": str(fcn)} | report.to_dict())
+
+
+def conversion_document(result, seconds: float | None = None) -> dict:
+    """The whole convert report (layers, geometry, verification, files) as one JSON-ready document."""
+    s = result.surgery
+    doc = {"model_def": str(s.original.path), "upgraded_from": s.original.upgraded_from,
+           "changed": result.changed,
+           "conversions": [c.__dict__ | {"old_params": [list(p) for p in c.old_params],
+                                         "new_params": [list(p) for p in c.new_params]}
+                           for c in s.conversions],
+           "unused_source_layers": list(result.unused_source_layers),
+           "geometry": result.geometry.to_dict() if result.geometry else None,
+           "minimum_input": list(result.minimum_input) if result.minimum_input else None,
+           "equivalent": result.equivalent,
+           "verification": result.report.to_dict() if result.report is not None else None,
+           "outputs": {k: str(p) for k, p in result.outputs.items()}}
+    if seconds is not None:
+        doc["seconds"] = round(seconds, 3)
+    return json_safe(doc)
