@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fcnify.bound import within
 from fcnify.convert import convert
 from fcnify.dense import DenseModel
 from fcnify.geometry import map_geometry, map_size
@@ -15,6 +16,7 @@ from fcnify.netdef import parse_netdef
 from fcnify.planner import HEADROOM, SPEED_CAP, estimate
 from fcnify.tiling import min_tile, plan
 
+from bounds import map_bound
 from conftest import write_model
 
 # A small net with a stride of 8, padding, ceil-rounded pooling that overhangs,
@@ -69,8 +71,10 @@ def stride8_fcn(tmp_path_factory):
     model.close()
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(a).max())
+def _equal_to_rounding(model, img: np.ndarray, whole: np.ndarray, tiled: np.ndarray) -> None:
+    """Tiles give other BLAS shapes, so other summation orders: equal within the float32 bound."""
+    ok, used = within(whole, tiled, map_bound(model, img))
+    assert ok, f"tiled map differs from the whole image's by {used:.3g} of the float32 bound"
 
 
 @pytest.mark.parametrize("h,w,tile", [(700, 600, 451), (620, 960, 500), (451, 900, 390)])
@@ -81,7 +85,7 @@ def test_caffenet_tiled_equals_whole(caffenet_fcn, h, w, tile):
     tiled, info_t = caffenet_fcn.run(img, tile=tile, scores=True)
     assert info_w["mode"] == "whole" and info_t["mode"] == "tiled" and info_t["tiles"] > 1
     assert whole.shape == tiled.shape == (1000,) + map_size(caffenet_fcn.netdef.param, h, w)
-    assert _rel(whole, tiled) <= 1e-5
+    _equal_to_rounding(caffenet_fcn, img, whole, tiled)
 
 
 @pytest.mark.parametrize("h,w,tile", [(203, 157, 90), (160, 333, 120), (121, 121, 100)])
@@ -92,7 +96,7 @@ def test_stride8_tiled_equals_whole(stride8_fcn, h, w, tile):
     whole, _ = stride8_fcn.run(img, budget=1 << 40, scores=True)
     tiled, info = stride8_fcn.run(img, tile=tile, scores=True)
     assert info["tiles"] > 1
-    assert _rel(whole, tiled) <= 1e-5
+    _equal_to_rounding(stride8_fcn, img, whole, tiled)
 
 
 def test_naive_tiling_is_not_exact(stride8_fcn):
@@ -105,7 +109,8 @@ def test_naive_tiling_is_not_exact(stride8_fcn):
     x = stride8_fcn.card.preprocess.apply(img[:, :80])[None]
     half = net.forward({stride8_fcn.input_blob: x}, [blob])[blob][0]
     cols = half.shape[2]
-    assert _rel(whole[:, :, :cols], half) > 1e-3
+    _, used = within(whole[:, :, :cols], half, map_bound(stride8_fcn, img)[:, :, :cols])
+    assert used > 10, used
 
 
 def test_plan_partitions_cells(stride8_fcn):
