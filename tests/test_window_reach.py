@@ -8,10 +8,12 @@ are computed from the same numbers, so they must stay bit for bit the same.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import call_fcnify, write_model
 from fcnify.convert import convert
@@ -127,3 +129,30 @@ def test_info_reports_window_and_reach_per_layer(tmp_path):
     assert stem.endswith("stride 2, reach 7"), stem
     assert "window per cell: 64x64 px" in run.out
     assert "reach per cell:" in run.out and "every pixel that can change the cell" in run.out
+
+
+def test_window_kept_when_converted_for_large_inputs(tmp_path):
+    """Converted with --input-size 120, the net declares 120 px, yet its window stays the
+    classifier's 64 px (from the card), in classify-map's map.json too."""
+    proto, weights = write_model(tmp_path, "resnetish", RESNETISH, seed=4)
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "big",
+                      "--input-size", "120", "--no-verify")
+    assert run.code == 0, run.err
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8)).save(image)
+    run = call_fcnify("classify-map", image, "--card", tmp_path / "big_full_conv.json", "--out", tmp_path / "m")
+    assert run.code == 0, run.err
+    data = json.loads((tmp_path / "m" / "photo.map.json").read_text())
+    assert data["map"]["window_px"] == [64, 64]
+    assert data["cells"][-1]["window"][2:] == [120, 120]  # the last window ends at the image's edge
+
+
+def test_convert_report_window_for_large_inputs(tmp_path):
+    """convert --input-size 120 reports (and records in its card) the classifier's 64 px window."""
+    proto, weights = write_model(tmp_path, "resnetish", RESNETISH, seed=4)
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "big",
+                      "--input-size", "120", "--no-verify")
+    assert run.code == 0, run.err
+    assert "window per cell: 64x64 px" in run.out
+    card = json.loads((tmp_path / "big_full_conv.json").read_text())
+    assert card["geometry"]["window"] == [64, 64]

@@ -102,7 +102,9 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
         result.scores = score_layer(surgery.original.param, score_blob(surgery.original.param), w)
     except ValueError as exc:
         result.scores_problem = str(exc)
-    result.geometry = map_geometry(surgery.net, path=model_def)
+    declared = next(iter(input_shapes(netdef.param).values()), ())
+    result.geometry = map_geometry(surgery.net, path=model_def,  # windows of the classifier's size
+                                   classifier_input=tuple(declared[2:4]) if len(declared) == 4 else None)
     result.minimum_input = smallest_input(surgery.net)
     return result, w
 

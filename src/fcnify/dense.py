@@ -7,6 +7,7 @@ give the same map; the planner picks the tile size from the memory budget.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -202,7 +203,8 @@ class DenseModel:
         self.output_blob = outs[-1]
         self.score_blob = score_blob(net)
         self.softmaxed = self.output_blob != self.score_blob
-        self.geometry = map_geometry(net, self.score_blob, path=card.model_def)
+        self.geometry = map_geometry(net, self.score_blob, path=card.model_def,
+                                     classifier_input=classifier_input(card))
         shapes = infer(net, path=card.model_def)
         if not converted:  # fcnify did not write this net and its weights: check what Caffe would
             if hasattr(self.runner, "layer_types"):
@@ -355,6 +357,24 @@ class DenseModel:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+
+def classifier_input(card: ModelCard) -> tuple[int, int] | None:
+    """(height, width) of the original classifier's input, from a card `convert` wrote.
+
+    A net converted with --input-size declares that size, not the
+    classifier's; the card keeps the original, so the window stays the crop
+    the classifier was made for.
+    """
+    if card.card_path is None:
+        return None
+    try:
+        shape = json.loads(Path(card.card_path).read_text()).get("original_input_shape")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+        return None
+    return shape[2], shape[3]
 
 
 def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):

@@ -230,21 +230,23 @@ def score_blob(net) -> str:
     return out
 
 
-def map_geometry(net, blob: str | None = None, path: Path | None = None) -> MapGeometry:
+def map_geometry(net, blob: str | None = None, path: Path | None = None,
+                 classifier_input: tuple[int, int] | None = None) -> MapGeometry:
     """Geometry of `blob` (default: the net's final output) of a fully-convolutional net.
 
-    The window is the classifier's own input size where the net declares one
-    that gives a single cell (see classifier_window).
+    The window is the classifier's own input size (`classifier_input`, else
+    the size the net declares) where that input gives a single cell (see
+    classifier_window).
     """
     blob = blob or output_blobs(net)[-1]
     geos = blob_geometry(net, path=path)
     if blob not in geos:
         raise NetDefinitionError(f"output '{blob}' is not a spatial map (a layer before it "
                                  "flattens the input); convert the net first", path)
-    return with_window(geos[blob], classifier_window(net, blob))
+    return with_window(geos[blob], classifier_window(net, blob, classifier_input))
 
 
-def classifier_window(net, blob: str) -> tuple[int | None, int | None]:
+def classifier_window(net, blob: str, size: tuple[int, int] | None = None) -> tuple[int | None, int | None]:
     """(height, width) the classifier is fed, per axis where that input gives exactly one cell.
 
     That is the crop a cell stands for. It can exceed the box the layers
@@ -259,11 +261,12 @@ def classifier_window(net, blob: str) -> tuple[int | None, int | None]:
     shape = next(iter(declared.values()))
     if len(shape) != 4:
         return None, None
+    h, w = size or shape[2:]
     try:
-        rows, cols = map_size(net, shape[2], shape[3], blob)
+        rows, cols = map_size(net, h, w, blob)
     except (NetDefinitionError, KeyError):
         return None, None
-    return (shape[2] if rows == 1 else None), (shape[3] if cols == 1 else None)
+    return (h if rows == 1 else None), (w if cols == 1 else None)
 
 
 def with_window(geo: MapGeometry, window: tuple[int | None, int | None]) -> MapGeometry:
