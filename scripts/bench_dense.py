@@ -10,6 +10,13 @@ Prints a table and writes JSON (default bench_dense.json):
   (e) an 8000x8000 image, tiled under --max-memory, with peak RSS of both processes
   plus the tiling overhead: time per map cell tiled vs whole at the largest size
   that fits the same budget.
+  (f) the engines side by side (--engines, default caffe,torch,onnx), same inputs,
+  interleaved rounds: bare forward of the FCN at each size (and of the original at
+  227), achieved GFLOP/s against the same run's matmul rate, the 451-vs-227 ratio,
+  DenseModel.run at 451 (preprocessing, transfer, stitching) and its overhead over
+  the bare forward, and each engine's DenseModel.run at 451 against Caffe's; then
+  ONNX Runtime's measured activation memory (peak RSS of this process) against
+  the planner's model of it (onnx_engine.onnx_memory). --only-engines runs (f) alone.
 
 Forward times in (a)-(c) are measured inside fcnify's Caffe worker around
 net.forward(); (d)-(e) are wall times of DenseModel.run (preprocessing,
@@ -121,17 +128,140 @@ def measured_run(card, img: np.ndarray, **run_args) -> dict:
     return entry
 
 
+def load_engine(name: str):
+    """(engine, sandbox or None): the Caffe engine on its own worker process, so its peak is its own."""
+    if name == "caffe":
+        box = Sandbox()
+        return CaffeRunner(box=box), box
+    from fcnify.engines import make_engine
+    return make_engine(name), None
+
+
+def engines_section(args, proto: Path, weights: Path, fcn_card, fcn_net) -> dict:
+    """(f): every engine on the same inputs, in interleaved rounds (see the module docstring)."""
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    sizes = [int(n) for n in args.engine_sizes.split(",")]
+    pre = fcn_card.preprocess
+    imgs = {n: image(n, n, n) for n in sorted({227, 451, *sizes})}
+    xs = {n: pre.apply(img)[None] for n, img in imgs.items()}
+    engines, nets, models = {}, {}, {}
+    for name in names:
+        engine, box = load_engine(name)
+        engines[name] = (engine, box)
+        nets[name] = (engine.load(proto, weights), engine.load(fcn_card.model_def, fcn_card.weights))
+        models[name] = DenseModel(fcn_card, runner=engine)
+    gf_np = []
+    times: dict = {name: {"orig227": [], "run451": [], **{n: [] for n in sizes}} for name in names}
+    for name in names:  # warm-up: first passes allocate
+        original, fcn = nets[name]
+        original.timed_forward({"data": xs[227]}, ["prob"], 1)
+        fcn.timed_forward({"data": xs[451]}, ["prob"], 1)
+        models[name].run(imgs[451])
+    for _ in range(args.engine_repeats):
+        gf_np.append(numpy_gflops(repeats=2))
+        for name in names:
+            original, fcn = nets[name]
+            times[name]["orig227"] += original.timed_forward({"data": xs[227]}, ["prob"], 1)[1]
+            for n in sizes:
+                times[name][n] += fcn.timed_forward({"data": xs[n]}, ["prob"], 1)[1]
+            times[name]["run451"].append(_timed(lambda: models[name].run(imgs[451])))
+    matmul = float(np.median(gf_np))
+    out: dict = {"matmul_gflops": matmul, "sizes": sizes, "engines": {}}
+    caffe_run = float(np.median(times["caffe"]["run451"])) if "caffe" in names else None
+    print(f"\n(f) engines on the same inputs, medians of {args.engine_repeats} interleaved rounds; "
+          f"numpy float32 matmul {matmul:.0f} GFLOP/s in the same rounds")
+    print(row("engine / measure", *[f"{n} px" for n in sizes]))
+    for name in names:
+        t = {k: float(np.median(v)) for k, v in times[name].items()}
+        entry = {"forward_s": {n: t[n] for n in sizes}, "orig227_s": t["orig227"], "run451_s": t["run451"],
+                 "gflops": {n: conv_flops(fcn_net, n, n) / t[n] / 1e9 for n in sizes}}
+        entry["ratio_451_227"] = t[451] / t["orig227"] if 451 in sizes else None
+        entry["run_overhead_451"] = t["run451"] / t[451] - 1 if 451 in sizes else None
+        entry["run451_speedup_vs_caffe"] = caffe_run / t["run451"] if caffe_run else None
+        out["engines"][name] = entry
+        print(row(f"{name}: bare forward", *[f"{1000 * t[n]:.0f} ms" for n in sizes]))
+        print(row(f"{name}: GFLOP/s (of matmul)",
+                  *[f"{entry['gflops'][n]:.0f} ({100 * entry['gflops'][n] / matmul:.0f}%)" for n in sizes]))
+        print(row(f"{name}: 227 classify / 451 map", f"{1000 * t['orig227']:.0f} ms",
+                  f"ratio {entry['ratio_451_227']:.2f}x" if entry["ratio_451_227"] else "-"))
+        print(row(f"{name}: DenseModel.run 451", f"{1000 * t['run451']:.0f} ms",
+                  f"+{100 * entry['run_overhead_451']:.0f}% over bare" if entry["run_overhead_451"] is not None
+                  else "-", f"{entry['run451_speedup_vs_caffe']:.2f}x caffe" if caffe_run else "-"))
+    for name in names:
+        for net in nets[name]:
+            net.close()
+        models[name].close()
+        engines[name][0].close()
+        if engines[name][1] is not None:
+            engines[name][1].close()
+    if "onnx" in names:
+        out["onnx_memory"] = onnx_memory_rows(fcn_card, fcn_net, sizes)
+    return out
+
+
+def onnx_memory_rows(fcn_card, fcn_net, sizes: list[int]) -> list[dict]:
+    """ONNX Runtime's activation memory measured (peak RSS over the RSS after loading, one
+    fresh process per size) against the planner's model, without and with its slack."""
+    import subprocess
+    from fcnify.onnx_engine import onnx_memory
+    rows = []
+    print("\n(f) ONNX Runtime's memory (a fresh process per size, peak RSS over the RSS before loading)"
+          " vs the planner's onnx_memory().total")
+    print(row("size", "measured", "peak", "planner", "peak/planner"))
+    for n in sizes:
+        probe = subprocess.run([sys.executable, __file__, "--probe-onnx-memory", str(n),
+                                str(fcn_card.card_path)], capture_output=True, text=True, check=True)
+        got = json.loads(probe.stdout.strip().splitlines()[-1])
+        est = onnx_memory(fcn_net, n, n)
+        peak = max(got["load_bytes"], got["held_bytes"] + got["run_bytes"])
+        modelled = est.total - est.base
+        rows.append({**got, "peak_bytes": peak, "planner_bytes": modelled, "params_bytes": est.params,
+                     "activations_bytes": est.activations, "ratio": peak / modelled})
+        print(row(f"{n}x{n}", f"load {format_bytes(got['load_bytes'])}, run +{format_bytes(got['run_bytes'])}",
+                  format_bytes(peak), format_bytes(modelled), f"{peak / modelled:.2f}"))
+    return rows
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def probe_onnx_memory(n: int, card_path: str) -> int:
+    """In a fresh process: the peak RSS of loading the FCN into ONNX Runtime and of one n x n
+    DenseModel.run, each over the RSS before it (printed as JSON)."""
+    import fcnify.onnx_engine  # noqa: F401 - imports are not the net's memory
+    img = image(n, n, n)
+    card = read_card(card_path)
+    before = rss()
+    reset_hwm()
+    model = DenseModel(card, engine="onnx")
+    loading = hwm() - before
+    before_run = rss()
+    reset_hwm()
+    model.run(img, tile=n)
+    print(json.dumps({"size": n, "load_bytes": loading, "held_bytes": before_run - before,
+                      "run_bytes": hwm() - before_run, "total_bytes": hwm() - before}))
+    return 0
+
+
 def row(*cells) -> str:
     return "  ".join(str(c).ljust(w) for c, w in zip(cells, (34, 14, 14, 14, 14)))
 
 
 def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe-onnx-memory":
+        return probe_onnx_memory(int(sys.argv[2]), sys.argv[3])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_dense.json")
     ap.add_argument("--max-memory", default="2GiB")
     ap.add_argument("--quick", action="store_true", help="small sizes only (451-2000, no 8000)")
     ap.add_argument("--only-ab", action="store_true", help="stop after (a)-(c)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--engines", default="caffe,torch,onnx", help="engines for (f), comma-separated")
+    ap.add_argument("--engine-sizes", default="451,899,1795", help="FCN input sizes for (f)")
+    ap.add_argument("--engine-repeats", type=int, default=5, help="interleaved rounds in (f)")
+    ap.add_argument("--only-engines", action="store_true", help="run (f) alone")
     args = ap.parse_args()
     from fcnify.planner import parse_size
     budget = parse_size(args.max_memory)
@@ -146,6 +276,11 @@ def main() -> int:
     fcn_card = read_card(conv.outputs["card"])
     fcn_net = read_netdef(fcn_card.model_def).param
     pre = fcn_card.preprocess
+    if args.only_engines:
+        results["f_engines"] = engines_section(args, proto, weights, fcn_card, fcn_net)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+        return 0
 
     box = Sandbox()
     runner = CaffeRunner(box=box)
@@ -199,6 +334,7 @@ def main() -> int:
     print(row("(c) FCN GFLOP/s at 451", f"{gf_fcn:.1f}"))
     print(row("(c) numpy sgemm GFLOP/s", f"{gf_np:.1f}", f"FCN at {100 * gf_fcn / gf_np:.0f}%"))
 
+    results["f_engines"] = engines_section(args, proto, weights, fcn_card, fcn_net)
     if args.only_ab:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         return 0

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""GPU check for the torch engine: CaffeNet on CUDA equals CaffeNet on the CPU, and how fast.
+"""GPU check for the torch and onnx engines: CaffeNet on CUDA equals CaffeNet on the CPU, and how fast.
 
 Runs fcnify's CaffeNet definition (prototxt/caffenet/deploy.prototxt) with
 seeded He-scaled weights, converted to a fully-convolutional net (checked on
-the CPU), at each --sizes input (default 227, 451 and 2000 px) with the torch
-engine on the CPU and on CUDA GPU --gpu, and prints a table: map size, first
-and median forward time, and the largest relative difference of the GPU's
-scores and probabilities from the CPU's (TF32 off; fcnify's bar is 1e-4).
-Then the time ratio 451 px / 227 px per device. Writes the same as JSON.
+the CPU), at each --sizes input (default 227, 451 and 2000 px) with each of
+--engines (default torch,onnx: PyTorch, and ONNX Runtime's CUDA execution
+provider) on the CPU and on CUDA GPU --gpu, and prints a table: map size,
+first and median forward time, and the largest relative difference of the
+GPU's scores and probabilities from the same engine's CPU result (TF32 off;
+fcnify's bar is 1e-4). Then the time ratio 451 px / 227 px per engine and
+device. Writes the same as JSON.
 
-Needs only torch, numpy, protobuf, click and pillow (no pycaffe) plus
+Needs only torch (and onnx + onnxruntime-gpu for the onnx rows), numpy,
+protobuf, click and pillow (no pycaffe) plus
 Caffe's compiled caffe.proto: pass --descriptor (or FCNIFY_CAFFE_DESCRIPTOR)
 with a copy of the caffe.desc that scripts/setup.sh made. Without a usable
 GPU it prints the CPU rows and says why the GPU rows were skipped.
@@ -44,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-def", type=Path, default=REPO / "prototxt" / "caffenet" / "deploy.prototxt")
     p.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where to write the results")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--engines", default="torch,onnx", help="engines to run, comma-separated")
     return p.parse_args(argv)
 
 
@@ -77,8 +81,9 @@ def measure(net, x: np.ndarray, blobs: list[str], repeats: int) -> tuple[dict, f
     import torch
     t0 = time.perf_counter()
     out = net.forward({"data": x}, blobs)
-    if net.device.type == "cuda":
-        torch.cuda.synchronize(net.device)
+    device = getattr(net, "device", None)  # the torch engine's; ONNX Runtime returns when done
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     first = time.perf_counter() - t0
     _, times = net.timed_forward({"data": x}, blobs, repeats) if repeats else (None, [])
     return out, first, times
@@ -120,46 +125,45 @@ def main(argv: list[str] | None = None) -> int:
     score, prob = "fc8-conv", "prob"
     scores = score_layer(read_netdef(fcn.model_def).param, score, read_weights(fcn.weights))
 
-    devices = [("cpu", TorchRunner(None), args.cpu_repeats)]
-    if problem is None:
-        devices.append((f"cuda:{args.gpu}", TorchRunner(args.gpu), args.repeats))
+    devices, skipped_engines = engine_devices(args, problem)
     rows, cpu_out = [], {}
-    for device, runner, repeats in devices:
+    for engine, device, runner, repeats in devices:
         net = runner.load(fcn.model_def, fcn.weights)
-        if device != "cpu":
+        if device != "cpu" and engine == "torch":
             torch.cuda.reset_peak_memory_stats(args.gpu)
         for size in sizes:
             x = fcn.preprocess.apply(smooth_image(size, size, seed=size))[None]
             out, first, times = measure(net, x, [score, prob, scores.bottom], repeats)
-            row = {"engine": "torch", "device": device, "size": size,
+            row = {"engine": engine, "device": device, "size": size,
                    "map": list(out[score].shape[2:]), "first_s": round(first, 4),
                    "median_s": round(statistics.median(times), 4) if times else None, "repeats": len(times)}
             if device == "cpu":
-                cpu_out[size] = out
+                cpu_out[engine, size] = out
             else:
-                row["max_rel_scores_vs_cpu"] = max_rel(cpu_out[size][score], out[score])
-                row["max_rel_probs_vs_cpu"] = max_rel(cpu_out[size][prob], out[prob])
-                row["bound_used_vs_cpu"] = within(cpu_out[size][score], out[score],
-                                                  scores.tolerance(cpu_out[size][scores.bottom]))[1]
-                row["argmax_agrees"] = bool((cpu_out[size][prob].argmax(1) == out[prob].argmax(1)).all())
+                ref = cpu_out[engine, size]
+                row["max_rel_scores_vs_cpu"] = max_rel(ref[score], out[score])
+                row["max_rel_probs_vs_cpu"] = max_rel(ref[prob], out[prob])
+                row["bound_used_vs_cpu"] = within(ref[score], out[score], scores.tolerance(ref[scores.bottom]))[1]
+                row["argmax_agrees"] = bool((ref[prob].argmax(1) == out[prob].argmax(1)).all())
             rows.append(row)
             print_row(row, header=len(rows) == 1)
-        if device != "cpu":
+        if device != "cpu" and engine == "torch":
             rows[-1]["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated(args.gpu))
         net.close()
 
     ratios, cells = {}, {}
-    for device, _, _ in devices:
-        by = {r["size"]: r for r in rows if r["device"] == device}
+    for engine, device, _, _ in devices:
+        by = {r["size"]: r for r in rows if r["device"] == device and r["engine"] == engine}
         if 227 in by and 451 in by:
             t = lambda r: r["median_s"] or r["first_s"]  # noqa: E731
-            ratios[device] = round(t(by[451]) / t(by[227]), 2)
+            ratios[f"{engine} {device}"] = round(t(by[451]) / t(by[227]), 2)
             cells = {s: by[s]["map"][0] * by[s]["map"][1] for s in (227, 451)}
     print()
-    for device, ratio in ratios.items():
-        print(f"time 451 px / 227 px on {device}: {ratio}x (for {cells[451]} map cells instead of "
+    for where, ratio in ratios.items():
+        print(f"time 451 px / 227 px, {where}: {ratio}x (for {cells[451]} map cells instead of "
               f"{cells[227]}; {451 * 451 / 227 ** 2:.2f}x the pixels)")
-    skipped = None if problem is None else f"GPU rows skipped: {problem}"
+    reasons = ([f"GPU rows skipped: {problem}"] if problem is not None else []) + skipped_engines
+    skipped = "; ".join(reasons) or None
     if skipped:
         print(skipped)
     worst = max((r.get("bound_used_vs_cpu", 0.0) for r in rows), default=0.0)
@@ -171,6 +175,28 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0 if ok else 1
+
+
+def engine_devices(args, problem: str | None) -> tuple[list, list[str]]:
+    """(engine, device, runner, repeats) to run, and why any engine or GPU row is left out."""
+    from fcnify.errors import FcnifyError
+    from fcnify.torch_engine import TorchRunner
+    devices, skipped = [], []
+    for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        if engine == "torch":
+            devices.append((engine, "cpu", TorchRunner(None), args.cpu_repeats))
+            if problem is None:
+                devices.append((engine, f"cuda:{args.gpu}", TorchRunner(args.gpu), args.repeats))
+        elif engine == "onnx":
+            from fcnify.onnx_engine import OnnxRunner
+            try:
+                devices.append((engine, "cpu", OnnxRunner(None), args.cpu_repeats))
+                devices.append((engine, f"cuda:{args.gpu}", OnnxRunner(args.gpu), args.repeats))
+            except FcnifyError as exc:  # no onnxruntime, or one without the CUDA provider
+                skipped.append(f"onnx: {exc.message}")
+        else:
+            skipped.append(f"{engine}: not an engine this check runs (torch, onnx)")
+    return devices, skipped
 
 
 def print_row(row: dict, header: bool) -> None:

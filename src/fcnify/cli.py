@@ -19,11 +19,28 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .engines import DEFAULT_ENGINE, engine_names
 from .errors import FcnifyError, InputError, OutputExists
 
 
 # click's own readability check would print a usage block; fcnify's checks say it in one line.
 PATH = click.Path(readable=False)
+class EngineChoice(click.Choice):
+    """--engine: one of the names in engines.ENGINES, read from the table when parsing."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self):
+        return tuple(engine_names())
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass  # the table is the only source
+
+
+ENGINE = EngineChoice()
 
 
 class Context:
@@ -178,11 +195,13 @@ def _card(model_name, model_def, weights):
 @click.option("--keep-output-names", is_flag=True,
               help="Keep the net's output blobs' names (default: converted blobs become NAME-conv).")
 @click.option("--gpu", type=int, metavar="ID", help="Run the check on this GPU (CUDA build).")
+@click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
+              help="Engine that runs the equivalence check.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.pass_obj
 def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
-            keep_output_names, gpu, fmt):
+            keep_output_names, gpu, engine, fmt):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -194,8 +213,8 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     from .convert import convert as do_convert
     from .report import conversion_document, conversion_report
     card = _card(model_name, model_def, weights)
-    from .runner import CaffeRunner
-    runner = None if no_verify else CaffeRunner(gpu, obj.verbose)
+    from .engines import make_engine
+    runner = None if no_verify else make_engine(engine, gpu, obj.verbose)
     t0 = time.perf_counter()
     try:
         result = do_convert(card.model_def, card.weights, out_prefix, _size(input_size, "--input-size"),
@@ -224,8 +243,8 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
 @click.option("--fcn-weights", type=PATH, help="FCN weights (default: FCN with .caffemodel).")
 @click.option("--samples", default=3, show_default=True, help="Seeded random inputs (plus cat.jpg).")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU (CUDA build).")
-@click.option("--engine", type=click.Choice(["caffe", "torch"]), default="caffe", show_default=True,
-              help="Run both nets with Caffe or with PyTorch.")
+@click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
+              help="Engine that runs both nets.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.pass_obj
@@ -269,6 +288,56 @@ def info(obj, net, input_size):
     click.echo(net_info(Path(net), _size(input_size, "--input-size")))
 
 
+@cli.command()
+@click.argument("net", type=PATH)
+@click.option("--weights", type=PATH, help="Weights (.caffemodel) of a prototxt NET.")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="File format to write.")
+@click.option("--out", "out_file", type=PATH, required=True, help="File to write (FILE.onnx).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--no-verify", is_flag=True, help="Skip the check against Caffe (not recommended).")
+def export(net, weights, fmt, out_file, force, no_verify):
+    """Write the fully-convolutional net as an ONNX model with free input height and width.
+
+    NET is a model card (.json, from convert), a model fcnify ships (digits,
+    caffenet), or a prototxt with --weights; a net with InnerProduct layers is
+    converted first. Caffe's pooling, LRN and BatchNorm arithmetic is kept; a
+    layer without an exact ONNX form is refused by name. The card's
+    preprocessing and labels go into the model's metadata. The file is
+    checked with onnx.checker and, run by ONNX Runtime, against the net in
+    Caffe (as `fcnify verify` checks a conversion) before it is put in place.
+
+    \b
+    Examples:
+      fcnify export mynet_full_conv.json --out mynet.onnx
+      fcnify export deploy.prototxt --weights net.caffemodel --out net.onnx
+      fcnify export digits --out digits.onnx
+    """
+    from .onnx_export import export_onnx
+    from .models import require_weights
+    card = _export_card(net, weights)
+    require_weights(card)
+    result = export_onnx(card, Path(out_file), force=force, check=not no_verify)
+    click.echo(result.summary())
+
+
+def _export_card(net: str, weights: str | None):
+    """The model card for `fcnify export NET`: a card file, a shipped model, or a prototxt."""
+    from dataclasses import replace
+    from .dense import resolve_model
+    from .models import shipped_models
+    path = Path(net)
+    if not path.exists() and net in shipped_models():
+        card = resolve_model(model=net)
+    elif path.suffix == ".json":
+        card = resolve_model(card=path)
+    else:
+        if weights is None:
+            raise click.UsageError("a prototxt NET needs --weights")
+        return resolve_model(model_def=path, weights=weights)
+    return replace(card, weights=Path(weights)) if weights else card
+
+
 # ------------------------------------------------------------------ classify-map
 
 @cli.command("classify-map", cls=GroupedCommand)
@@ -287,8 +356,8 @@ def info(obj, net, input_size):
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Print a text summary, or one JSON document per image.")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
-@click.option("--engine", type=click.Choice(["caffe", "torch"]), default="caffe", show_default=True,
-              help="Run the net with Caffe or with PyTorch.")
+@click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
+              help="Run the net with Caffe, PyTorch or ONNX Runtime.")
 @click.option("--max-memory", metavar="SIZE", help="Memory budget, e.g. 2GiB (default: half of free RAM).")
 @click.option("--tile", type=int, metavar="N", help="Force tiles of N x N px.")
 @click.option("--mean", "mean_file", type=PATH, help="Override the mean (.npy, C or CxHxW).")

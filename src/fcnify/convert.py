@@ -21,7 +21,7 @@ from .files import OutputSet
 from .geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
 from .models import ModelCard, card_for_model_def
 from .netdef import NetDef, check_layer_types, read_netdef, to_text
-from .runner import CaffeRunner, registered_layer_types
+from .engines import Engine, make_engine
 from .shapes import infer, input_shapes
 from .surgery import Surgery, convert_net, keep_output_names
 from .transplant import Provenance, check_weights, transplant
@@ -86,7 +86,9 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
     """
     model_def, weights = Path(model_def), Path(weights)
     netdef = read_netdef(model_def)
-    check_layer_types(netdef.param, layer_types or registered_layer_types(), model_def, engine)
+    if layer_types is None:
+        layer_types = make_engine("caffe").layer_types()
+    check_layer_types(netdef.param, layer_types, model_def, engine)
     surgery = convert_net(netdef, input_size)
     if keep_names:
         surgery = keep_output_names(surgery)
@@ -118,7 +120,7 @@ def blob_pairs(surgery: Surgery) -> list[tuple[str, str]]:
     return pairs
 
 
-def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: CaffeRunner,
+def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: Engine,
                samples: int = 3) -> VerifyReport:
     surgery = result.surgery
     if result.scores is None:
@@ -172,7 +174,7 @@ def write_net(out: OutputSet, surgery: Surgery, blobs: dict, prototxt: Path, caf
 
 def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path | None = None,
             input_size: tuple[int, int] | None = None, force: bool = False, check: bool = True,
-            gpu: int | None = None, card: ModelCard | None = None, runner: CaffeRunner | None = None,
+            gpu: int | None = None, card: ModelCard | None = None, runner: Engine | None = None,
             samples: int = 3, keep_output_names: bool = False) -> ConvertResult:
     """Convert a net and its weights; write PREFIX_full_conv.{prototxt,caffemodel,json}.
 
@@ -184,7 +186,7 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     the conversion not equivalent, the files are still written (for
     inspection) and NotEquivalentError is raised with the report attached.
     """
-    runner = runner if (runner is not None or not check) else CaffeRunner(gpu)
+    runner = runner if (runner is not None or not check) else make_engine("caffe", gpu)
     result, _ = prepare(model_def, weights, input_size, card,
                         runner.layer_types() if runner is not None else None,
                         runner.name if runner is not None else "caffe", keep_output_names)
@@ -213,10 +215,10 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
 
 
 def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCard | None = None,
-                      runner: CaffeRunner | None = None, check: bool = True,
+                      runner: Engine | None = None, check: bool = True,
                       workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
     """Convert into a temporary folder (for classify-map on an unconverted net)."""
-    runner = runner or CaffeRunner()
+    runner = runner or make_engine("caffe")
     result, _ = prepare(model_def, weights, None, card, runner.layer_types(), runner.name)
     if not result.changed:
         raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
@@ -242,10 +244,9 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     The FCN may come from fcnify or be written by hand (Caffe's own
     net_surgery example): outputs are paired by role (scores before Softmax,
     final output). When its layer names follow fcnify's surgery, every
-    parameter blob is also checked against the original's weights. Both
-    nets run on `engine` (caffe or torch).
+    parameter blob is also checked against the original's weights. Both nets
+    run on `engine` (engines.ENGINES).
     """
-    from .dense import make_runner
     from .files import check_input_file
     from .models import sibling_card
     fcn_weights = Path(fcn_weights) if fcn_weights else fcn.with_suffix(".caffemodel")
@@ -259,7 +260,7 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_input_file(fcn_weights, "weights (caffemodel)")
     original_def = read_netdef(original)
     fcn_def = read_netdef(fcn)
-    runner = make_runner(engine, gpu, verbose)
+    runner = make_engine(engine, gpu, verbose)
     registered = runner.layer_types()
     check_layer_types(original_def.param, registered, original, runner.name)
     check_layer_types(fcn_def.param, registered, fcn, runner.name)
@@ -277,15 +278,10 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
         scores = score_layer(original_def.param, score_blob(original_def.param), w)
     except ValueError as exc:
         raise ConversionError(f"cannot check the conversion: {exc}", original) from None
-    a = runner.load(original, weights)
-    b = runner.load(fcn, fcn_weights)
-    try:
-        blob, shape = next(iter(input_shapes(original_def.param).items()))
-        pairs = [(score_blob(original_def.param), score_blob(fcn_def.param)),
-                 (output_blobs(original_def.param)[-1], output_blobs(fcn_def.param)[-1])]
-        pairs = list(dict.fromkeys(pairs))
+    blob, shape = next(iter(input_shapes(original_def.param).items()))
+    pairs = [(score_blob(original_def.param), score_blob(fcn_def.param)),
+             (output_blobs(original_def.param)[-1], output_blobs(fcn_def.param)[-1])]
+    pairs = list(dict.fromkeys(pairs))
+    with runner.load(original, weights) as a, runner.load(fcn, fcn_weights) as b:
         return verify(a, b, blob, (1,) + tuple(shape[1:]), pairs, card.preprocess, transplanted,
                       samples=samples, scores=scores)
-    finally:
-        a.close()
-        b.close()

@@ -248,15 +248,16 @@ class DenseModel:
         fx = lambda n: map_size(net, height, n, self.score_blob)[1]  # noqa: E731
         if tile is None:
             budget = budget or default_budget()
-            if fits(net, height, width, budget):
+            if fits(net, height, width, budget, memory=self.runner.memory):
                 return plan(height, width, rows, cols, (height, width), gy, gx, fy, fx), None
             smallest = max(min_tile(gy), min_tile(gx))
             step, limit = max(gy.stride, gx.stride), max(height, width)
-            side = largest_square(net, budget, step, smallest, limit)
+            side = largest_square(net, budget, step, smallest, limit, memory=self.runner.memory)
             if side is None:  # a net too big per pixel for the speed cap: the budget alone
-                side = largest_square(net, budget, step, smallest, limit, speed_cap=None)
+                side = largest_square(net, budget, step, smallest, limit, speed_cap=None,
+                                      memory=self.runner.memory)
             if side is None:
-                need = estimate(net, smallest, smallest).total
+                need = self.runner.memory(net, smallest, smallest).total
                 raise ResourceError(f"even the smallest exact tile ({smallest} px) needs about "
                                     f"{format_bytes(need)}, over the memory budget of "
                                     f"{format_bytes(budget)}; raise --max-memory")
@@ -378,13 +379,9 @@ def classifier_input(card: ModelCard) -> tuple[int, int] | None:
 
 
 def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):
-    if engine == "caffe":
-        from .runner import CaffeRunner
-        return CaffeRunner(gpu, verbose)
-    if engine == "torch":
-        from .torch_engine import TorchRunner
-        return TorchRunner(gpu)
-    raise InputError(f"unknown engine '{engine}' (caffe or torch)")
+    """The engine called `engine` (engines.ENGINES)."""
+    from .engines import make_engine
+    return make_engine(engine, gpu, verbose)
 
 
 def resolve_model(model: str | None = None, model_def: str | Path | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from .errors import NetDefinitionError, ResourceError
 from .shapes import INT_MAX, Shape, count, infer, input_shapes, conv_geometry
@@ -34,15 +35,17 @@ class MemoryEstimate:
     largest_blob: int  # elements
     largest_blob_name: str
     io: int = 0  # the input and output arrays on their way in and out of the worker
+    base: int = WORKER_BASE  # the engine's own memory before any net
+    slack: float = SLACK  # measured activations / modelled ones
 
     @property
     def activations(self) -> int:
-        return int((self.blobs + self.buffers) * SLACK) + self.io
+        return int((self.blobs + self.buffers) * self.slack) + self.io
 
     @property
     def total(self) -> int:
-        """Worker peak: the larger of loading (parameters held twice) and running."""
-        return WORKER_BASE + self.params + max(self.params, self.activations)
+        """Engine peak: the larger of loading (parameters held twice) and running."""
+        return self.base + self.params + max(self.params, self.activations)
 
 
 def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
@@ -124,10 +127,15 @@ HEADROOM = 0.95
 SPEED_CAP = int(2.5 * 2**30)
 
 
-def fits(net, height: int, width: int, budget: int, speed_cap: int | None = SPEED_CAP) -> bool:
-    """Whether one forward pass of height x width stays within the budget (and the speed cap)."""
+Memory = Callable[..., MemoryEstimate]  # (net, height, width): an engine's memory()
+
+
+def fits(net, height: int, width: int, budget: int, speed_cap: int | None = SPEED_CAP,
+         memory: Memory | None = None) -> bool:
+    """Whether one forward pass of height x width stays within the budget (and the speed cap),
+    by the running engine's memory model (default: Caffe's)."""
     try:
-        est = estimate(net, height, width)
+        est = (memory or estimate)(net, height, width)
     except ResourceError:
         return False
     if speed_cap is not None and est.activations > speed_cap:
@@ -136,15 +144,15 @@ def fits(net, height: int, width: int, budget: int, speed_cap: int | None = SPEE
 
 
 def largest_square(net, budget: int, stride: int, start: int, limit: int,
-                   speed_cap: int | None = SPEED_CAP) -> int | None:
+                   speed_cap: int | None = SPEED_CAP, memory: Memory | None = None) -> int | None:
     """Largest side n = start + k*stride (<= limit) whose n x n input fits `budget`."""
-    if not fits(net, start, start, budget, speed_cap):
+    if not fits(net, start, start, budget, speed_cap, memory):
         return None
     lo, hi = 0, max(0, (limit - start) // stride)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         n = start + mid * stride
-        if fits(net, n, n, budget, speed_cap):
+        if fits(net, n, n, budget, speed_cap, memory):
             lo = mid
         else:
             hi = mid - 1

@@ -1,8 +1,8 @@
 """Nets running in Caffe, seen from the caller's process.
 
-`CaffeRunner` loads nets in fcnify's worker process (sandbox.py) and hands
-back `LoadedNet` handles with the three operations fcnify needs: forward,
-parameters, blob shapes. The torch engine offers the same handle shape.
+`CaffeRunner` is the `caffe` engine of engines.ENGINES: it loads nets in
+fcnify's worker process (sandbox.py) and hands back handles that follow
+engines.LoadedNet (forward, parameters, blob shapes, close).
 """
 from __future__ import annotations
 
@@ -13,19 +13,14 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
+from .engines import LoadedNet, NetHandle  # noqa: F401 - LoadedNet: the contract, re-exported
 from .errors import DeviceError, EngineCrash, SetupError
 from .paths import setup_record
+from .planner import MemoryEstimate, estimate
 from .sandbox import Sandbox, shared
-
-
-class LoadedNet(Protocol):
-    def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
-    def params(self) -> dict[str, list[np.ndarray]]: ...
-    def blob_shapes(self) -> dict[str, tuple[int, ...]]: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ def caffe_build() -> CaffeBuild:
     return CaffeBuild(pkg, cuda, blas, libs)
 
 
-class CaffeNetHandle:
+class CaffeNetHandle(NetHandle):
     """A net living in the worker process.
 
     If the worker died since the net was loaded (a Caffe abort on an earlier
@@ -147,6 +142,13 @@ class CaffeRunner:
 
     def layer_types(self) -> frozenset[str]:
         return registered_layer_types()
+
+    def memory(self, net, height: int, width: int) -> MemoryEstimate:
+        """Caffe's own memory, modelled from the blob shapes (planner.py)."""
+        return estimate(net, height, width)
+
+    def close(self) -> None:
+        """Nothing to free: the worker is shared by the process and closed at exit."""
 
 
 @lru_cache(maxsize=1)

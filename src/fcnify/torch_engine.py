@@ -31,9 +31,11 @@ from typing import Callable
 import numpy as np
 
 from .caffemodel import read_weights
+from .engines import NetHandle
 from .errors import DeviceError, FcnifyError, InputError, NetDefinitionError, ResourceError, SetupError, \
     WeightsError
 from .netdef import read_netdef
+from .planner import MemoryEstimate, estimate
 from .shapes import Shape, canonical_axis, conv_geometry, count, infer, input_shapes, layer_shapes, \
     pool_geometry, pooled_size
 from .transplant import check_weights
@@ -65,7 +67,7 @@ class TorchRunner:
 
     name = "torch"
 
-    def __init__(self, gpu: int | None = None) -> None:
+    def __init__(self, gpu: int | None = None, verbose: bool = False) -> None:
         if torch is None:
             raise SetupError("the torch engine needs PyTorch: pip install 'fcnify[torch]'")
         self.gpu = gpu
@@ -76,6 +78,14 @@ class TorchRunner:
 
     def layer_types(self) -> frozenset[str]:
         return SUPPORTED
+
+    def memory(self, net, height: int, width: int) -> MemoryEstimate:
+        """Caffe's memory model (planner.py): an over-estimate here, as layers free what
+        no later layer reads."""
+        return estimate(net, height, width)
+
+    def close(self) -> None:
+        """Nothing held beyond the nets, which close themselves."""
 
 
 def cuda_device(gpu: int) -> "torch.device":
@@ -109,7 +119,7 @@ def exact_float32(device: "torch.device"):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-class TorchNet:
+class TorchNet(NetHandle):
     """One loaded net: its layers as torch ops, its parameters on the device."""
 
     def __init__(self, model_def: Path, weights: Path | None, device: "torch.device") -> None:

@@ -1,0 +1,348 @@
+"""ONNX export keeps Caffe's arithmetic, op by op and net by net (onnx_export.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install 'fcnify[onnx]'")
+ort = pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime")
+
+from fcnify.caffemodel import read_weights, write_weights  # noqa: E402
+from fcnify.convert import convert  # noqa: E402
+from fcnify.dense import resolve_model  # noqa: E402
+from fcnify.models import card_for_model_def, find_model  # noqa: E402
+from fcnify.netdef import parse_netdef, read_netdef  # noqa: E402
+from fcnify.onnx_engine import OnnxRunner  # noqa: E402
+from fcnify.onnx_export import Unexportable, export_onnx  # noqa: E402
+from fcnify.runner import CaffeRunner  # noqa: E402
+from fcnify.shapes import pool_geometry  # noqa: E402
+from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
+
+from conftest import call_fcnify  # noqa: E402
+from nets import vgg16  # noqa: E402
+from onnx_bound import factor, score_tolerance  # noqa: E402
+from realdata import LENET_DEF, LENET_WEIGHTS, mtcnn_net  # noqa: E402
+
+
+def _layer(name: str, type_: str, bottoms, tops, body: str = "") -> str:
+    bottoms = [bottoms] if isinstance(bottoms, str) else bottoms
+    tops = [tops] if isinstance(tops, str) else tops
+    links = "".join(f' bottom: "{b}"' for b in bottoms) + "".join(f' top: "{t}"' for t in tops)
+    return f'layer {{ name: "{name}" type: "{type_}"{links} {body} }}\n'
+
+
+def _input(*dims: int) -> str:
+    return _layer("data", "Input", [], "data",
+                  "input_param { shape { " + " ".join(f"dim: {d}" for d in dims) + " } }")
+
+
+def _models(tmp_path: Path, name: str, text: str, blobs_fix=None) -> tuple[Path, Path, Path]:
+    """The prototxt, seeded weights, and the same weights made absolute (for the bound's A)."""
+    proto = tmp_path / f"{name}.prototxt"
+    proto.write_text(text)
+    netdef = parse_netdef(text, proto)
+    blobs = random_blobs(netdef, seed=3)
+    if blobs_fix:
+        blobs_fix(blobs)
+    paths = []
+    for suffix, bl in (("", blobs), ("_abs", {k: [np.abs(a) for a in v] for k, v in blobs.items()})):
+        path = tmp_path / f"{name}{suffix}.caffemodel"
+        with open(path, "wb") as f:
+            write_weights(f, netdef.param, bl)
+        paths.append(path)
+    return proto, paths[0], paths[1]
+
+
+def _run(runner, proto, weights, x, blobs):
+    with runner.load(proto, weights) as net:
+        return net.forward({"data": x}, blobs)
+
+
+def _check(name: str, caffe: np.ndarray, onnx_out: np.ndarray, bound: np.ndarray | float) -> str | None:
+    """None when every element is within its bound, else what failed."""
+    if caffe.shape != onnx_out.shape:
+        return f"{name}: shape {onnx_out.shape}, Caffe {caffe.shape}"
+    diff = np.abs(caffe.astype(np.float64) - onnx_out.astype(np.float64))
+    excess = diff - bound
+    if (excess > 0).any() or not np.isfinite(onnx_out).all():
+        i = np.unravel_index(int(np.argmax(excess)), diff.shape)
+        return f"{name}: |diff| {diff[i]:.3g} over bound {np.broadcast_to(bound, diff.shape)[i]:.3g} at {i}"
+    return None
+
+
+# ------------------------------------------------------------------ pooling, exactly Caffe's
+
+POOLS = {  # name -> pooling_param: one of Caffe's edge rules each
+    "max_pad": "pool: MAX kernel_size: 3 stride: 2 pad: 1",
+    "ave_pad": "pool: AVE kernel_size: 3 stride: 2 pad: 1",
+    "max_drop_last": "pool: MAX kernel_size: 2 stride: 2 pad: 1",  # last window starts in the padding
+    "ave_drop_last": "pool: AVE kernel_size: 2 stride: 2 pad: 1",
+    "ave_ceil_overhang": "pool: AVE kernel_size: 3 stride: 2",  # last window hangs past the edge
+    "max_ceil_overhang": "pool: MAX kernel_size: 3 stride: 2",
+    "ave_big_pad": "pool: AVE kernel_size: 5 stride: 3 pad: 2",
+    "max_rect": "pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
+    "ave_rect": "pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
+    "max_pad_w_only": "pool: MAX kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
+    "ave_pad_w_only": "pool: AVE kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
+    "ave_floor": "pool: AVE kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR",
+    "max_floor": "pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR",
+    "ave_stride1_pad": "pool: AVE kernel_size: 3 stride: 1 pad: 1",
+    "max_stride1_pad": "pool: MAX kernel_size: 3 stride: 1 pad: 1",
+    "ave_global": "pool: AVE global_pooling: true",
+    "max_global": "pool: MAX global_pooling: true",
+}
+
+
+def test_pooling_matches_caffe_at_every_edge(tmp_path):
+    """MAX pooling equals Caffe's bit for bit; AVE within the bound of its window's sum, at sizes
+    where padding, ceil rounding and dropped last windows all occur, from one graph."""
+    text = _input(1, 3, 5, 5) + "".join(
+        _layer(name, "Pooling", "data", name, f"pooling_param {{ {param} }}") for name, param in POOLS.items())
+    text += _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 1 }")
+    proto, weights, _ = _models(tmp_path, "pools", text)
+    layers = {layer.name: layer for layer in read_netdef(proto).param.layer}
+    failures = []
+    with CaffeRunner().load(proto, weights) as caffe, OnnxRunner().load(proto, weights) as onx:
+        for size in [(5, 5), (6, 7), (8, 9), (13, 11), (16, 16)]:  # one ONNX graph for all sizes
+            x = np.random.default_rng(size[0]).normal(0, 1, (1, 3, *size)).astype(np.float32)
+            a = caffe.forward({"data": x}, list(POOLS))
+            b = onx.forward({"data": x}, list(POOLS))
+            absolute = caffe.forward({"data": np.abs(x)}, list(POOLS))
+            for name, param in POOLS.items():
+                if name.startswith("max"):
+                    bound = 0.0  # a maximum is exact
+                else:  # AVE: a sum of at most kernel-size terms, then one division
+                    kernel = pool_geometry(layers[name].pooling_param, x.shape)[0]
+                    bound = factor(kernel[0] * kernel[1] + 1) * absolute[name]
+                failures.append(_check(f"{name} at {size}", a[name], b[name], bound))
+    assert not [f for f in failures if f], [f for f in failures if f]
+
+
+def test_pooling_divisor_is_caffes_not_onnxs(tmp_path):
+    """At an overhanging edge Caffe divides by the window clipped to the padded input, which is
+    neither of ONNX's count_include_pad rules: the last column proves the export computes it."""
+    text = _input(1, 1, 1, 6) + _layer("pool", "Pooling", "data", "pool",
+                                       "pooling_param { pool: AVE kernel_h: 1 kernel_w: 3 stride_w: 2 "
+                                       "stride_h: 1 pad_w: 1 pad_h: 0 }")
+    proto, weights, _ = _models(tmp_path, "divisor", text)
+    x = np.ones((1, 1, 1, 6), np.float32)
+    got = _run(OnnxRunner(), proto, weights, x, ["pool"])["pool"].ravel()
+    # windows [-1,2) [1,4) [3,6) [5,8): the last is clipped to [5,7) by the padded bound: 1 of 2
+    assert got.tolist() == _run(CaffeRunner(), proto, weights, x, ["pool"])["pool"].ravel().tolist()
+    assert got.tolist() == np.array([2 / 3, 1, 1, 1 / 2], np.float32).tolist()
+
+
+# ------------------------------------------------------------------ the other layers
+
+def _bn_fix(blobs):
+    blobs["bn"][1] = np.abs(blobs["bn"][1]) + 0.5  # a variance
+    blobs["bn"][2] = np.array([4.0], np.float32)  # Caffe divides the stored stats by this
+
+
+OPS = [  # (layer text reading "data", how the bound's A is found, N)
+    ("conv_group_dilated", "Convolution", "convolution_param { num_output: 8 group: 2 kernel_h: 3 "
+     "kernel_w: 5 stride_h: 2 stride_w: 1 pad_h: 1 pad_w: 2 dilation: 2 }", "abs", 3 * 3 * 5 + 1),
+    ("conv_no_bias", "Convolution", "convolution_param { num_output: 4 kernel_size: 1 bias_term: false }",
+     "abs", 7),
+    ("deconv", "Deconvolution", "convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 }",
+     "abs", 6 * 9 + 1),
+    ("ip", "InnerProduct", "inner_product_param { num_output: 7 }", "abs", 6 * 11 * 13 + 1),
+    ("lrn_across", "LRN", "lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 }", "value", 5 + 3),
+    ("lrn_within", "LRN", "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.7 beta: 0.8 }",
+     "value", 9 + 3),
+    ("relu", "ReLU", "", "exact", 0),
+    ("leaky", "ReLU", "relu_param { negative_slope: 0.1 }", "exact", 0),
+    ("prelu", "PReLU", "", "exact", 0),
+    ("prelu_shared", "PReLU", "prelu_param { channel_shared: true }", "exact", 0),
+    ("elu", "ELU", "elu_param { alpha: 0.7 }", "elu", 4),
+    ("sigmoid", "Sigmoid", "", "value", 4),
+    ("tanh", "TanH", "", "value", 4),
+    ("absval", "AbsVal", "", "exact", 0),
+    ("power", "Power", "power_param { power: 2 scale: 0.5 shift: 1 }", "value", 4),
+    ("softmax", "Softmax", "", "value", 6 + 4),
+    ("softmax_axis2", "Softmax", "softmax_param { axis: 2 }", "value", 11 + 4),
+    ("softmax_neg", "Softmax", "softmax_param { axis: -1 }", "value", 13 + 4),
+]
+
+
+def test_layers_match_caffe(tmp_path):
+    """Grouped dilated conv, deconv, InnerProduct, LRN both ways, (P)ReLU, ELU, Power, Softmax axes,
+    Eltwise, Concat, Split, Dropout and BatchNorm+Scale: each within its float32 bound of Caffe."""
+    text = _input(2, 6, 11, 13) + "".join(_layer(n, t, "data", n, body) for n, t, body, _, _ in OPS)
+    text += (_layer("sum", "Eltwise", ["data", "relu"], "sum", "eltwise_param { operation: SUM coeff: 0.5 "
+                                                               "coeff: -2 }")
+             + _layer("prod", "Eltwise", ["data", "absval"], "prod", "eltwise_param { operation: PROD }")
+             + _layer("max", "Eltwise", ["data", "absval", "relu"], "max", "eltwise_param { operation: MAX }")
+             + _layer("cat", "Concat", ["data", "relu", "leaky"], "cat")
+             + _layer("cat_w", "Concat", ["data", "relu"], "cat_w", "concat_param { axis: 3 }")
+             + _layer("split", "Split", "cat", ["cat_a", "cat_b"])
+             + _layer("drop", "Dropout", "cat_a", "cat_a")
+             + _layer("bn", "BatchNorm", "data", "bn")
+             + _layer("sc", "Scale", "bn", "sc", "scale_param { bias_term: true }"))
+    proto, weights, abs_weights = _models(tmp_path, "ops", text, _bn_fix)
+    x = np.random.default_rng(7).normal(0, 1, (2, 6, 11, 13)).astype(np.float32)
+    names = [n for n, *_ in OPS] + ["sum", "prod", "max", "cat", "cat_w", "cat_a", "cat_b", "bn", "sc"]
+    a = _run(CaffeRunner(), proto, weights, x, names)
+    b = _run(OnnxRunner(), proto, weights, x, names)
+    absolute = _run(CaffeRunner(), proto, abs_weights, np.abs(x), names)
+    bounds = {}
+    for name, _, _, kind, n in OPS:
+        bounds[name] = {"abs": lambda: factor(n) * absolute[name], "exact": lambda: 0.0,
+                        # a formula of a few roundings per element, relative to its value (LRN's
+                        # and Softmax's sums are of positive terms); 2: an input error scaled by
+                        # at most 1 + beta < 2
+                        "value": lambda: factor(n) * 2 * np.abs(a[name]),
+                        # alpha * (exp(x) - 1): the terms are alpha * exp(x) and alpha
+                        "elu": lambda: factor(n) * (np.abs(a[name]) + 0.7 * (1 + np.exp(np.minimum(x, 0))))
+                        }[kind]()
+    bounds["sum"] = factor(3) * (0.5 * np.abs(x) + 2 * np.abs(a["relu"]))
+    # products of the same floats, maxima and copies of exact results are exact
+    bounds.update({"prod": 0.0, "max": 0.0, "cat": 0.0, "cat_w": 0.0, "cat_a": 0.0, "cat_b": 0.0})
+    p = read_weights(weights)
+    mean, var = (np.asarray(p["bn"].blobs[i], np.float64).reshape(1, 6, 1, 1) / 4 for i in (0, 1))
+    std = np.sqrt(var + 1e-5)
+    bounds["bn"] = factor(4) * (np.abs(x) + np.abs(mean)) / std
+    s, t = (np.abs(np.asarray(p["sc"].blobs[i], np.float64)).reshape(1, 6, 1, 1) for i in (0, 1))
+    bounds["sc"] = s * bounds["bn"] + factor(3) * (s * np.abs(a["bn"]) + t)
+    failures = [f for f in (_check(n, a[n], b[n], bounds[n]) for n in names) if f]
+    assert not failures, failures
+
+
+def test_unsupported_layer_refused_by_name(tmp_path):
+    """A layer type without an exact ONNX form: one line naming it, exit 2, nothing written."""
+    text = _input(1, 3, 8, 8) + _layer("crop_me", "Crop", ["data", "data"], "crop")
+    proto, weights, _ = _models(tmp_path, "crop", text)
+    out = tmp_path / "crop.onnx"
+    run = call_fcnify("export", proto, "--weights", weights, "--out", out)
+    assert run.code == 2, run
+    assert len(run.err.strip().splitlines()) == 1
+    assert "layer 'crop_me'" in run.err and "'Crop'" in run.err and "no exact ONNX form" in run.err
+    assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
+
+
+def test_setting_without_onnx_form_refused(tmp_path):
+    """BatchNorm on batch statistics has no ONNX form of Caffe's: refused naming the layer."""
+    text = _input(1, 3, 8, 8) + _layer("bn_batch", "BatchNorm", "data", "bn",
+                                       "batch_norm_param { use_global_stats: false }")
+    proto, weights, _ = _models(tmp_path, "bn", text)
+    with pytest.raises(Unexportable, match="bn_batch.*use_global_stats"):
+        OnnxRunner().load(proto, weights)
+
+
+def test_unwritable_output_one_line(tmp_path):
+    """An --out in a missing or read-only folder, or an existing file: one line, exit 2."""
+    for out in (tmp_path / "missing" / "d.onnx", Path("/proc/d.onnx")):
+        run = call_fcnify("export", "digits", "--out", out)
+        assert run.code == 2 and len(run.err.strip().splitlines()) == 1, run
+        assert not out.exists()
+    existing = tmp_path / "d.onnx"
+    existing.write_text("keep")
+    run = call_fcnify("export", "digits", "--out", existing)
+    assert run.code == 2 and "--force" in run.err
+    assert existing.read_text() == "keep"
+
+
+# ------------------------------------------------------------------ whole nets, checked against Caffe
+
+def _export(tmp_path: Path, proto: Path, weights: Path, name: str):
+    card = card_for_model_def(proto, weights)
+    result = export_onnx(card, tmp_path / f"{name}.onnx")
+    assert result.report is not None and result.report.equivalent, result.report
+    assert result.report.params_checked > 0 and not result.report.params_mismatched
+    onnx.checker.check_model(str(result.path), full_check=True)
+    return result
+
+
+def test_caffenet_one_file_any_size(caffenet, tmp_path):
+    """CaffeNet's export passes verify against Caffe; the one file maps 227, 451 and 355 x 611 px
+    inputs as Caffe's converted net does, within the float32 bound of its fc8 scores
+    (scripts/bench_dense.py runs it up to 1795 px)."""
+    proto, weights = caffenet
+    result = _export(tmp_path, proto, weights, "caffenet")
+    assert result.converted and result.inputs == {"data": ["N", 3, "H", "W"]}
+    files = convert(proto, weights, tmp_path / "caffenet", check=False).outputs
+    fcn_def, fcn_weights = files["prototxt"], files["caffemodel"]
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    fc8 = read_weights(fcn_weights)["fc8-conv"].blobs
+    fc8 = [np.asarray(fc8[0]).reshape(1000, 4096), np.asarray(fc8[1])]
+    with CaffeRunner().load(fcn_def, fcn_weights) as caffe:
+        for (h, w), cells in (((227, 227), (1, 1)), ((451, 451), (8, 8)), ((355, 611), (5, 13))):
+            x = np.random.default_rng(h).normal(0, 60, (1, 3, h, w)).astype(np.float32)
+            a = caffe.forward({"data": x}, ["fc8-conv", "fc7-conv"])
+            (b,) = session.run(["fc8-conv"], {"data": x})
+            assert b.shape == (1, 1000, *cells)
+            bound = score_tolerance(fcn_def, fc8, "fc8-conv", a["fc7-conv"], "fc8-conv",
+                                    {"data": x.shape})
+            assert _check(f"fc8 at {h}x{w}", a["fc8-conv"], b, bound) is None
+
+
+def test_googlenet_and_vgg16_match_caffe(caffe_root, tmp_path):
+    """GoogLeNet (Caffe's prototxt: inception Concat, stride-1 padded pooling, LRN, AVE pool) and
+    VGG-16 (channels / 8, 64 px), seeded weights, exported and checked against Caffe."""
+    proto = caffe_root / "models" / "bvlc_googlenet" / "deploy.prototxt"
+    weights = write_random_caffemodel(read_netdef(proto), tmp_path / "googlenet.caffemodel", seed=2)
+    assert _export(tmp_path, proto, weights, "googlenet").converted
+    vgg = tmp_path / "vgg16.prototxt"
+    vgg.write_text(vgg16(width=8, size=64))
+    vgg_weights = write_random_caffemodel(read_netdef(vgg), tmp_path / "vgg16.caffemodel", seed=4)
+    assert _export(tmp_path, vgg, vgg_weights, "vgg16").converted
+
+
+EDGES_NET = (  # AVE pooling hanging over the edge, LRN WITHIN_CHANNEL, dilation, then a classifier
+    _input(1, 3, 37, 37)
+    + _layer("conv1", "Convolution", "data", "conv1",
+             "convolution_param { num_output: 8 kernel_size: 3 dilation: 2 }")
+    + _layer("relu1", "ReLU", "conv1", "conv1")
+    + _layer("norm1", "LRN", "conv1", "norm1",
+             "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.5 beta: 0.75 }")
+    + _layer("pool1", "Pooling", "norm1", "pool1", "pooling_param { pool: AVE kernel_size: 3 stride: 2 }")
+    + _layer("pool2", "Pooling", "pool1", "pool2", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")
+    + _layer("fc", "InnerProduct", "pool2", "fc", "inner_product_param { num_output: 10 }")
+    + _layer("prob", "Softmax", "fc", "prob"))
+
+
+def test_edge_net_matches_caffe(tmp_path):
+    """A net whose AVE pools overhang the edge (33 -> 16 -> 8 px, ceil), with LRN WITHIN_CHANNEL and
+    dilation, exported and checked against Caffe."""
+    proto, weights, _ = _models(tmp_path, "edges", EDGES_NET)
+    _export(tmp_path, proto, weights, "edges")
+
+
+def test_real_nets_match_caffe(tmp_path):
+    """LeNet (trained on MNIST) and MTCNN's three nets (PReLU; P-Net already fully convolutional)."""
+    assert _export(tmp_path, LENET_DEF, LENET_WEIGHTS, "lenet").converted
+    for n in (1, 2, 3):
+        result = _export(tmp_path, *mtcnn_net(n), f"det{n}")
+        assert result.converted == (n != 1)
+
+
+def test_metadata_carries_the_card(tmp_path):
+    """The card's preprocessing and labels, and the map's geometry, are in the ONNX metadata."""
+    card = find_model("digits")
+    out = tmp_path / "digits.onnx"
+    run = call_fcnify("export", "digits", "--out", out)
+    assert run.code == 0, run
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["fcnify.preprocess"]) == card.preprocess.to_dict()
+    labels = card.load_labels(11)
+    assert json.loads(meta["fcnify.labels"]) == list(labels.names)
+    assert json.loads(meta["fcnify.geometry"])["stride"] == [4, 4]
+    assert meta["fcnify.score_blob"] == "ip2-conv" and meta["fcnify.input_blob"] == "data"
+    # the converted card exports to the same model
+    fcn = convert(card.model_def, card.weights, tmp_path / "digits", card=card).outputs["card"]
+    again = tmp_path / "again.onnx"
+    assert call_fcnify("export", fcn, "--out", again).code == 0
+    x = np.random.default_rng(0).normal(0, 1, (1, 1, 60, 50)).astype(np.float32)
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["ip2-conv"], {"data": x})
+            for p in (out, again)]
+    assert np.array_equal(runs[0][0], runs[1][0])
+
+
+def test_card_options_resolve(tmp_path):
+    """NET as a prototxt needs --weights (usage error, exit 2)."""
+    run = call_fcnify("export", LENET_DEF, "--out", tmp_path / "l.onnx")
+    assert run.code == 2 and "--weights" in run.err
+    assert resolve_model(card=find_model("digits").card_path).name == "digits"
