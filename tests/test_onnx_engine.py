@@ -16,7 +16,9 @@ from fcnify.planner import estimate  # noqa: E402
 from fcnify.runner import CaffeRunner  # noqa: E402
 
 from conftest import REPO, call_fcnify, run_fcnify  # noqa: E402
-from onnx_bound import score_tolerance  # noqa: E402
+from fcnify.bound import score_layer, within  # noqa: E402
+from fcnify.caffemodel import read_weights  # noqa: E402
+from fcnify.netdef import read_netdef  # noqa: E402
 
 SCENE = REPO / "prototxt" / "digits" / "scene.png"
 
@@ -52,11 +54,10 @@ def test_dense_map_matches_caffe_engine(digits_fcn):
     a, _, bottom, _ = _scores("caffe", card, rgb)
     b, info, _, _ = _scores("onnx", card, rgb)
     assert info["mode"] == "whole" and a.shape == b.shape == (11, 114, 154)
-    from fcnify.caffemodel import read_weights
-    w = read_weights(digits_fcn["caffemodel"])["ip2-conv"].blobs  # the same transplant
-    bound = score_tolerance(digits_fcn["prototxt"], [np.asarray(w[0]).reshape(11, -1), np.asarray(w[1])], "ip2-conv",
-                            bottom, "ip2-conv", {"data": (1, 1, 480, 640)})[0]
-    assert (np.abs(a.astype(np.float64) - b) <= bound).all(), float((np.abs(a - b) / bound).max())
+    scores = score_layer(read_netdef(digits_fcn["prototxt"]).param, "ip2-conv",
+                         read_weights(digits_fcn["caffemodel"]))  # the same transplant
+    ok, used = within(a, b, scores.tolerance(bottom)[0])
+    assert ok, f"{used:.2f} of the bound"
 
 
 def test_tiles_and_budget_use_onnx_memory(digits_fcn):
@@ -80,11 +81,9 @@ def test_tiles_and_budget_use_onnx_memory(digits_fcn):
         below = next(l for l in model.netdef.param.layer if model.score_blob in l.top).bottom[0]
         x = card.preprocess.apply(rgb)[None]
         bottom = model.net.forward({model.input_blob: x}, [below])[below]
-        from fcnify.caffemodel import read_weights
-        w = read_weights(card.weights)["ip2-conv"].blobs
-        bound = score_tolerance(card.model_def, [np.asarray(w[0]).reshape(11, -1), np.asarray(w[1])],
-                                "ip2-conv", bottom, "ip2-conv", {"data": x.shape})[0]
-        assert (np.abs(tiled.astype(np.float64) - whole) <= bound).all()
+        scores = score_layer(model.netdef.param, model.score_blob, read_weights(card.weights))
+        ok, used = within(whole, tiled, scores.tolerance(bottom)[0])
+        assert ok, f"{used:.2f} of the bound"
     finally:
         model.close()
 

@@ -608,15 +608,21 @@ def check_against_caffe(card, net, params: dict, onnx_file: Path, samples: int =
     """verify.py's comparison: the card's net in Caffe (as given, before any conversion)
     against the ONNX file in ONNX Runtime, scores before Softmax and outputs, plus every
     initializer against the parameters that went in."""
+    from .bound import score_layer
     from .engines import make_engine
+    from .errors import ConversionError
     from .geometry import output_blobs, score_blob
     from .netdef import read_netdef
     from .onnx_engine import OnnxFileNet
     from .verify import verify
     original = read_netdef(card.model_def).param
+    try:
+        scores = score_layer(original, score_blob(original), read_weights(card.weights))
+    except ValueError as exc:
+        raise ConversionError(f"cannot check the export: {exc}", card.model_def) from None
     blob, shape = next(iter(input_shapes(original).items()))
     pairs = list(dict.fromkeys([(score_blob(original), score_blob(net)),
                                 (output_blobs(original)[-1], output_blobs(net)[-1])]))
     with make_engine("caffe").load(card.model_def, card.weights) as a, OnnxFileNet(onnx_file) as b:
         return verify(a, b, blob, (1,) + tuple(shape[1:]), pairs, card.preprocess, params,
-                      samples=samples)
+                      samples=samples, scores=scores)
