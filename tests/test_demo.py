@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -79,7 +80,9 @@ def test_demo_command(tmp_path):
     """`fcnify demo` runs end to end, explains itself and writes the pictures."""
     run = run_fcnify("demo", "--out", tmp_path / "demo", env={"FCNIFY_MODELS": str(tmp_path / "none")})
     assert run.code == 0, run.err
-    assert "EQUIVALENT" in run.out and "ground truth" in run.out
+    # "EQUIVALENT" alone would also match "NOT EQUIVALENT"
+    assert re.search(r"^\s*result: EQUIVALENT\b", run.out, re.M), run.out
+    assert "NOT EQUIVALENT" not in run.out and "ground truth" in run.out
     assert "CaffeNet: skipped" in run.out and "fcnify fetch caffenet" in run.out
     for name in ("scene.heatmap.png", "scene.argmax.png", "scene.scores.npy", "digits_full_conv.caffemodel"):
         assert (tmp_path / "demo" / name).is_file()

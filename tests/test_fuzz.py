@@ -11,8 +11,8 @@ which the contract allows, but each one is a check fcnify's validation
 missed: they are counted, printed, and fail the test.
 
 Hypothesis is derandomized (a fixed seed, no example database) and bounded;
-the three tests together run at least MIN_CASES cases, and each prints how
-its cases ended. Run alone, this file runs the same cases every time; Hypothesis
+each test asserts that it ran its full number of cases (2000 in all) and
+prints how its cases ended. Run alone, this file runs the same cases every time; Hypothesis
 also mixes in constants from the modules loaded at the time, so after other
 tests in the same process a few of the cases differ. FCNIFY_FUZZ_SCALE=N runs
 N times as many.
@@ -42,7 +42,6 @@ CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 PROTOTXTS = {p.name: p.read_text() for p in sorted(CORPUS.glob("*.prototxt"))}
 CAFFEMODELS = {p.name: p.read_bytes() for p in sorted(CORPUS.glob("*.caffemodel"))}
 CAFFEMODEL = CAFFEMODELS["tiny.caffemodel"]
-MIN_CASES = 500
 # FCNIFY_FUZZ_SCALE=10 runs ten times as many cases (a longer hunt than CI's).
 SCALE = float(os.environ.get("FCNIFY_FUZZ_SCALE", "1"))
 FUZZ = dict(derandomize=True, database=None, deadline=None, print_blob=True,
@@ -466,10 +465,3 @@ def test_fuzz_convert_on_mutated_caffemodel(capsys):
     finally:
         tally.show(capsys)
     assert tally.total >= int(500 * SCALE)
-
-
-def test_fuzz_ran_enough_cases():
-    """The fuzz tests above ran at least MIN_CASES cases in all (when run together)."""
-    total = sum(t.total for t in RESULTS.values())
-    if len(RESULTS) == 3:
-        assert total >= MIN_CASES * SCALE, f"only {total} fuzz cases ran"

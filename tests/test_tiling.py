@@ -13,7 +13,9 @@ from fcnify.geometry import map_geometry, map_size
 from fcnify.images import resize
 from fcnify.models import card_for_model_def
 from fcnify.netdef import parse_netdef
-from fcnify.planner import HEADROOM, SPEED_CAP, estimate
+from fcnify.errors import ResourceError
+from fcnify.planner import HEADROOM, SPEED_CAP, estimate, fits, largest_square
+from fcnify.shapes import INT_MAX
 from fcnify.tiling import min_tile, plan
 
 from bounds import map_bound
@@ -164,13 +166,24 @@ def test_speed_cap_tiles_large_passes(caffenet_fcn):
 
 
 def test_int_max_forces_tiling(caffenet_fcn):
-    """An input whose conv1 blob would pass INT_MAX is tiled instead of aborting Caffe."""
+    """An input whose blob or im2col buffer would pass INT_MAX never runs in one pass.
+
+    The budget is unlimited and the speed cap off, so only the INT_MAX rule can
+    refuse these sizes: CaffeNet's conv2 im2col buffer (96*5*5 rows x the conv2
+    cells) passes INT_MAX at about 7570 px, its largest blob (conv1) at about
+    18900 px.
+    """
     net = caffenet_fcn.netdef.param
-    n = 9000  # conv1: 96 x 2248 x 2248 = 485M values fits, but the im2col rows do not matter here
-    from fcnify.errors import ResourceError
-    huge = 40000
+    unlimited = 1 << 50
+    assert estimate(net, 7000, 7000).largest_buffer < INT_MAX < estimate(net, 7600, 7600).largest_buffer
+    assert estimate(net, 7600, 7600).largest_blob < INT_MAX
+    assert fits(net, 7000, 7000, unlimited, speed_cap=None)
+    assert not fits(net, 7600, 7600, unlimited, speed_cap=None)
+    assert not fits(net, 19500, 19500, unlimited, speed_cap=None)  # conv1's blob itself
     with pytest.raises(ResourceError, match="INT_MAX"):
-        estimate(net, huge, huge)
-    tiles, tile_size = caffenet_fcn.plan(huge, huge, budget=3 << 30)
-    assert len(tiles) > 1 and max(tile_size) < huge
-    assert estimate(net, n // 10, n // 10).largest_blob < 2**31 - 1
+        estimate(net, 19500, 19500)
+    side = largest_square(net, unlimited, 32, 355, 20000, speed_cap=None)
+    assert 7000 < side < 7600
+    assert estimate(net, side, side).largest_buffer <= INT_MAX < estimate(net, side + 32, side + 32).largest_buffer
+    tiles, tile_size = caffenet_fcn.plan(40000, 40000, budget=3 << 30)
+    assert len(tiles) > 1 and fits(net, *tile_size, 3 << 30)

@@ -37,6 +37,7 @@ class MemoryEstimate:
     io: int = 0  # the input and output arrays on their way in and out of the worker
     base: int = WORKER_BASE  # the engine's own memory before any net
     slack: float = SLACK  # measured activations / modelled ones
+    largest_buffer: int = 0  # elements of the largest im2col buffer (a Blob too: INT_MAX applies)
 
     @property
     def activations(self) -> int:
@@ -61,7 +62,7 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
         raise
     blobs = sum(count(s) for s in shapes.blobs.values()) * FLOAT
     largest = max(shapes.blobs.items(), key=lambda kv: count(kv[1]))
-    buffers = 0
+    buffers = largest_buffer = 0
     for layer, ls in zip((l for l in net.layer), shapes.layers):
         if ls.type == "Convolution" and ls.bottoms:
             p = layer.convolution_param
@@ -70,6 +71,7 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
                 # Caffe sizes the buffer kernel_dim * group rows: all input channels, even when grouped
                 col = ls.bottoms[0][1] * count(tuple(kernel)) * count(ls.tops[0][2:])
                 buffers += col * FLOAT
+                largest_buffer = max(largest_buffer, col)
         elif ls.type == "Pooling" and layer.pooling_param.pool == 0 and len(ls.tops) == 1:
             buffers += count(ls.tops[0]) * FLOAT  # max indices
         elif ls.type == "LRN":
@@ -77,7 +79,8 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
     params = sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT
     outputs = [shapes.blobs[b] for b in _outputs(net)]
     io = 2 * (count(shape) + sum(count(o) for o in outputs)) * FLOAT
-    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0], io)
+    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0], io,
+                          largest_buffer=largest_buffer)
 
 
 def _outputs(net) -> list[str]:
@@ -133,14 +136,20 @@ Memory = Callable[..., MemoryEstimate]  # (net, height, width): an engine's memo
 def fits(net, height: int, width: int, budget: int, speed_cap: int | None = SPEED_CAP,
          memory: Memory | None = None) -> bool:
     """Whether one forward pass of height x width stays within the budget (and the speed cap),
-    by the running engine's memory model (default: Caffe's)."""
+    by the running engine's memory model (default: Caffe's).
+
+    Caffe aborts when any Blob passes INT_MAX elements: the net's blobs (estimate
+    raises for those) and each convolution's im2col buffer, which for a
+    many-channel input is several times larger than any blob (CaffeNet's conv2
+    buffer passes INT_MAX at about 7600 px, its largest blob at about 18900 px).
+    """
     try:
         est = (memory or estimate)(net, height, width)
     except ResourceError:
         return False
     if speed_cap is not None and est.activations > speed_cap:
         return False
-    return est.total <= budget * HEADROOM and est.largest_blob <= INT_MAX
+    return est.total <= budget * HEADROOM and max(est.largest_blob, est.largest_buffer) <= INT_MAX
 
 
 def largest_square(net, budget: int, stride: int, start: int, limit: int,
