@@ -7,6 +7,11 @@ version, numpy major) and caches the result outside the checkout. A second run
 finds everything in place and finishes in seconds. A pycaffe the user already
 has is re-used instead of building one (FCNIFY_CAFFE=auto, the default).
 
+On a cold machine the two long steps overlap: once numpy is in the new
+virtualenv (the build compiles against its headers), Caffe compiles in the
+background while pip installs the rest, with numpy pinned so that it stays
+the version the build saw. They meet at the final `import caffe` check.
+
 Environment:
   FCNIFY_CAFFE   auto (default: re-use an importable pycaffe, else build),
                  build (always use fcnify's own cached build),
@@ -31,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +131,20 @@ def choose_caffe(mode: str, existing: str | None, cached_ok: bool) -> str:
     if cached_ok:
         return "cache"
     return "existing" if existing is not None else "cache"
+
+
+def build_alongside_pip(mode: str, cached_ok: bool, findable: bool) -> bool:
+    """Whether to compile Caffe while pip installs the project, before the full virtualenv exists.
+
+    Only when the build is sure to be needed: no complete cached build, and
+    no other pycaffe to re-use. Whether the user's pycaffe works can only be
+    tried once pip has installed what it imports (six, scikit-image, ...), so
+    in auto mode a pycaffe that can merely be found (`findable`) keeps the old
+    order: pip first, then the import decides, then a build only if needed.
+    """
+    if cached_ok or mode == "existing":
+        return False
+    return mode == "build" or not findable
 
 
 def parse_mirror(sources: dict[str, str]) -> str:
@@ -299,19 +320,53 @@ def ensure_venv(venv: Path, base_python: str) -> Path:
     return py
 
 
-def ensure_project(py: Path, venv: Path, extras: str) -> None:
-    """pip install -e . with extras, skipped while pyproject.toml is unchanged."""
-    pyproject = REPO / "pyproject.toml"
-    digest = hashlib.sha256(pyproject.read_bytes() + extras.encode() + str(REPO).encode()).hexdigest()
+CONSTRAINTS = REPO / "scripts" / "constraints.txt"
+
+
+def project_installed(py: Path, venv: Path, extras: str) -> bool:
+    """True when pip already installed this pyproject.toml with these extras (and it imports)."""
     stamp = venv / "fcnify-installed.sha256"
-    if stamp.is_file() and stamp.read_text().strip() == digest:
-        if subprocess.run([str(py), "-c", "import fcnify, numpy"], capture_output=True).returncode == 0:
-            return
-    log(f"installing fcnify[{extras}] into {venv}")
-    run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    if not (stamp.is_file() and stamp.read_text().strip() == _project_digest(extras)):
+        return False
+    return subprocess.run([str(py), "-c", "import fcnify, numpy"], capture_output=True).returncode == 0
+
+
+def _project_digest(extras: str) -> str:
+    pyproject = REPO / "pyproject.toml"
+    return hashlib.sha256(pyproject.read_bytes() + extras.encode() + str(REPO).encode()).hexdigest()
+
+
+def ensure_numpy(py: Path) -> None:
+    """numpy alone, first: the Caffe build needs its headers, and nothing else from pip."""
+    if subprocess.run([str(py), "-c", "import numpy"], capture_output=True).returncode == 0:
+        return
+    log("installing numpy into the virtualenv (the Caffe build compiles against it)")
+    run([str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "numpy"])
+
+
+def pip_install_command(py: Path, extras: str, pins_file: Path | None = None) -> list[str]:
+    """pip install -e .[extras] under constraints.txt, and `pins_file` when given."""
     target = f".[{extras}]" if extras else "."
-    run([str(py), "-m", "pip", "install", "-q", "-c", str(REPO / "scripts" / "constraints.txt"), "-e", target], cwd=REPO)
-    stamp.write_text(digest + "\n")
+    pinned = ["-c", str(pins_file)] if pins_file else []
+    return [str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), *pinned, "-e", target]
+
+
+def ensure_project(py: Path, venv: Path, extras: str, pins: list[str] | None = None) -> None:
+    """pip install -e . with extras, skipped while pyproject.toml is unchanged.
+
+    `pins` are extra constraints: numpy==<the version Caffe is being built
+    against>, so that pip cannot swap numpy under a running build.
+    """
+    if project_installed(py, venv, extras):
+        return
+    pins = pins or []
+    log(f"installing fcnify[{extras}] into {venv}" + (f" (pinned: {' '.join(pins)})" if pins else ""))
+    run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    pins_file = venv / "fcnify-pins.txt" if pins else None
+    if pins_file:
+        pins_file.write_text("".join(f"{p}\n" for p in pins))
+    run(pip_install_command(py, extras, pins_file), cwd=REPO)
+    (venv / "fcnify-installed.sha256").write_text(_project_digest(extras) + "\n")
 
 
 def python_info(py: Path) -> dict:
@@ -326,21 +381,41 @@ def python_info(py: Path) -> dict:
     return json.loads(out)
 
 
-def find_existing_pycaffe(py: Path, pth: Path) -> str | None:
-    """Path of a pycaffe the interpreter imports without fcnify's own .pth, or None."""
+@contextmanager
+def _without(pth: Path):
+    """fcnify's own .pth moved aside for the duration, so its build never counts as the user's."""
     hidden = pth.with_suffix(".pth.off")
     moved = False
     if pth.exists():
         pth.rename(hidden)
         moved = True
     try:
-        proc = subprocess.run([str(py), "-c", "import caffe, sys; sys.stdout.write(caffe.__file__)"],
-                              capture_output=True, text=True, cwd="/",
-                              env=dict(os.environ, GLOG_minloglevel="2"))
+        yield
     finally:
         if moved:
             hidden.rename(pth)
+
+
+def _caffe_probe(py: Path, pth: Path, code: str) -> str | None:
+    with _without(pth):
+        proc = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd="/",
+                              env=dict(os.environ, GLOG_minloglevel="2"))
     return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def find_existing_pycaffe(py: Path, pth: Path) -> str | None:
+    """Path of a pycaffe the interpreter imports without fcnify's own .pth, or None."""
+    return _caffe_probe(py, pth, "import caffe, sys; sys.stdout.write(caffe.__file__)")
+
+
+def findable_pycaffe(py: Path, pth: Path) -> str | None:
+    """Where a `caffe` package would be imported from (without importing it), or None.
+
+    Works before pip has installed what pycaffe imports, so it can tell early
+    that no user pycaffe exists and the build may start at once.
+    """
+    return _caffe_probe(py, pth, "import importlib.util, sys; s = importlib.util.find_spec('caffe'); "
+                                 "sys.stdout.write(s.origin or '' if s else '')")
 
 
 def build_key(info: dict, cuda: bool) -> BuildKey:
@@ -533,16 +608,28 @@ def setup(args: argparse.Namespace) -> dict:
     if cuda and not nvcc_major():
         raise SetupError("FCNIFY_CUDA=1 but no nvcc found (PATH or /usr/local/cuda); "
                          "install a CUDA toolkit or unset FCNIFY_CUDA")
-    ensure_packages(packages)
-    source = fetch_source(cache)
+    timed = Timer()
+    timed("apt", ensure_packages, packages)
+    source = timed("caffe source", fetch_source, cache)
     descriptor = generate_descriptor(cache, source)
     py = ensure_venv(venv, base_python)
-    ensure_project(py, venv, extras)
+    timed("numpy", ensure_numpy, py)
     info = python_info(py)
     pth = Path(info["purelib"]) / "fcnify-caffe.pth"
     key = build_key(info, cuda)
     cached_ok = (cache / key.name / ".fcnify-build-complete").is_file()
     cuda_libs = ensure_cuda_libs(py, cache, cuda_toolkit_root(), nvcc_major() or "") if cuda else None
+    findable = mode != "build" and not cached_ok and findable_pycaffe(py, pth) is not None
+    if not project_installed(py, venv, extras) and build_alongside_pip(mode, cached_ok, findable):
+        log("compiling Caffe while pip installs the rest")
+        pins = [f"numpy=={info['numpy']}"]
+        overlap(lambda: timed("pycaffe build", build_caffe, cache, source, key, info, py, cuda, cuda_libs),
+                lambda: timed("pip", ensure_project, py, venv, extras, pins))
+    else:
+        timed("pip", ensure_project, py, venv, extras)
+    info = python_info(py)  # pip may have changed numpy when nothing was pinned: the key follows it
+    key = build_key(info, cuda)
+    cached_ok = (cache / key.name / ".fcnify-build-complete").is_file()
     existing = None if mode == "build" else find_existing_pycaffe(py, pth)
     choice = choose_caffe(mode, existing, cached_ok)
     if choice == "existing":
@@ -550,7 +637,7 @@ def setup(args: argparse.Namespace) -> dict:
         pycaffe = str(Path(existing).parent.parent) if existing else None
         log(f"re-using the existing pycaffe at {existing} (FCNIFY_CAFFE=build to build fcnify's own)")
     else:
-        python_dir = build_caffe(cache, source, key, info, py, cuda, cuda_libs)
+        python_dir = timed("pycaffe build", build_caffe, cache, source, key, info, py, cuda, cuda_libs)
         pth.write_text(str(python_dir) + "\n")
         pycaffe = str(python_dir)
     marker = {"mode": choice, "key": key.name, "pycaffe": pycaffe,
@@ -565,7 +652,42 @@ def setup(args: argparse.Namespace) -> dict:
     caffe_info = json.loads(check.stdout)
     marker.update(caffe_version=caffe_info["version"], layer_types=caffe_info["layer_types"])
     write_marker(venv, marker)
+    if timed.seconds:
+        log("time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in timed.seconds.items()))
     return marker
+
+
+class Timer:
+    """Calls a step and adds its wall time under a name (steps may run in two threads)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        t0 = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            spent = time.monotonic() - t0
+            if spent >= 1.0:
+                self.seconds[name] = self.seconds.get(name, 0.0) + spent
+
+
+def overlap(build, install):
+    """Run `build` in a thread while `install` runs here; return build's result.
+
+    Both wait on subprocesses (make, pip), so a thread is enough. If pip fails,
+    the build is still let finish: it is cached, and the next run needs it.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        built = pool.submit(build)
+        try:
+            install()
+        except BaseException:
+            if not built.done():
+                log("pip failed; waiting for the Caffe build to finish (it is cached for the next run)")
+            raise
+        return built.result()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,11 +140,18 @@ def test_patches_apply_to_fetched_source(tmp_path, caffe_root):
 
 
 def test_import_caffe_from_root():
-    """The virtualenv's interpreter imports caffe from any directory (here: /)."""
+    """The virtualenv's interpreter imports, from any directory (here: /), the pycaffe set-up chose."""
     proc = subprocess.run([sys.executable, "-c", "import caffe; print(caffe.__file__)"], cwd="/",
                           capture_output=True, text=True, env={"GLOG_minloglevel": "2", "PATH": "/usr/bin"})
     assert proc.returncode == 0, proc.stderr
-    assert "caffe" in proc.stdout
+    marker = json.loads((Path(sys.prefix) / bootstrap.MARKER_NAME).read_text())
+    imported = Path(proc.stdout.strip())
+    assert imported.name == "__init__.py" and imported.parent.name == "caffe"
+    assert imported.parent.parent == Path(marker["pycaffe"]), (imported, marker["pycaffe"])
+    if marker["mode"] == "cache":  # fcnify's own build, put on the path by its .pth file
+        pth = Path(bootstrap.python_info(Path(sys.executable))["purelib"]) / "fcnify-caffe.pth"
+        assert pth.read_text().strip() == marker["pycaffe"]
+        assert (imported.parent / "_caffe.so").exists()
 
 
 def test_doctor_reports_cpu_openblas():
@@ -182,3 +189,89 @@ def test_doctor_with_broken_pycaffe(tmp_path):
     assert run.code == 2
     assert "pycaffe: BROKEN" in run.out and "this pycaffe is broken" in run.out
     assert "Traceback" not in run.out + run.err
+
+
+# ------------------------------------------------------------------ the cold path: pip while Caffe compiles
+
+@pytest.mark.parametrize("mode,cached,findable,expected", [
+    ("auto", False, False, True),    # nothing to re-use: build now, pip meanwhile
+    ("auto", False, True, False),    # a pycaffe is there: pip first, then try importing it
+    ("auto", True, False, False),    # the cached build is complete: nothing to compile
+    ("build", False, True, True),    # always ours: whatever else is installed
+    ("build", True, False, False),
+    ("existing", False, False, False),  # never builds
+])
+def test_build_alongside_pip(mode, cached, findable, expected):
+    """Caffe compiles during pip only when the build is sure to be needed."""
+    assert bootstrap.build_alongside_pip(mode, cached, findable) is expected
+
+
+def test_overlap_runs_pip_while_the_build_runs():
+    """The build and pip run at the same time: each waits here for a sign of the other."""
+    import threading
+    build_started, pip_started = threading.Event(), threading.Event()
+
+    def build():
+        build_started.set()
+        return pip_started.wait(timeout=20)
+
+    def install():
+        assert build_started.wait(timeout=20), "the build did not start before pip"
+        pip_started.set()
+    assert bootstrap.overlap(build, install) is True
+
+
+def test_overlap_pip_failure_lets_the_build_finish():
+    """A pip failure is raised, but only after the build (cached for the next run) has finished."""
+    import threading
+    import time as _time
+    finished = threading.Event()
+
+    def build():
+        _time.sleep(0.3)
+        finished.set()
+
+    def install():
+        raise bootstrap.SetupError("pip failed")
+    with pytest.raises(bootstrap.SetupError, match="pip failed"):
+        bootstrap.overlap(build, install)
+    assert finished.is_set()
+
+
+def test_overlap_build_failure_is_raised():
+    """A failed build is the set-up's error even when pip worked."""
+    def build():
+        raise bootstrap.SetupError("make failed building Caffe")
+    with pytest.raises(bootstrap.SetupError, match="make failed"):
+        bootstrap.overlap(build, lambda: None)
+
+
+def test_numpy_pinned_while_building(tmp_path, monkeypatch):
+    """pip gets numpy==<the version the build compiles against> as a constraint; unpinned otherwise."""
+    calls = []
+    monkeypatch.setattr(bootstrap, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(bootstrap, "project_installed", lambda py, venv, extras: False)
+    py = tmp_path / "bin" / "python"
+    bootstrap.ensure_project(py, tmp_path, "test", ["numpy==2.4.6"])
+    install = calls[-1]
+    pins = tmp_path / "fcnify-pins.txt"
+    assert pins.read_text() == "numpy==2.4.6\n"
+    assert install[install.index(str(pins)) - 1] == "-c"
+    assert ["-e", ".[test]"] == install[-2:] and str(bootstrap.CONSTRAINTS) in install
+    calls.clear()
+    bootstrap.ensure_project(py, tmp_path, "test")
+    assert str(pins) not in calls[-1] and str(bootstrap.CONSTRAINTS) in calls[-1]
+
+
+def test_findable_but_unimportable_pycaffe(tmp_path, monkeypatch):
+    """A pycaffe that can be found but not imported keeps pip first; it is not re-used as it is."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    pth = tmp_path / "absent.pth"
+    assert bootstrap.findable_pycaffe(py, pth) is None
+    pkg = _fake_pycaffe(tmp_path / "user")
+    (pkg / "__init__.py").write_text("import a_module_pip_has_not_installed_yet\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "user"))
+    assert bootstrap.findable_pycaffe(py, pth) == str(pkg / "__init__.py")
+    assert bootstrap.find_existing_pycaffe(py, pth) is None
