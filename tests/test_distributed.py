@@ -176,9 +176,13 @@ def test_cli_local_workers_and_usage(crops, tmp_path):
     line = json.loads(run.out.strip())
     assert line["ok"] and line["outputs"][0].endswith("crop6.scores.npy")
     assert (out / "crop6.argmax.png").is_file()
-    assert call_fcnify("classify-map", crops[6], "--model", "digits", "--workers", "2").code == 2
-    assert call_fcnify("classify-map", crops[6], "--model", "digits", "--out", out, "--workers", "1",
-                       "--scheduler", "tcp://127.0.0.1:1").code == 2
+    no_out = call_fcnify("classify-map", crops[6], "--model", "digits", "--workers", "2")
+    assert no_out.code == 2 and "give --out DIR" in no_out.err, no_out.err
+    both = call_fcnify("classify-map", crops[6], "--model", "digits", "--out", out, "--workers", "1",
+                       "--scheduler", "tcp://127.0.0.1:1")
+    assert both.code == 2 and "either --scheduler or --workers, not both" in both.err, both.err
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"crop6.{k}" for k in
+                                                           ("scores.npy", "map.json", "heatmap.png", "argmax.png"))
 
 
 def test_tiled_image_spread_over_workers(client, single, card, tmp_path):
