@@ -55,6 +55,12 @@ CUDA_WHEELS = {"13": ("nvidia-cublas==13.1.1.3", "nvidia-curand==10.4.0.35")}
 CUDA_ARCH_BIN = "80 90"  # A100 (sm_80), H100/H200 (sm_90)
 CUDA_ARCH_PTX = "90"
 MARKER_NAME = "fcnify-caffe.json"
+# CPU builds compile Caffe's sources 8 to a file (CMake's unity build): each
+# file parses boost and the 1 MB caffe.pb.h once instead of 8 times, which
+# halves the compiler's CPU time (user 166 s vs ~340 s here). The library is
+# the same: maps of the digits net and of CaffeNet were bit-identical. CUDA
+# builds keep one file per source (nvcc's .cu files were not tried this way).
+UNITY_BUILD = ("-DCMAKE_UNITY_BUILD=ON", "-DCMAKE_UNITY_BUILD_BATCH_SIZE=8")
 
 BUILD_PACKAGES = (
     "build-essential", "cmake", "dpkg-dev", "patch",
@@ -441,7 +447,7 @@ def cmake_args(info: dict, py: Path, cuda: bool, cuda_libs: Path | None = None) 
             f"-DPYTHON_EXECUTABLE={py}", f"-DPYTHON_INCLUDE_DIR={info['include']}",
             f"-DPYTHON_LIBRARY={libpython}", f"-DNUMPY_INCLUDE_DIR={info['numpy_include']}"]
     if not cuda:
-        return args + ["-DCPU_ONLY=ON"]
+        return args + ["-DCPU_ONLY=ON", *UNITY_BUILD]
     return args + cuda_cmake_args(cuda_toolkit_root(), cuda_libs)
 
 

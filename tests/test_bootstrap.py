@@ -88,6 +88,15 @@ def test_cpu_build_has_no_cuda_flags():
     assert "-DCPU_ONLY=ON" in args and not any("CUDA" in a for a in args)
 
 
+def test_unity_build_only_for_cpu(tmp_path, monkeypatch):
+    """The CPU build compiles sources in batches (unity build); the CUDA build does not."""
+    cpu = bootstrap.cmake_args(INFO, Path("/venv/bin/python"), cuda=False)
+    assert "-DCMAKE_UNITY_BUILD=ON" in cpu
+    monkeypatch.setattr(bootstrap, "cuda_toolkit_root", lambda: tmp_path)
+    cuda = bootstrap.cmake_args(INFO, Path("/venv/bin/python"), cuda=True)
+    assert not any("UNITY" in a for a in cuda)
+
+
 def test_cuda_build_has_its_own_cache_key(monkeypatch):
     """The CUDA flavour (cuda<nvcc major>) never reuses the CPU build's cache folder."""
     monkeypatch.setattr(bootstrap, "nvcc_major", lambda: "13")

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import call_fcnify, run_fcnify
+from conftest import REPO, call_fcnify, run_fcnify
 from test_fetch import PAYLOAD, PAYLOAD_SHA1, server  # noqa: F401 (fixture)
 
 COMMANDS = ["convert", "verify", "info", "classify-map", "fetch", "doctor", "demo"]
@@ -104,3 +108,348 @@ def test_caffe_logs_quiet_unless_verbose(tmp_path):
     loud = run_fcnify("--verbose", "convert", "--model", "digits", "--out", tmp_path / "v")
     assert loud.code == 0, loud.err
     assert "net.cpp" in loud.err  # glog's "Initializing net from parameters" lines
+
+
+# ------------------------------------------------------------------ documented behaviour, through the CLI
+# Each test reads the CLI's output and checks it against an independent reference:
+# the library's map of the same image (same engine and shapes, so exactly equal),
+# the scene's ground truth, or a rule restated here.
+
+SCENE = REPO / "prototxt" / "digits" / "scene.png"
+SCENE_TRUTH = REPO / "prototxt" / "digits" / "scene.json"
+DIGIT_LABELS = [str(d) for d in range(10)] + ["background"]
+
+# Three classes over 3 channels, fully convolutional: zoo defaults apply (BGR, 0-255,
+# ImageNet mean), no labels. conv2's 144 im2col rows per pixel make memory grow
+# quickly enough with the image for --max-memory to matter at a few hundred px.
+THREE = """
+name: "three"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 16 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "conv2" type: "Convolution" bottom: "conv1" top: "conv2"
+        convolution_param { num_output: 16 kernel_size: 3 pad: 1 } }
+layer { name: "pool" type: "Pooling" bottom: "conv2" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 1 } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    from fcnify.dense import DenseModel
+    from fcnify.models import find_model
+    model = DenseModel(find_model("digits"))
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """The THREE net with seeded weights, a photo-like image for it, and the loaded model."""
+    from PIL import Image
+    from fcnify.dense import DenseModel
+    from fcnify.models import card_for_model_def
+    from conftest import write_model
+    tmp = tmp_path_factory.mktemp("three")
+    proto, weights = write_model(tmp, "three", THREE)
+    rng = np.random.default_rng(3)
+    small = rng.integers(40, 216, (12, 16, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((160, 120), Image.BILINEAR))
+    Image.fromarray(img).save(tmp / "photo.png")
+    model = DenseModel(card_for_model_def(proto, weights))
+    yield {"proto": proto, "weights": weights, "image": tmp / "photo.png", "rgb": img, "model": model}
+    model.close()
+
+
+@pytest.fixture
+def no_pictures(monkeypatch):
+    """Skip drawing the two PNGs (seconds each; test_dense checks them): these tests read the scores."""
+    from fcnify import outputs
+    monkeypatch.setattr(outputs, "heatmap_png", lambda dm, cls: b"")
+    monkeypatch.setattr(outputs, "argmax_png", lambda dm: b"")
+
+
+def _three_map(three, out, *options, image=None):
+    """classify-map on the THREE net with --out; returns (run, scores.npy, map.json)."""
+    image = image or three["image"]
+    run = call_fcnify("classify-map", image, "--model-def", three["proto"], "--weights", three["weights"],
+                      "--out", out, *options)
+    assert run.code == 0, run.err
+    stem = Path(image).stem
+    return run, np.load(out / f"{stem}.scores.npy"), json.loads((out / f"{stem}.map.json").read_text())
+
+
+def _section(text: str, header: str, lines: int) -> list[str]:
+    rows = text.splitlines()
+    start = rows.index(header) + 1
+    return rows[start:start + lines]
+
+
+def test_classify_map_text_grid_legend_top_classes(tmp_path, digits_model):
+    """A small map prints its argmax grid, a legend of the classes in it and the top classes.
+
+    The crop holds a 6, a 1 and an 8 (scene.json): the grid names each next to
+    the cell whose 28-px field is centred on it; every number is checked against the map.
+    """
+    from PIL import Image
+    crop = tmp_path / "crop.png"
+    Image.open(SCENE).crop((250, 130, 370, 250)).save(crop)
+    run = call_fcnify("classify-map", crop, "--model", "digits", "--top-k", "4")
+    assert run.code == 0, run.err
+    probs = digits_model.classify(crop).probs
+    arg = probs.argmax(axis=0)
+    assert arg.shape == (24, 24)  # (120 - 28) / 4 + 1
+    lines = run.out.splitlines()
+    assert lines[0] == f"{crop}: 120x120 px"
+    assert "map 24x24 cells of 11 classes" in lines[1] and "28x28 px field every 4 px" in lines[1]
+    grid = _section(run.out, "argmax class per cell (rows top to bottom):", 25)
+    assert [[int(v) for v in row.split()] for row in grid[:24]] == arg.tolist()
+    won = np.bincount(arg.ravel(), minlength=11)
+    order = sorted(range(11), key=lambda c: (-won[c], -probs[c].max()))
+    used = [c for c in order if won[c]]
+    assert grid[24].strip() == "where " + ", ".join(f"{c}={DIGIT_LABELS[c]}" for c in used)
+    for digit, (x, y) in ((6, (47, 37)), (1, (99, 43)), (8, (63, 95))):
+        r, c = round((y - 14) / 4), round((x - 14) / 4)  # cell (r, c) is centred at (4c + 14, 4r + 14)
+        assert digit in arg[r - 1:r + 2, c - 1:c + 2], (digit, arg[r - 1:r + 2, c - 1:c + 2])
+    top = _section(run.out, "top classes over the map (cells won, peak probability):", 4)
+    for line, c in zip(top, order[:4]):
+        assert line.split() == [str(c), DIGIT_LABELS[c], str(won[c]), "cells", "peak", f"{probs[c].max():.3f}"]
+
+
+def _char_map(probs: np.ndarray, background: int, block: int) -> list[str]:
+    """The README's character map, restated: '.' for an all-background block, else the
+    class of the block's most probable non-background cell."""
+    arg, peak = probs.argmax(axis=0), probs.max(axis=0)
+    rows = []
+    for r0 in range(0, arg.shape[0], block):
+        row = ""
+        for c0 in range(0, arg.shape[1], block):
+            a, p = arg[r0:r0 + block, c0:c0 + block], peak[r0:r0 + block, c0:c0 + block]
+            row += "." if (a == background).all() else "0123456789"[a.ravel()[np.where(a != background, p, -1).argmax()]]
+        rows.append(row)
+    return rows
+
+
+def test_classify_map_character_map_for_large_maps(digits_model):
+    """A map too wide for a grid (114x154) prints one character per 2x2 block, '.' for background.
+
+    Each of the scene's 24 digits shows as its own character at its block or a
+    neighbouring one, and the character map is the map's, block by block.
+    """
+    run = call_fcnify("classify-map", SCENE, "--model", "digits")
+    assert run.code == 0, run.err
+    assert "argmax class per cell" not in run.out
+    header = "argmax map, one character per 2x2 cells (8 px), '.' = background:"
+    chars = [row.strip() for row in _section(run.out, header, 57)]
+    probs = digits_model.classify(SCENE).probs
+    assert chars == _char_map(probs, 10, 2)
+    truth = json.loads(SCENE_TRUTH.read_text())["digits"]
+    missed = []
+    for d in truth:
+        x, y = d["center"]
+        r, c = min(round((y - 14) / 4), 113) // 2, min(round((x - 14) / 4), 153) // 2
+        near = "".join(row[max(0, c - 1):c + 2] for row in chars[max(0, r - 1):r + 2])
+        if str(d["class"]) not in near:
+            missed.append((d["class"], d["center"], near))
+    assert not missed, missed
+
+
+def test_mean_file_replaces_the_mean_in_the_nets_channel_order(three, tmp_path, no_pictures):
+    """--mean (C or CxHxW .npy, in the net's BGR order) is what is subtracted from the pixels.
+
+    Subtracting (b, g, r) = (10, 20, 30) through --mean must give the map of an
+    image whose pixels are already lower by that, mapped with a zero mean:
+    exactly, as the net sees the same numbers.
+    """
+    from PIL import Image
+    bgr_mean = np.array([10.0, 20.0, 30.0])
+    np.save(tmp_path / "mean.npy", bgr_mean)
+    np.save(tmp_path / "mean_chw.npy", bgr_mean[:, None, None] + np.array([[-1.0, 1.0], [2.0, -2.0]]))
+    np.save(tmp_path / "zero.npy", np.zeros(3))
+    shifted = tmp_path / "shifted" / "photo.png"
+    shifted.parent.mkdir()
+    Image.fromarray((three["rgb"] - bgr_mean[::-1].astype(np.uint8)).astype(np.uint8)).save(shifted)
+    _, with_mean, doc = _three_map(three, tmp_path / "a", "--mean", tmp_path / "mean.npy")
+    _, with_chw, _ = _three_map(three, tmp_path / "b", "--mean", tmp_path / "mean_chw.npy")
+    _, reference, _ = _three_map(three, tmp_path / "c", "--mean", tmp_path / "zero.npy", image=shifted)
+    _, default, _ = _three_map(three, tmp_path / "d")
+    assert doc["model"]["preprocess"]["mean"] == [10.0, 20.0, 30.0]
+    assert np.array_equal(with_mean, reference) and np.array_equal(with_chw, reference)
+    assert not np.array_equal(default, reference)  # the zoo's ImageNet mean was replaced
+
+
+def test_labels_file_names_classes_and_class_by_name(three, tmp_path, no_pictures):
+    """--labels names the classes everywhere, and --class NAME draws that class."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sky\nforest\nriver\n")
+    run, scores, doc = _three_map(three, tmp_path / "out", "--labels", labels, "--class", "river")
+    assert doc["heatmap_class"] == {"class": 2, "label": "river"}
+    names = ["sky", "forest", "river"]
+    cell = doc["cells"][0]
+    assert [t["label"] for t in cell["top"]] == [names[t["class"]] for t in cell["top"]]
+    assert [e["label"] for e in doc["top_classes"]] == [names[e["class"]] for e in doc["top_classes"]]
+    top = _section(run.out, "top classes over the map (cells won, peak probability):", 3)
+    won = np.bincount(scores.argmax(axis=0).ravel(), minlength=3)
+    assert [line.split()[:3] for line in top if line.split()[2] != "0"] == \
+        [[str(c), names[c], str(won[c])] for c in sorted(range(3), key=lambda c: -won[c]) if won[c]]
+    by_index = _three_map(three, tmp_path / "idx", "--labels", labels, "--class", "1")[2]
+    assert by_index["heatmap_class"] == {"class": 1, "label": "forest"}
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_class_out_of_range(three, tmp_path, with_labels):
+    """--class 3 on a 3-class net: one line naming the valid range, exit 2, nothing written."""
+    labels = tmp_path / "labels.txt"
+    labels.write_text("sky\nforest\nriver\n")
+    extra = ["--labels", labels] if with_labels else []
+    run = call_fcnify("classify-map", three["image"], "--model-def", three["proto"], "--weights",
+                      three["weights"], "--out", tmp_path / "out", "--class", "3", *extra)
+    assert run.code == 2 and len(run.err.strip().splitlines()) == 1, run.err
+    assert re.search(r"0( to |\.\.)2\b", run.err) and "3" in run.err, run.err
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_max_memory_tiles_within_the_budget(three, tmp_path, no_pictures, monkeypatch):
+    """A valid --max-memory below the whole image's need tiles it as the planner says, and maps it
+    as the library does with that budget; without it, the budget is half of the available memory."""
+    from fcnify import planner
+    model = three["model"]
+    h, w = three["rgb"].shape[:2]
+    need = planner.estimate(model.netdef.param, h, w)
+    budget = need.total - need.activations // 2  # room for about half the image's activations
+    tiles, tile_size = model.plan(h, w, budget)
+    assert len(tiles) > 1
+    expected = f"run: tiled, {len(tiles)} tiles of {tile_size[1]}x{tile_size[0]} px"
+    run, scores, doc = _three_map(three, tmp_path / "given", "--max-memory", str(budget))
+    assert expected in run.out and doc["run"]["tiles"] == len(tiles)
+    assert np.array_equal(scores, model.classify(three["rgb"], budget=budget).probs)
+    assert _three_map(three, tmp_path / "kib", "--max-memory", f"{budget / 1024:.3f}KiB")[2]["run"]["tiles"] == len(tiles)
+    monkeypatch.setattr(planner, "available_memory", lambda: 2 * budget)  # the default: half of it
+    run, scores, _ = _three_map(three, tmp_path / "default")
+    assert expected in run.out
+    monkeypatch.setattr(planner, "available_memory", lambda: 1 << 40)
+    run, _, doc = _three_map(three, tmp_path / "plenty")
+    assert "run: whole" in run.out and doc["run"]["tiles"] == 1
+
+
+def test_scale_and_tile_through_the_cli(three, tmp_path, no_pictures):
+    """--scale resizes before mapping (boxes stay in original pixels); --tile N forces N x N tiles."""
+    model = three["model"]
+    run, scores, doc = _three_map(three, tmp_path / "half", "--scale", "0.5")
+    assert doc["input_size"] == {"height": 60, "width": 80} and doc["image_size"] == {"height": 120, "width": 160}
+    assert np.array_equal(scores, model.classify(three["rgb"], scale=0.5).probs)
+    assert "(fed at 80x60)" in run.out.splitlines()[0]
+    cell = next(c for c in doc["cells"] if (c["row"], c["col"]) == (3, 5))
+    # a cell's field in the net's input, scaled back by 1/0.5 into the photo's pixels
+    (sy, sx), (fy, fx), (oy, ox) = doc["map"]["stride_px"], doc["map"]["field_px"], doc["map"]["offset_px"]
+    assert cell["field"] == [2 * (5 * sx + ox), 2 * (3 * sy + oy), 2 * (5 * sx + ox + fx), 2 * (3 * sy + oy + fy)]
+    tiles, _ = model.plan(120, 160, tile=48)
+    run, scores, doc = _three_map(three, tmp_path / "tiles", "--tile", "48")
+    assert f"run: tiled, {len(tiles)} tiles of 48x48 px" in run.out
+    assert doc["run"]["tile_size"] == [48, 48] and doc["run"]["tiles"] == len(tiles) > 4
+    assert np.array_equal(scores, model.classify(three["rgb"], tile=48).probs)
+
+
+def _digits_files(prefix: Path) -> list[Path]:
+    return [Path(f"{prefix}_full_conv.{ext}") for ext in ("prototxt", "caffemodel", "json")]
+
+
+def test_convert_no_verify_and_default_prefix(tmp_path, monkeypatch):
+    """Without --out the files go to ./NAME_full_conv.*; --no-verify writes the same net, unchecked."""
+    monkeypatch.chdir(tmp_path)
+    run = call_fcnify("convert", "--model", "digits", "--no-verify")
+    assert run.code == 0, run.err
+    assert "equivalence check" not in run.out and "EQUIVALENT" not in run.out
+    unchecked = _digits_files(tmp_path / "digits")
+    assert all(p.is_file() for p in unchecked)
+    assert json.loads(unchecked[2].read_text())["verification"] is None
+    checked = _digits_files(tmp_path / "checked")
+    run = call_fcnify("convert", "--model", "digits", "--out", tmp_path / "checked")
+    assert run.code == 0 and re.search(r"^\s*result: EQUIVALENT\b", run.out, re.M), run.out
+    assert json.loads(checked[2].read_text())["verification"]["equivalent"] is True
+    assert unchecked[1].read_bytes() == checked[1].read_bytes()
+    from fcnify.models import find_model
+    mine = tmp_path / "nets" / "mynet.prototxt"
+    mine.parent.mkdir()
+    mine.write_text(find_model("digits").model_def.read_text())
+    run = call_fcnify("convert", "--model-def", mine, "--weights", find_model("digits").weights, "--no-verify")
+    assert run.code == 0, run.err
+    assert all(p.is_file() for p in _digits_files(tmp_path / "mynet"))  # in ., named after the prototxt
+
+
+def test_convert_weights_without_model_def_is_caffenet(caffenet, tmp_path):
+    """--weights alone converts CaffeNet's definition with those weights (fc6 becomes a 6x6 conv)."""
+    from fcnify.caffemodel import read_weights
+    _, weights = caffenet
+    run = call_fcnify("convert", "--weights", weights, "--out", tmp_path / "cn", "--no-verify")
+    assert run.code == 0, run.err
+    assert "fc6 InnerProduct [4096x9216, 4096] -> fc6-conv Convolution [4096x256x6x6, 4096]" in run.out
+    given = read_weights(weights)
+    written = read_weights(tmp_path / "cn_full_conv.caffemodel")
+    assert np.array_equal(written["fc6-conv"].blobs[0].reshape(4096, 9216),
+                          given["fc6"].blobs[0].reshape(4096, 9216))
+    assert np.array_equal(written["conv1"].blobs[0], given["conv1"].blobs[0])
+
+
+@pytest.mark.parametrize("samples", [1, 5])
+def test_verify_samples(tmp_path, samples):
+    """verify --samples N checks N seeded random images (plus cat.jpg) and says so."""
+    from fcnify.models import find_model
+    card = find_model("digits")
+    assert call_fcnify("convert", "--model", "digits", "--out", tmp_path / "d", "--no-verify").code == 0
+    run = call_fcnify("verify", card.model_def, tmp_path / "d_full_conv.prototxt", "--weights", card.weights,
+                      "--samples", str(samples))
+    assert run.code == 0, run.err
+    assert re.search(r"^\s*result: EQUIVALENT\b", run.out, re.M), run.out
+    shown = set(re.findall(r"random image #(\d+)", run.out))
+    assert shown == {str(i) for i in range(samples)}, run.out
+
+
+def test_fetch_dest(tmp_path, server):  # noqa: F811
+    """`fetch --dest DIR` puts the checked file in DIR, not in the models folder."""
+    url, _ = server
+    root = _fake_caffe_root(tmp_path, url, PAYLOAD_SHA1)
+    models, dest = tmp_path / "models", tmp_path / "elsewhere"
+    run = run_fcnify("fetch", "caffenet", "--dest", dest,
+                     env={"FCNIFY_CAFFE_SOURCE": str(root), "FCNIFY_MODELS": str(models)})
+    assert run.code == 0, run.err
+    target = dest / "bvlc_reference_caffenet.caffemodel"
+    assert hashlib.sha1(target.read_bytes()).hexdigest() == PAYLOAD_SHA1
+    assert str(target) in run.out and not models.exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    """--debug adds the traceback to the one-line error (same exit code); without it, one line only."""
+    args = ("convert", "--model-def", tmp_path / "missing.prototxt", "--weights", tmp_path / "x.caffemodel")
+    plain = call_fcnify(*args)
+    debug = call_fcnify("--debug", *args)
+    assert plain.code == debug.code == 2
+    assert len(plain.err.strip().splitlines()) == 1 and "Traceback" not in plain.err
+    assert debug.err.startswith("Traceback (most recent call last):") and "fcnify.errors" in debug.err
+    assert debug.err.strip().splitlines()[-1] == plain.err.strip()
+
+
+def test_force_overwrites_outputs(tmp_path):
+    """Existing outputs are refused (exit 2, untouched) and replaced with --force, for convert and classify-map."""
+    prefix = tmp_path / "d"
+    assert call_fcnify("convert", "--model", "digits", "--out", prefix, "--no-verify").code == 0
+    card = Path(f"{prefix}_full_conv.json")
+    card.write_text("stale")
+    again = call_fcnify("convert", "--model", "digits", "--out", prefix, "--no-verify")
+    assert again.code == 2 and "already exists" in again.err and card.read_text() == "stale"
+    forced = call_fcnify("convert", "--model", "digits", "--out", prefix, "--no-verify", "--force")
+    assert forced.code == 0, forced.err
+    assert json.loads(card.read_text())["name"] == "digits"
+    from PIL import Image
+    crop = tmp_path / "crop.png"
+    Image.open(SCENE).crop((0, 0, 100, 80)).save(crop)
+    out = tmp_path / "maps"
+    out.mkdir()
+    (out / "crop.scores.npy").write_bytes(b"stale")
+    refused = call_fcnify("classify-map", crop, "--model", "digits", "--out", out)
+    assert refused.code == 2 and (out / "crop.scores.npy").read_bytes() == b"stale"
+    forced = call_fcnify("classify-map", crop, "--model", "digits", "--out", out, "--force")
+    assert forced.code == 0, forced.err
+    assert np.load(out / "crop.scores.npy").shape == (11, 14, 19)
