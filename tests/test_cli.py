@@ -167,8 +167,8 @@ def three(tmp_path_factory):
 def no_pictures(monkeypatch):
     """Skip drawing the two PNGs (seconds each; test_dense checks them): these tests read the scores."""
     from fcnify import outputs
-    monkeypatch.setattr(outputs, "heatmap_png", lambda dm, cls: b"")
-    monkeypatch.setattr(outputs, "argmax_png", lambda dm: b"")
+    monkeypatch.setattr(outputs, "heatmap_png", lambda *args, **kwargs: b"")
+    monkeypatch.setattr(outputs, "argmax_png", lambda *args, **kwargs: b"")
 
 
 def _three_map(three, out, *options, image=None):
@@ -202,8 +202,8 @@ def test_classify_map_text_grid_legend_top_classes(tmp_path, digits_model):
     arg = probs.argmax(axis=0)
     assert arg.shape == (24, 24)  # (120 - 28) / 4 + 1
     lines = run.out.splitlines()
-    assert lines[0] == f"{crop}: 120x120 px"
-    assert "map 24x24 cells of 11 classes" in lines[1] and "28x28 px field every 4 px" in lines[1]
+    assert lines[0].startswith(f"{crop}: 120x120 px") and "fed at" not in lines[0]
+    assert "map 24x24 cells of 11 classes" in lines[1] and "28x28 px window every 4 px" in lines[1]
     grid = _section(run.out, "argmax class per cell (rows top to bottom):", 25)
     assert [[int(v) for v in row.split()] for row in grid[:24]] == arg.tolist()
     won = np.bincount(arg.ravel(), minlength=11)
@@ -340,11 +340,11 @@ def test_scale_and_tile_through_the_cli(three, tmp_path, no_pictures):
     run, scores, doc = _three_map(three, tmp_path / "half", "--scale", "0.5")
     assert doc["input_size"] == {"height": 60, "width": 80} and doc["image_size"] == {"height": 120, "width": 160}
     assert np.array_equal(scores, model.classify(three["rgb"], scale=0.5).probs)
-    assert "(fed at 80x60)" in run.out.splitlines()[0]
+    assert "fed at 60x80" in run.out.splitlines()[0]  # height x width
     cell = next(c for c in doc["cells"] if (c["row"], c["col"]) == (3, 5))
-    # a cell's field in the net's input, scaled back by 1/0.5 into the photo's pixels
-    (sy, sx), (fy, fx), (oy, ox) = doc["map"]["stride_px"], doc["map"]["field_px"], doc["map"]["offset_px"]
-    assert cell["field"] == [2 * (5 * sx + ox), 2 * (3 * sy + oy), 2 * (5 * sx + ox + fx), 2 * (3 * sy + oy + fy)]
+    # a cell's window in the net's input, scaled back by 1/0.5 into the photo's pixels
+    (sy, sx), (fy, fx), (oy, ox) = doc["map"]["stride_px"], doc["map"]["window_px"], doc["map"]["offset_px"]
+    assert cell["window"] == [2 * (5 * sx + ox), 2 * (3 * sy + oy), 2 * (5 * sx + ox + fx), 2 * (3 * sy + oy + fy)]
     tiles, _ = model.plan(120, 160, tile=48)
     run, scores, doc = _three_map(three, tmp_path / "tiles", "--tile", "48")
     assert f"run: tiled, {len(tiles)} tiles of 48x48 px" in run.out
