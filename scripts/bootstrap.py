@@ -56,9 +56,9 @@ CUDA_ARCH_BIN = "80 90"  # A100 (sm_80), H100/H200 (sm_90)
 CUDA_ARCH_PTX = "90"
 MARKER_NAME = "fcnify-caffe.json"
 # CPU builds compile Caffe's sources 8 to a file (CMake's unity build): each
-# file parses boost and the 1 MB caffe.pb.h once instead of 8 times, which
-# halves the compiler's CPU time (user 166 s vs ~340 s here). The library is
-# the same: maps of the digits net and of CaffeNet were bit-identical. CUDA
+# file parses boost and the 1 MB caffe.pb.h once instead of 8 times (compiler
+# CPU time: see README). The library is the same: maps of the digits net and
+# of CaffeNet were bit-identical to the one-file-per-source build's. CUDA
 # builds keep one file per source (nvcc's .cu files were not tried this way).
 UNITY_BUILD = ("-DCMAKE_UNITY_BUILD=ON", "-DCMAKE_UNITY_BUILD_BATCH_SIZE=8")
 
