@@ -207,8 +207,7 @@ class DenseModel:
                                      classifier_input=classifier_input(card))
         shapes = infer(net, path=card.model_def)
         if not converted:  # fcnify did not write this net and its weights: check what Caffe would
-            if hasattr(self.runner, "layer_types"):
-                check_layer_types(net, self.runner.layer_types(), card.model_def, self.runner.name)
+            check_layer_types(net, self.runner.layer_types(), card.model_def, self.runner.name)
             if card.weights is not None:
                 check_weights(shapes, read_weights(card.weights), card.model_def)
         self.num_classes = shapes.blobs[self.score_blob][1]

@@ -78,7 +78,7 @@ class CaffeNetHandle(NetHandle):
         return handle, self.runner.box.generation
 
     def _call(self, name: str, *args, context: str):
-        if self.runner.box.generation != self.generation or self.runner.box._worker is None:
+        if self.runner.box.generation != self.generation or not self.runner.box.running:
             self.runner.restore_mode()
             self.handle, self.generation = self._load()
         return self.runner.box.call(name, self.handle, *args, context=context, path=self.model_def)
@@ -101,7 +101,7 @@ class CaffeNetHandle(NetHandle):
 
     def close(self) -> None:
         box = self.runner.box
-        if box._worker is not None and box._worker.alive() and box.generation == self.generation:
+        if box.running and box.generation == self.generation:
             box.call("release", self.handle)
 
 

@@ -130,6 +130,11 @@ class Sandbox:
         self.generation = 0  # workers started so far: nets of an older one are gone
 
     @property
+    def running(self) -> bool:
+        """Whether a worker is started and alive (without starting one)."""
+        return self._worker is not None and self._worker.alive()
+
+    @property
     def worker(self) -> Worker:
         if self._worker is None or not self._worker.alive():
             self._worker = Worker(self.verbose)
