@@ -113,6 +113,10 @@ NIN = (
     + layer_text("prob", "Softmax", "gpool", "prob")
 )
 
+# NIN with its global pooling written as ResNet writes its last pool: a kernel equal to its
+# 28x28 input, stride 1. That is already dense (it slides on a larger input); nothing converts.
+NIN_DENSE = NIN.replace("global_pooling: true", "kernel_size: 28 stride: 1")
+
 # The small classifier in Caffe's V1 format (`layers`, enum types, `input_dim` header).
 V1_NET = """name: "v1net"
 input: "data"

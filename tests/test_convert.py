@@ -22,7 +22,7 @@ from fcnify.proto import caffe_pb2
 from fcnify.synthetic import random_blobs
 
 from conftest import call_fcnify, run_fcnify, write_model
-from nets import NIN, PLAIN, V1_NET, input_layer, layer_text, small_net, vgg16, zoo
+from nets import NIN, NIN_DENSE, PLAIN, V1_NET, input_layer, layer_text, small_net, vgg16, zoo
 
 COMPARISON = re.compile(r": (\S+) of the bound \[.*\]; top-1 and top-5 (same|DIFFERENT)")
 
@@ -263,8 +263,8 @@ def test_input_size_is_written_and_the_check_runs_at_the_original_size(tmp_path)
 # ------------------------------------------------------------------ nets that are not converted
 
 def test_net_without_inner_product_writes_nothing(tmp_path):
-    """A NIN-like net: exit 0, 'no InnerProduct ... nothing written', and no file appears."""
-    proto, weights = write_model(tmp_path, "nin", NIN)
+    """A NIN-like net whose last pool slides: exit 0, 'no InnerProduct ... nothing written', no file."""
+    proto, weights = write_model(tmp_path, "nin", NIN_DENSE)
     before = files_in(tmp_path)
     run = convert_cli(proto, weights, tmp_path / "out")
     assert run.code == 0
@@ -421,7 +421,7 @@ def test_info_on_caffenet_at_451(caffe_root):
 def test_info_on_a_fully_convolutional_net(tmp_path):
     """info on a NIN-like net says it is fully convolutional; cccp1 is 64 - 5 + 1 = 60 px at 64."""
     path = tmp_path / "nin.prototxt"
-    path.write_text(NIN)
+    path.write_text(NIN_DENSE)
     run = call_fcnify("info", path, "--input-size", "64")
     assert run.code == 0, run.err
     assert "fully convolutional (no InnerProduct)" in run.out

@@ -12,7 +12,7 @@ from fcnify.errors import ConversionError
 from fcnify.netdef import parse_netdef, read_netdef, to_text
 from fcnify.surgery import convert_net
 
-from nets import (NIN, PLAIN, V1_NET, ZOO, caffe_shapes, input_layer, layer_text, small_net, vgg16,
+from nets import (NIN, NIN_DENSE, PLAIN, V1_NET, ZOO, caffe_shapes, input_layer, layer_text, small_net, vgg16,
                   zoo)
 
 
@@ -126,11 +126,44 @@ def test_global_pooling_is_frozen_to_its_declared_kernel():
     assert surgery.converted()[0].new_params[0] == (32, 16, 1, 1)
 
 
-def test_global_pooling_not_feeding_an_inner_product_stays_global():
-    """NIN's final global pooling has no InnerProduct after it and is left alone (nothing converts)."""
+def test_global_pooling_before_the_scores_is_frozen():
+    """NIN's final global pooling (no InnerProduct anywhere) becomes a 28x28 stride-1 pooling."""
     surgery = convert_net(parse_netdef(NIN))
-    assert not surgery.changed
-    assert layers_by_name(surgery.net)["gpool"].pooling_param.global_pooling
+    assert surgery.changed and not surgery.converted()
+    p = layers_by_name(surgery.net)["gpool"].pooling_param
+    assert (p.global_pooling, p.kernel_size, p.stride, p.pool) == (False, 28, 1, 1)
+    assert [c.detail for c in surgery.conversions] == [
+        "global pooling frozen to a 28x28 kernel, stride 1 (one window per cell)"]
+
+
+@pytest.mark.parametrize("pooling, frozen", [
+    ("kernel_size: 28 stride: 1", False),   # ResNet's 7x7 stride-1 pool: already dense
+    ("kernel_size: 28 stride: 28", True),   # covers its input, but would jump 28 cells
+    ("kernel_size: 29 stride: 2", True),    # larger than its input
+    ("kernel_size: 27 stride: 1", False),   # a 2x2 map at the declared size: not collapsing
+])
+def test_pooling_covering_its_input(pooling, frozen):
+    """A pooling that takes its whole input to one cell is frozen, unless it is kernel = input, stride 1."""
+    surgery = convert_net(parse_netdef(NIN.replace("global_pooling: true", pooling)))
+    assert surgery.changed == frozen
+    p = layers_by_name(surgery.net)["gpool"].pooling_param
+    if frozen:
+        assert (p.kernel_size, p.stride) == (28, 1)
+
+
+def test_global_pooling_that_rescales_the_map_stays_global():
+    """A squeeze-and-excitation branch (global pool -> 1x1 conv -> Scale of the map) is left global."""
+    from fcnify.surgery import frozen_poolings
+    from fcnify.shapes import infer
+    text = ('name: "se"\n' + input_layer(1, 3, 16, 16)
+            + layer_text("conv1", "Convolution", "data", "conv1", "convolution_param { num_output: 4 kernel_size: 3 }")
+            + layer_text("squeeze", "Pooling", "conv1", "squeeze", "pooling_param { pool: AVE global_pooling: true }")
+            + layer_text("excite", "Convolution", "squeeze", "excite", "convolution_param { num_output: 4 kernel_size: 1 }")
+            + layer_text("scale", "Scale", "conv1", "scaled", "scale_param { axis: 0 }").replace(
+                'bottom: "conv1"', 'bottom: "conv1" bottom: "excite"')
+            + layer_text("head", "Convolution", "scaled", "head", "convolution_param { num_output: 2 kernel_size: 14 }"))
+    net = parse_netdef(text).param
+    assert frozen_poolings(net, infer(net)) == set()
 
 
 def test_transposed_inner_product():
@@ -210,8 +243,8 @@ def test_v1_net_is_upgraded_and_converted():
 
 
 def test_no_inner_product_means_no_change():
-    """A NIN-like net has nothing to convert: no conversions, the same layers."""
-    netdef = parse_netdef(NIN)
+    """A NIN-like net whose last pool already slides has nothing to convert: the same layers."""
+    netdef = parse_netdef(NIN_DENSE)
     surgery = convert_net(netdef)
     assert not surgery.changed and surgery.conversions == []
     assert list(surgery.net.layer) == list(netdef.param.layer)

@@ -17,11 +17,11 @@ from .errors import FcnifyError  # noqa: E402
 from .geometry import MapGeometry, map_geometry  # noqa: E402
 from .models import ModelCard, find_model, read_card  # noqa: E402
 from .netdef import read_netdef  # noqa: E402
-from .preprocess import Preprocess  # noqa: E402
+from .preprocess import Preprocess, resolve_preprocess  # noqa: E402
 from .surgery import convert_net  # noqa: E402
 
 __all__ = [
     "ConvertResult", "DenseMap", "DenseModel", "FcnifyError", "MapGeometry", "ModelCard",
     "Preprocess", "classify_map", "convert", "convert_net", "find_model", "map_geometry",
-    "read_card", "read_netdef", "verify_files",
+    "read_card", "read_netdef", "resolve_preprocess", "verify_files",
 ]

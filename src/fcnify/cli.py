@@ -148,9 +148,9 @@ class GroupedCommand(click.Command):
 OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "classify-map": {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
-        "Preprocessing": ("mean_file",),
+        "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
         "Map": ("size", "scale", "long_side", "short_side", "tile"),
-        "Outputs": ("out_dir", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet"),
+        "Outputs": ("out_dir", "output", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
     },
@@ -164,6 +164,32 @@ def _model_options(f):
     f = click.option("--model", "model_name", metavar="NAME",
                      help="A model fcnify ships: caffenet (default) or digits.")(f)
     return f
+
+
+def _preprocess_options(f):
+    """Caffe's preprocessing terms as options; each one given wins over the model card."""
+    f = click.option("--transpose/--no-transpose", default=None,
+                     help="The net was trained on transposed images (height and width swapped, "
+                          "e.g. MATLAB-trained MTCNN).")(f)
+    f = click.option("--mean", metavar="V[,V,V]|FILE",
+                     help="Mean subtracted per channel, in the net's channel order: numbers "
+                          "(104,117,123 or one for all), a .npy or a Caffe .binaryproto.")(f)
+    f = click.option("--input-scale", type=float, metavar="X",
+                     help="Multiply by X after subtracting the mean (Caffe's input_scale / scale).")(f)
+    f = click.option("--raw-scale", type=float, metavar="X",
+                     help="Pixels 0-255 are scaled to 0-X before the mean (Caffe's raw_scale).")(f)
+    f = click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"], case_sensitive=False),
+                     help="Channel order the net was trained on.")(f)
+    return f
+
+
+def _with_preprocess(card, channels, raw_scale, input_scale, mean, transpose):
+    """The card with the preprocessing options given on the command line applied over its own."""
+    from dataclasses import replace
+    from .preprocess import resolve_preprocess
+    pre = resolve_preprocess(card.preprocess, channels=channels, raw_scale=raw_scale,
+                             input_scale=input_scale, mean=mean, transpose=transpose)
+    return replace(card, preprocess=pre)
 
 
 def _card(model_name, model_def, weights):
@@ -199,9 +225,10 @@ def _card(model_name, model_def, weights):
               help="Engine that runs the equivalence check.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
+@_preprocess_options
 @click.pass_obj
 def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
-            keep_output_names, gpu, engine, fmt):
+            keep_output_names, gpu, engine, fmt, channels, raw_scale, input_scale, mean, transpose):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -209,10 +236,12 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
       fcnify convert                                  # CaffeNet, weights from `fcnify fetch caffenet`
       fcnify convert --model digits --out /tmp/digits
       fcnify convert --model-def deploy.prototxt --weights net.caffemodel --out mynet
+      fcnify convert --model-def lenet.prototxt --weights lenet.caffemodel --input-scale 0.00390625
     """
     from .convert import convert as do_convert
     from .report import conversion_document, conversion_report
-    card = _card(model_name, model_def, weights)
+    card = _with_preprocess(_card(model_name, model_def, weights), channels, raw_scale, input_scale,
+                            mean, transpose)
     from .engines import make_engine
     runner = None if no_verify else make_engine(engine, gpu, obj.verbose)
     t0 = time.perf_counter()
@@ -229,8 +258,8 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
         click.echo(json.dumps(conversion_document(result, time.perf_counter() - t0)))
         return
     if not result.changed:
-        click.echo(f"{card.model_def}: no InnerProduct layer — the net is already fully "
-                   "convolutional; nothing written.")
+        click.echo(f"{card.model_def}: no InnerProduct layer and no pooling that collapses the map "
+                   "— the net is already fully convolutional; nothing written.")
         return
     click.echo(conversion_report(result))
     click.echo(f"done in {time.perf_counter() - t0:.1f} s")
@@ -360,8 +389,10 @@ def _export_card(net: str, weights: str | None):
               help="Run the net with Caffe, PyTorch or ONNX Runtime.")
 @click.option("--max-memory", metavar="SIZE", help="Memory budget, e.g. 2GiB (default: half of free RAM).")
 @click.option("--tile", type=int, metavar="N", help="Force tiles of N x N px.")
-@click.option("--mean", "mean_file", type=PATH, help="Override the mean (.npy, C or CxHxW).")
 @click.option("--labels", "labels_file", type=PATH, help="Override the labels file.")
+@click.option("--output", "output", metavar="BLOB",
+              help="Output blob that is the class map (default: the net's last); the net's other "
+                   "outputs are saved beside it as NAME.BLOB.npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--heatmap-scale", type=click.Choice(["map", "unit"]), default="map", show_default=True,
@@ -370,11 +401,12 @@ def _export_card(net: str, weights: str | None):
               help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
 @click.option("--workers", type=int, metavar="N",
               help="Spread the images over N local Dask worker processes; needs --out.")
+@_preprocess_options
 @click.pass_obj
 def classify_map(obj, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  top_k, cls, out_dir,
-                 fmt, gpu, engine, max_memory, tile, mean_file, labels_file, quiet, force,
-                 heatmap_scale, scheduler, workers):
+                 fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
+                 heatmap_scale, scheduler, workers, channels, raw_scale, input_scale, mean, transpose):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
@@ -388,6 +420,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
       fcnify classify-map cat.jpg --model caffenet --size 451 --out maps/
       fcnify classify-map scans/ --model-def fcn.prototxt --weights fcn.caffemodel --format json
       fcnify classify-map scans/ --model digits --out maps/ --workers 2
+      fcnify classify-map photo.jpg --card det2_full_conv.json --output prob1 --out maps/
       fcnify classify-map /shared/scans/ --card /shared/mynet_full_conv.json --out /shared/maps \\
           --scheduler tcp://10.0.0.5:8786
     """
@@ -415,8 +448,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
         the_card = resolve_model(card=card)
     else:
         the_card = _card(model_name, model_def, weights)
-    if mean_file:
-        the_card = replace(the_card, preprocess=the_card.preprocess.with_mean_file(mean_file))
+    the_card = _with_preprocess(the_card, channels, raw_scale, input_scale, mean, transpose)
     if labels_file:
         read_labels(labels_file)
         the_card = replace(the_card, labels=str(labels_file))
@@ -430,11 +462,13 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     if scheduler is not None or workers is not None:
         if long_side or short_side:
             raise click.UsageError("--long-side/--short-side are not yet spread over Dask workers")
+        if output is not None:
+            raise click.UsageError("--output is not available with --scheduler/--workers yet")
         _map_on_dask(obj, paths, the_card, out_dir, scheduler, workers, fmt, quiet, size=the_size,
                      scale=scale, budget=budget, tile=tile, cls=cls, top_k=top_k,
                      command=_command_line(), force=force, engine=engine, gpu=gpu)
         return
-    model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose)
+    model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose, output=output)
     model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
     class_id = None
     if cls is not None and model.labels:
@@ -453,7 +487,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     for i, path in enumerate(paths):
         try:
             if out_dir:  # an output that would be refused is refused before the work
-                check_outputs(Path(out_dir), names[path], force, path)
+                check_outputs(Path(out_dir), names[path], force, path, tuple(model.heads))
             factor = scale
             if long_side or short_side:
                 factor = side_scale(image_size(path), long_side, short_side)

@@ -22,6 +22,7 @@ from .geometry import MapGeometry, map_geometry, output_blobs, score_blob, small
 from .models import ModelCard, card_for_model_def
 from .netdef import NetDef, check_layer_types, read_netdef, to_text
 from .engines import Engine, make_engine
+from .preprocess import Preprocess
 from .shapes import infer, input_shapes
 from .surgery import Surgery, convert_net, keep_output_names
 from .transplant import Provenance, check_weights, transplant
@@ -66,6 +67,17 @@ def card_for(model_def: Path, weights: Path | None, netdef: NetDef, card: ModelC
     return replace(card_for_model_def(model_def, weights), fully_convolutional=False)
 
 
+def check_channels(netdef: NetDef, card: ModelCard) -> None:
+    """The preprocessing must give the channels the net takes, before any Caffe run."""
+    from .errors import InputError
+    declared = next(iter(input_shapes(netdef.param).values()), None)
+    pre = card.preprocess
+    if declared is not None and len(declared) == 4 and declared[1] != pre.num_channels:
+        raise InputError(f"the net takes {declared[1]} channel(s); the preprocessing "
+                         f"({pre.channels}) gives {pre.num_channels}: give --channels "
+                         + ("gray" if declared[1] == 1 else "rgb or bgr"), netdef.path)
+
+
 def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
     stem = model_def.stem
     if stem in ("deploy", "model", "net") and card is not None:
@@ -94,6 +106,7 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
         surgery = keep_output_names(surgery)
     w = read_weights(weights)
     the_card = card_for(model_def, weights, netdef, card)
+    check_channels(netdef, the_card)
     result = ConvertResult(surgery, the_card)
     checked = check_weights(surgery.original_shapes, w, model_def)
     result.unused_source_layers = checked.unused
@@ -175,17 +188,23 @@ def write_net(out: OutputSet, surgery: Surgery, blobs: dict, prototxt: Path, caf
 def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path | None = None,
             input_size: tuple[int, int] | None = None, force: bool = False, check: bool = True,
             gpu: int | None = None, card: ModelCard | None = None, runner: Engine | None = None,
-            samples: int = 3, keep_output_names: bool = False) -> ConvertResult:
+            samples: int = 3, keep_output_names: bool = False,
+            preprocess: Preprocess | None = None) -> ConvertResult:
     """Convert a net and its weights; write PREFIX_full_conv.{prototxt,caffemodel,json}.
 
     Converted blobs are renamed NAME-conv (Caffe's reference naming); with
     `keep_output_names` the net's output blobs keep their names, for code that
     reads a net's heads by name.
 
-    Nothing is written when the net has no InnerProduct. When the check finds
-    the conversion not equivalent, the files are still written (for
+    Nothing is written when the net has nothing to convert. When the check
+    finds the conversion not equivalent, the files are still written (for
     inspection) and NotEquivalentError is raised with the report attached.
+    `preprocess` (see preprocess.resolve_preprocess) goes into the card,
+    replacing the given card's or the defaults.
     """
+    if preprocess is not None:
+        card = replace(card or card_for(Path(model_def), Path(weights), read_netdef(model_def)),
+                       preprocess=preprocess)
     runner = runner if (runner is not None or not check) else make_engine("caffe", gpu)
     result, _ = prepare(model_def, weights, input_size, card,
                         runner.layer_types() if runner is not None else None,

@@ -24,6 +24,7 @@ from .labels import Labels
 from .models import ModelCard, card_for_model_def, find_model, read_card
 from .netdef import check_layer_types, read_netdef
 from .planner import default_budget, estimate, fits, format_bytes, largest_square
+from .preprocess import Preprocess
 from .shapes import image_input, infer
 from .tiling import Tile, min_tile, overlap_warning, plan
 from .transplant import check_weights
@@ -48,6 +49,8 @@ class DenseMap:
     timings: dict[str, float] = field(default_factory=dict)
     image: np.ndarray | None = None  # original pixels, kept for the pictures
     source: ModelCard | None = None  # the unconverted model, when converted in memory
+    output: str | None = None  # the output blob that is the class map
+    heads: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs: blob -> C x rows x cols
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -144,6 +147,7 @@ class DenseMap:
                     "offset_px": list(g.offset),
                     "reach_px": list(g.reach),
                     "reach_offset_px": [g.y.reach_lo, g.x.reach_lo],
+                    "output": self.output,
                     "note": "all (y, x) in net-input pixels. The window of cell (row, col) is the "
                             "crop the original classifier would be given for it: x in "
                             "[col*stride_x + offset_x, +window_x), y likewise; per cell, 'window' "
@@ -151,6 +155,10 @@ class DenseMap:
                             "image. The reach is every pixel that can change the cell (padding "
                             "included, so pixels outside the window can): x in "
                             "[col*stride_x + reach_offset_x, +reach_x), y likewise."},
+            "heads": {name: {"file": head_file_name(name), "channels": int(a.shape[0]),
+                             "rows": int(a.shape[1]), "cols": int(a.shape[2]),
+                             "geometry": "the class map's: same cells, windows and stride"}
+                      for name, a in self.heads.items()},
             "run": {"mode": self.mode, "tiles": self.tiles,
                     "tile_size": list(self.tile_size) if self.tile_size else None,
                     "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
@@ -180,7 +188,7 @@ class DenseModel:
     """A fully-convolutional net loaded once and reshaped per image or tile."""
 
     def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
-                 verbose: bool = False, check: bool = True) -> None:
+                 verbose: bool = False, check: bool = True, output: str | None = None) -> None:
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
@@ -199,13 +207,16 @@ class DenseModel:
         if self.channels != card.preprocess.num_channels:
             raise InputError(f"the net takes {self.channels} channel(s), its preprocessing gives "
                              f"{card.preprocess.num_channels}", card.model_def)
-        outs = output_blobs(net)
-        self.output_blob = outs[-1]
-        self.score_blob = score_blob(net)
+        self.output_blob = pick_output(net, output, (self.source or card).model_def)
+        self.score_blob = score_blob(net, self.output_blob)
         self.softmaxed = self.output_blob != self.score_blob
-        self.geometry = map_geometry(net, self.score_blob, path=card.model_def,
-                                     classifier_input=classifier_input(card))
+        self.transposed = card.preprocess.transpose
+        self.net_geometry = map_geometry(net, self.score_blob, path=card.model_def,
+                                         classifier_input=classifier_input(card))
+        g = self.net_geometry  # in the net's orientation; self.geometry in the image's
+        self.geometry = MapGeometry(g.blob, g.x, g.y) if self.transposed else g
         shapes = infer(net, path=card.model_def)
+        self.heads, self.unmapped_heads = other_heads(net, self.output_blob, card.model_def)
         if not converted:  # fcnify did not write this net and its weights: check what Caffe would
             check_layer_types(net, self.runner.layer_types(), card.model_def, self.runner.name)
             if card.weights is not None:
@@ -231,18 +242,31 @@ class DenseModel:
 
     def _minimum(self, declared) -> tuple[int, int]:
         """Smallest image: one window, or the net's declared input if that is smaller."""
-        fy, fx = self.geometry.window
-        return min(fy, declared[2]), min(fx, declared[3])
+        fy, fx = self.net_geometry.window
+        h, w = min(fy, declared[2]), min(fx, declared[3])
+        return (w, h) if self.transposed else (h, w)
 
     def cells(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the map of a height x width image, in the image's orientation."""
+        if self.transposed:
+            cols, rows = map_size(self.netdef.param, width, height, self.score_blob)
+            return rows, cols
         return map_size(self.netdef.param, height, width, self.score_blob)
 
     def plan(self, height: int, width: int, budget: int | None = None,
              tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
-        """Tiles for an input: one whole-image tile when it fits the budget."""
+        """Tiles for an image (in its own orientation): one whole-image tile when it fits the budget."""
+        if not self.transposed:
+            return self._plan_net(height, width, budget, tile)
+        tiles, size = self._plan_net(width, height, budget, tile)
+        return ([Tile(t.x, t.y) for t in tiles], None if size is None else (size[1], size[0]))
+
+    def _plan_net(self, height: int, width: int, budget: int | None = None,
+                  tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
+        """Tiles for an input as the net sees it."""
         net = self.netdef.param
-        rows, cols = self.cells(height, width)
-        gy, gx = self.geometry.y, self.geometry.x
+        rows, cols = map_size(net, height, width, self.score_blob)
+        gy, gx = self.net_geometry.y, self.net_geometry.x
         fy = lambda n: map_size(net, n, width, self.score_blob)[0]  # noqa: E731
         fx = lambda n: map_size(net, height, n, self.score_blob)[1]  # noqa: E731
         if tile is None:
@@ -284,42 +308,57 @@ class DenseModel:
         tiles, tile_size = self.plan(h, w, budget, tile)
         rows, cols = self.cells(h, w)
         probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
+        heads = {name: np.empty((c, rows, cols), dtype=np.float32) for name, c in self.heads.items()}
         seconds = {"preprocess": 0.0, "forward": 0.0}
-        for i, (t, part) in enumerate(self.run_tiles(rgb, tiles, scores, seconds)):
-            probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = part
+        for i, (t, part) in enumerate(self.run_tiles(rgb, tiles, scores, seconds, heads=True)):
+            cells = (slice(None), slice(t.y.first, t.y.last + 1), slice(t.x.first, t.x.last + 1))
+            probs[cells] = part[0]
+            for name, block in part[1].items():
+                heads[name][cells] = block
             if progress:
                 progress(i + 1, len(tiles))
         info = {"mode": "tiled" if len(tiles) > 1 else "whole", "tiles": len(tiles),
-                "tile_size": tile_size, **seconds}
+                "tile_size": tile_size, "heads": heads, **seconds}
         return probs, info
 
     def run_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], scores: bool = False,
-                  seconds: dict[str, float] | None = None) -> Iterator[tuple[Tile, np.ndarray]]:
+                  seconds: dict[str, float] | None = None, heads: bool = False
+                  ) -> Iterator[tuple[Tile, np.ndarray]]:
         """Each tile of a plan with the block of map cells it contributes (classes x rows x cols).
 
         The block belongs at [:, y.first:y.last + 1, x.first:x.last + 1] of the
         whole map. Tiles are independent, so one plan (which depends on the
         machine's memory budget, so it is made once) can be split over processes
         and stitched: run() does it in one loop, fcnify.distributed over a
-        cluster. `seconds` accumulates 'preprocess' and 'forward' times.
+        cluster. `seconds` accumulates 'preprocess' and 'forward' times. Tiles
+        and blocks are in the image's orientation, also for a transposed net.
+        With `heads`, each block is (class block, {other output: its block}),
+        computed in the same forward pass.
         """
         pre = self.card.preprocess
         raw = scores or not self.softmaxed
         blob = self.score_blob if raw else self.output_blob
+        wanted = [blob] + (list(self.heads) if heads else [])
         seconds = {} if seconds is None else seconds
         for t in tiles:
             t0 = time.perf_counter()
             x = pre.apply(rgb[t.y.start:t.y.stop, t.x.start:t.x.stop])[None]
             t1 = time.perf_counter()
-            out = self.net.forward({self.input_blob: x}, [blob])[blob][0]
+            outs = self.net.forward({self.input_blob: x}, wanted)
             seconds["forward"] = seconds.get("forward", 0.0) + time.perf_counter() - t1
             seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
             ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
             xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
-            part = out[:, ys, xs]
+            blocks = {}
+            for name in wanted:
+                out = outs[name][0]
+                if self.transposed:  # the net's rows are the image's columns
+                    out = out.transpose(0, 2, 1)
+                blocks[name] = out[:, ys, xs]
+            part = blocks.pop(blob)
             if raw and not scores:
                 part = softmax(part.astype(np.float32))
-            yield t, part
+            yield t, ((part, blocks) if heads else part)
 
     def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
                  scale: float | None = None, budget: int | None = None, tile: int | None = None,
@@ -350,7 +389,7 @@ class DenseModel:
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
         return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
                         info["mode"], info["tiles"], info["tile_size"], timings,
-                        rgb if keep_image else None, self.source)
+                        rgb if keep_image else None, self.source, self.output_blob, info["heads"])
 
     def close(self) -> None:
         self.net.close()
@@ -375,6 +414,53 @@ def classifier_input(card: ModelCard) -> tuple[int, int] | None:
     if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
         return None
     return shape[2], shape[3]
+
+
+def head_file_name(blob: str) -> str:
+    """The suffix of an output head's .npy (NAME.BLOB.npy), safe as a file name."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in blob)
+    return f"{safe}.npy"
+
+
+def pick_output(net, wanted: str | None, path: Path | None = None) -> str:
+    """The output blob that is the class map: `wanted`, else the net's last output.
+
+    A name given as in the original net finds its converted blob (conv5-2 ->
+    conv5-2-conv), so users can name heads as their net's documentation does.
+    """
+    from .surgery import SUFFIX
+    outs = output_blobs(net)
+    if wanted is None:
+        return outs[-1]
+    for name in (wanted, wanted + SUFFIX):
+        if name in outs:
+            return name
+    raise InputError(f"output {wanted!r} is not an output of the net; its outputs are "
+                     f"{', '.join(outs)}", path)
+
+
+def other_heads(net, output: str, path: Path | None = None) -> tuple[dict[str, int], list[str]]:
+    """The net's other outputs that line up cell for cell with the class map.
+
+    Returns {blob: channels} of those mapped beside the class map, and the
+    names of outputs whose cells do not line up (another stride or window) or
+    that are not spatial: those cannot share the class map's tiles.
+    """
+    from .geometry import blob_geometry
+    geos = blob_geometry(net, path=path)
+    shapes = infer(net, path=path, allow_unmodelled=True).blobs
+    geometry = geos[output]
+    mapped, unmapped = {}, []
+    for blob in output_blobs(net):
+        if blob == output:
+            continue
+        g, shape = geos.get(blob), shapes.get(blob)
+        if g is not None and shape is not None and len(shape) == 4 \
+                and (g.y, g.x) == (geometry.y, geometry.x):
+            mapped[blob] = shape[1]
+        else:
+            unmapped.append(blob)
+    return mapped, unmapped
 
 
 def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):
@@ -409,10 +495,17 @@ def classify_map(image: str | Path | np.ndarray, model: str | ModelCard | None =
                  model_def: str | Path | None = None, weights: str | Path | None = None,
                  size: tuple[int, int] | None = None, scale: float | None = None,
                  gpu: int | None = None, engine: str = "caffe", budget: int | None = None,
-                 tile: int | None = None) -> DenseMap:
-    """Dense classification map of one image (converting the net in memory if needed)."""
+                 tile: int | None = None, preprocess: Preprocess | None = None,
+                 output: str | None = None) -> DenseMap:
+    """Dense classification map of one image (converting the net in memory if needed).
+
+    `preprocess` replaces the card's; `output` names the class-map head, and
+    the net's other heads come back in DenseMap.heads.
+    """
     card = model if isinstance(model, ModelCard) else resolve_model(model, model_def, weights)
-    dm = DenseModel(card, engine=engine, gpu=gpu)
+    if preprocess is not None:
+        card = replace(card, preprocess=preprocess)
+    dm = DenseModel(card, engine=engine, gpu=gpu, output=output)
     try:
         return dm.classify(image, size, scale, budget, tile)
     finally:

@@ -216,12 +216,12 @@ def output_blobs(net) -> list[str]:
     return outs
 
 
-def score_blob(net) -> str:
-    """The last layer's input when the net ends in Softmax, else its output."""
+def score_blob(net, output: str | None = None) -> str:
+    """The input of the Softmax that makes `output` (default: the last output), else `output`."""
     outs = output_blobs(net)
     if not outs:
         raise NetDefinitionError("has no output blob")
-    out = outs[-1]
+    out = output or outs[-1]
     for layer in reversed(net.layer):
         if out in layer.top and out not in layer.bottom:
             if layer.type == "Softmax":

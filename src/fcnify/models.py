@@ -13,12 +13,8 @@ from pathlib import Path
 from .errors import InputError
 from .labels import Labels, check_labels, imagenet_labels, read_labels
 from .paths import models_dir, prototxt_dir
-from .preprocess import Preprocess
+from .preprocess import IMAGENET_MEAN_BGR, Preprocess, default_preprocess  # noqa: F401 (re-exported)
 
-# The per-channel (B, G, R) mean of Caffe's python/caffe/imagenet/ilsvrc_2012_mean.npy,
-# used for 3-channel nets that do not say otherwise (Caffe's model zoo convention).
-# tests/test_preprocess.py recomputes it from that file.
-IMAGENET_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 IMAGENET = "imagenet"
 
 
@@ -145,10 +141,7 @@ def default_card(model_def: Path, weights: Path | None, channels: int, num_class
     ImageNet labels. 1-channel input: grey, 0-255, no mean. `name` is the
     prototxt's own `name:` (see model_name).
     """
-    if channels == 1:
-        pre = Preprocess(channels="gray", raw_scale=255.0)
-    else:
-        pre = Preprocess(channels="BGR", raw_scale=255.0, mean=IMAGENET_MEAN_BGR)
+    pre = default_preprocess(channels)
     labels = IMAGENET if num_classes == 1000 else None
     return ModelCard(model_name(model_def, name), model_def, weights, pre, labels)
 
@@ -172,7 +165,8 @@ def sibling_card(model_def: Path) -> Path | None:
 def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
     """A card for --model-def/--weights: the one next to the prototxt, else zoo defaults.
 
-    A net without InnerProduct layers counts as already fully convolutional.
+    A net without InnerProduct layers or a pooling that collapses the map
+    counts as already fully convolutional.
     """
     from .netdef import read_netdef
     from .shapes import infer, input_shapes
@@ -183,11 +177,12 @@ def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
     netdef = read_netdef(model_def)
     declared = input_shapes(netdef.param)
     channels = next(iter(declared.values()))[1] if declared else 3
-    out = infer(netdef.param, path=model_def, allow_unmodelled=True).blobs.get(score_blob(netdef.param))
+    from .surgery import needs_surgery
+    shapes = infer(netdef.param, path=model_def, allow_unmodelled=True)
+    out = shapes.blobs.get(score_blob(netdef.param))
     classes = out[1] if out and len(out) >= 2 else None
     card = default_card(model_def, weights, channels, classes, netdef.param.name)
-    has_ip = any(l.type == "InnerProduct" for l in netdef.param.layer)
-    return replace(card, fully_convolutional=not has_ip)
+    return replace(card, fully_convolutional=not needs_surgery(netdef.param, shapes))
 
 
 def require_weights(card: ModelCard) -> Path:

@@ -149,9 +149,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def output_names(out_dir: Path, name: str) -> dict[str, Path]:
-    return {"scores": out_dir / f"{name}.scores.npy", "json": out_dir / f"{name}.map.json",
-            "heatmap": out_dir / f"{name}.heatmap.png", "argmax": out_dir / f"{name}.argmax.png"}
+def output_names(out_dir: Path, name: str, heads: tuple[str, ...] = ()) -> dict[str, Path]:
+    """The files of one image; each other output head of the net adds NAME.BLOB.npy."""
+    from .dense import head_file_name
+    names = {"scores": out_dir / f"{name}.scores.npy", "json": out_dir / f"{name}.map.json",
+             "heatmap": out_dir / f"{name}.heatmap.png", "argmax": out_dir / f"{name}.argmax.png"}
+    for blob in heads:
+        names[f"head:{blob}"] = out_dir / f"{name}.{head_file_name(blob)}"
+    return names
 
 
 def _name_levels(path: Path, root: Path) -> tuple[str, ...]:
@@ -217,10 +222,11 @@ def failure_document(image: str | Path, exc) -> dict:
             "exit_code": getattr(exc, "exit_code", 1), "outputs": []}
 
 
-def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = None) -> None:
+def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = None,
+                  heads: tuple[str, ...] = ()) -> None:
     """Refuse an image's outputs before its work, naming the image and the file in the way."""
     checker = OutputSet(force)
-    for final in output_names(Path(out_dir), name).values():
+    for final in output_names(Path(out_dir), name, heads).values():
         try:
             checker.check(final)
         except OutputExists as exc:
@@ -229,10 +235,10 @@ def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = No
 
 def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: int,
                  command: str | None, force: bool, heat_scale: str = "map") -> list[Path]:
-    """The four files for one image, written all at once."""
+    """The four files for one image (and one .npy per other output head), written all at once."""
     name = name or (dm.image_path.stem if dm.image_path else "image")
     cls = dm.default_class() if cls is None else cls
-    names = output_names(out_dir, name)
+    names = output_names(out_dir, name, tuple(dm.heads))
     out = OutputSet(force)
     for p in names.values():
         out.check(p)
@@ -244,6 +250,8 @@ def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: in
         out.write_text(names["json"], json.dumps(data, separators=(",", ":")) + "\n")
         out.write_bytes(names["heatmap"], heatmap_png(dm, cls, heat_scale))
         out.write_bytes(names["argmax"], argmax_png(dm))
+        for blob, values in dm.heads.items():
+            out.write_bytes(names[f"head:{blob}"], npy_bytes(values))
     return list(names.values())
 
 
@@ -294,6 +302,10 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
              + f", each changed by pixels within its {hw(*g.reach)} px reach"
              + f"; run: {dm.mode}" + (f", {dm.tiles} tiles of {hw(*dm.tile_size)} px"
                                        if dm.mode == "tiled" else "")]
+    if dm.output is not None:
+        lines.append(f"class map: output '{dm.output}'"
+                     + "".join(f"; also output '{b}' ({a.shape[0]} values per cell)"
+                               for b, a in dm.heads.items()))
     arg = dm.argmax()
     used = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0]
     if cols <= max_cols and rows <= 60:

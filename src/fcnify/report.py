@@ -9,7 +9,7 @@ from .bound import LAMBDA
 from .netdef import read_netdef
 from .planner import estimate, format_bytes
 from .shapes import image_input, infer, input_shapes
-from .surgery import convert_net
+from .surgery import convert_net, needs_surgery
 
 
 def _shape(s) -> str:
@@ -48,6 +48,7 @@ def conversion_report(result) -> str:
             lines.append(f"  {c.layer} {c.old_type} removed: {c.detail}")
         else:
             lines.append(f"  {c.layer}: {c.detail}")
+    lines.append(f"preprocessing (written into the card): {result.card.preprocess.describe()}")
     if result.unused_source_layers:
         lines.append("  weights not used (no layer of that name in the net): "
                      + ", ".join(result.unused_source_layers))
@@ -95,23 +96,44 @@ def verify_report(report) -> str:
     return "\n".join(lines)
 
 
+def preprocess_line(path: Path, declared) -> str:
+    """What the net's card (or, without one, Caffe's defaults) does to an image's pixels."""
+    from .models import read_card, sibling_card
+    from .preprocess import default_preprocess
+    card = sibling_card(path)
+    if card is not None:
+        return f"preprocessing (from {card}): {read_card(card).preprocess.describe()}"
+    pre = default_preprocess(declared[1] if len(declared) == 4 else 3)
+    return (f"preprocessing (no card next to the net, Caffe's defaults; convert's --channels, "
+            f"--raw-scale, --mean, --input-scale, --transpose change it): {pre.describe()}")
+
+
 def net_info(path: Path, size: tuple[int, int] | None) -> str:
     netdef = read_netdef(path)
     net = netdef.param
     name, declared = image_input(net, path)
     h, w = size or (declared[2], declared[3])
-    has_ip = any(l.type == "InnerProduct" for l in net.layer)
-    fcn = convert_net(netdef).net if has_ip else net
+    has_ip = needs_surgery(net, infer(net, path=path, allow_unmodelled=True))
+    surgery = convert_net(netdef) if has_ip else None
+    fcn = surgery.net if surgery is not None else net
     shown = fcn if size else net
     # one image (batch 1) throughout, whatever batch the prototxt declares: the memory line is for one too
     shapes = infer(shown, {name: (1,) + tuple(declared[1:2]) + (h, w)} if len(declared) == 4 else None,
                    path=path)
     lines = [f"{path}: {netdef.name}, {len(net.layer)} layers"
              + (f" (upgraded from {netdef.upgraded_from})" if netdef.upgraded_from else "")
-             + ("" if has_ip else ", fully convolutional (no InnerProduct)"),
+             + ("" if has_ip else ", fully convolutional (no InnerProduct) with no pooling "
+                                  "that collapses the map"),
              f"blob shapes for one image (batch 1) at input {hw(h, w)} (height x width)"
              + (f", not the prototxt's batch of {declared[0]}" if declared[0] != 1 else "")
              + (" (fully-convolutional version)" if has_ip and size else "") + ":"]
+    lines.insert(1, preprocess_line(path, declared))
+    if surgery is not None:
+        lines.insert(2, "surgery that convert (and classify-map, in memory) applies:")
+        for i, c in enumerate(surgery.conversions):
+            what = (f"{c.layer} InnerProduct -> {c.new_layer} Convolution: {c.detail}"
+                    if c.kind == "inner_product" else f"{c.layer}: {c.detail}")
+            lines.insert(3 + i, "  " + what)
     geos = blob_geometry(shown, path=path)
     for ls in shapes.layers:
         for top, shape in zip([l for l in shown.layer if l.name == ls.name][0].top, ls.tops):
@@ -124,7 +146,7 @@ def net_info(path: Path, size: tuple[int, int] | None) -> str:
     except Exception as exc:  # a net whose output is not spatial even after conversion
         lines.append(f"no dense map: {exc}")
         return "\n".join(lines)
-    lines.append(f"dense map ({score}" + (", after converting InnerProduct layers" if has_ip else "") + "):")
+    lines.append(f"dense map ({score}" + (", after the surgery above" if has_ip else "") + "):")
     lines += geometry_lines(geo, smallest_input(fcn, score), declared)
     rows, cols = map_size(fcn, h, w, score)
     est = estimate(fcn, h, w)

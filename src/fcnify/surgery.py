@@ -5,8 +5,9 @@ Convolution with an H x W kernel computes at the one position where it fits;
 on a larger input the convolution slides, which makes the net dense. An
 InnerProduct that reads an already-converted layer becomes a 1x1 convolution.
 Layers that only exist to flatten for an InnerProduct are dropped, and a
-global pooling in front of one is frozen to the kernel it had at the
-declared input size (otherwise it would average the whole larger image).
+global pooling in front of one, or in front of a classifier that follows it
+(NIN, SqueezeNet), is frozen to the kernel it had at the declared input size,
+stride 1 (otherwise it would pool the whole larger image into one cell).
 Everything is derived from the net's own shapes; nothing is CaffeNet-specific.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from .errors import ConversionError, NetDefinitionError
 from .netdef import NetDef
 from .shapes import (ELEMENTWISE, LayerShapes, NetShapes, Shape, canonical_axis, count, infer,
-                     layer_shapes)
+                     layer_shapes, pool_geometry)
 
 SUFFIX = "-conv"
 # Layers that may read a converted (now spatial) blob and stay correct cell by cell.
@@ -104,13 +105,70 @@ def _frozen_globals(net, shapes: NetShapes) -> set[str]:
     return found
 
 
+def _merges_downstream(net, layer_index: int, top: str) -> bool:
+    """Whether a later layer combines `top`'s descendants with a blob from elsewhere.
+
+    A squeeze-and-excitation branch does (its pooled vector rescales the map);
+    a classifier head does not.
+    """
+    down = {top}
+    for layer in list(net.layer)[layer_index + 1:]:
+        reads = [b for b in layer.bottom if b in down]
+        if not reads:
+            continue
+        if len(reads) != len(layer.bottom):
+            return True
+        down.update(layer.top)
+    return False
+
+
+def _collapses(layer, ls: LayerShapes) -> bool:
+    """A pooling that takes its whole input to one cell at the declared size, and would not slide.
+
+    Global pooling, or a kernel covering the whole unpadded input with a
+    stride or size that is not already the dense form (kernel equal to the
+    input, stride 1: ResNet's 7x7 average pool, left as it is).
+    """
+    if layer.type != "Pooling" or not ls.bottoms or len(ls.bottoms[0]) != 4 or not ls.tops:
+        return False
+    p = layer.pooling_param
+    h, w = ls.bottoms[0][2], ls.bottoms[0][3]
+    if tuple(ls.tops[0][2:]) != (1, 1):
+        return False
+    if p.global_pooling:
+        return True
+    try:
+        kernel, stride, pad = pool_geometry(p, ls.bottoms[0])
+    except ValueError:
+        return False
+    if any(pad) or kernel[0] < h or kernel[1] < w:
+        return False
+    return not (list(kernel) == [h, w] and list(stride) == [1, 1])
+
+
+def frozen_poolings(net, shapes: NetShapes) -> set[str]:
+    """Poolings to freeze to their kernel at the declared size, stride 1.
+
+    Those in front of an InnerProduct, and those that collapse the map on the
+    way to the net's outputs (a classifier after global pooling: NIN,
+    SqueezeNet, MobileNet), which on a larger input would still give one cell.
+    """
+    found = _frozen_globals(net, shapes)
+    by_name = {ls.name: ls for ls in shapes.layers}
+    for i, layer in enumerate(net.layer):
+        ls = by_name.get(layer.name)
+        if ls is not None and _collapses(layer, ls) and not _merges_downstream(net, i, layer.top[0]):
+            found.add(layer.name)
+    return found
+
+
 def convert_net(netdef: NetDef, input_size: tuple[int, int] | None = None) -> Surgery:
     """Build the fully-convolutional version of `netdef` (weights are transplanted separately)."""
     path = netdef.path
     orig = netdef.param
     orig_shapes = infer(orig, path=path)
     consumers = _consumers(orig)
-    frozen = _frozen_globals(orig, orig_shapes)
+    frozen = frozen_poolings(orig, orig_shapes)
     layer_by_name = {ls.name: ls for ls in orig_shapes.layers}
 
     new = type(orig)()
@@ -169,9 +227,11 @@ def convert_net(netdef: NetDef, input_size: tuple[int, int] | None = None) -> Su
                 else:
                     pp.kernel_h, pp.kernel_w = kh, kw
                 pp.stride = 1
+                what = ("global pooling" if layer.pooling_param.global_pooling
+                        else f"pooling over its whole {kh}x{kw} input")
                 conversions.append(Conversion("global_pooling", layer.name, layer.name, "Pooling",
-                                              "Pooling", detail=f"global pooling frozen to a {kh}x{kw} "
-                                              "kernel, stride 1"))
+                                              "Pooling", detail=f"{what} frozen to a {kh}x{kw} "
+                                              "kernel, stride 1 (one window per cell)"))
             reads_spatial = [b for b in new_layer.bottom if b in spatial]
             if reads_spatial:
                 _check_cellwise(layer, new_layer, info, reads_spatial[0], path)
@@ -304,3 +364,8 @@ def _set_input_size(net, size: tuple[int, int] | None, path: Path | None) -> Sha
             raise ConversionError(f"--input-size needs a 4-axis input, the net declares {list(shape_msg.dim)}", path)
         shape_msg.dim[2], shape_msg.dim[3] = size
     return tuple(shape_msg.dim)
+
+
+def needs_surgery(net, shapes: NetShapes) -> bool:
+    """Whether the net has anything to convert: an InnerProduct, or a pooling that collapses the map."""
+    return any(l.type == "InnerProduct" for l in net.layer) or bool(frozen_poolings(net, shapes))

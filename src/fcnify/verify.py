@@ -106,6 +106,8 @@ def sample_inputs(shape: tuple[int, ...], pre: Preprocess, count: int = 3, seed:
                   with_cat: bool = True) -> list[tuple[str, np.ndarray]]:
     """Preprocessed test inputs of `shape` (C x H x W per item)."""
     _, c, h, w = shape
+    if pre.transpose:  # the net's H x W is the image's W x H
+        h, w = w, h
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):

@@ -1,0 +1,93 @@
+"""Nets whose classifier sits after a global pooling (NIN, SqueezeNet), made dense.
+
+The pooling is frozen to its kernel at the declared input size, stride 1,
+whatever follows it; then each cell of a larger input's map is the original
+net on the crop under the cell (the nets here have no padding, so crop and
+cell compute the same sums, in different orders).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import call_fcnify, write_model
+from float_bound import rounding_bound
+from nets import input_layer, layer_text, pycaffe
+
+TRUNK = (
+    'name: "tiny_nin"\n' + input_layer(1, 3, 16, 16)
+    + layer_text("conv1", "Convolution", "data", "conv1", "convolution_param { num_output: 8 kernel_size: 5 }")
+    + layer_text("relu1", "ReLU", "conv1", "conv1")
+    + layer_text("pool1", "Pooling", "conv1", "pool1", "pooling_param { pool: MAX kernel_size: 2 stride: 2 }")
+    + layer_text("conv2", "Convolution", "pool1", "conv2", "convolution_param { num_output: 16 kernel_size: 3 }")
+    + layer_text("relu2", "ReLU", "conv2", "conv2")
+    + layer_text("cccp", "Convolution", "conv2", "cccp", "convolution_param { num_output: 10 kernel_size: 1 }")
+    + layer_text("gpool", "Pooling", "cccp", "gpool", "pooling_param { pool: AVE global_pooling: true }")
+)
+HEADS = {  # what follows the global pooling -> (prototxt, blob scored before Softmax)
+    "softmax": (layer_text("prob", "Softmax", "gpool", "prob"), "gpool"),
+    "convolution": (layer_text("cls", "Convolution", "gpool", "cls",
+                               "convolution_param { num_output: 6 kernel_size: 1 }")
+                    + layer_text("prob", "Softmax", "cls", "prob"), "cls"),
+    "nothing": ("", "gpool"),
+}
+
+
+def bound_layers(net, head: str) -> list[tuple]:
+    p = {k: [b.data.copy() for b in v] for k, v in net.params.items()}
+    layers = [("conv", *p["conv1"]), ("relu",), ("max", 2, 2), ("conv", *p["conv2"]), ("relu",),
+              ("conv", *p["cccp"]), ("ave", 4, 1)]
+    return layers + ([("conv", *p["cls"])] if head == "convolution" else [])
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_global_pooling_head_made_dense(tmp_path, head):
+    """convert freezes gpool (4x4, stride 1), verifies it, and each cell of a 40-px map = the net on its crop."""
+    import fcnify
+    text, score = HEADS[head]
+    proto, weights = write_model(tmp_path, "nin", TRUNK + text, seed=4)
+    info = call_fcnify("info", proto)
+    assert info.code == 0, info.err
+    assert "gpool: global pooling frozen to a 4x4 kernel, stride 1" in info.out
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "nin")
+    assert run.code == 0, run.err
+    assert "gpool: global pooling frozen to a 4x4 kernel, stride 1" in run.out
+    assert "result: EQUIVALENT" in run.out and "stride:          2 px" in run.out
+    card = fcnify.read_card(tmp_path / "nin_full_conv.json")
+    rgb = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    model = fcnify.DenseModel(card)
+    try:
+        scores, _ = model.run(rgb, scores=True)
+    finally:
+        model.close()
+    assert scores.shape[1:] == (13, 13)  # 40 -> conv 36 -> pool 18 -> conv 16 -> 4x4 pool 13
+    crops = np.stack([card.preprocess.apply(rgb[2 * r:2 * r + 16, 2 * c:2 * c + 16])
+                      for r in range(13) for c in range(13)])
+    caffe = pycaffe()
+    net = caffe.Net(str(proto), str(weights), caffe.TEST)
+    net.blobs["data"].reshape(*crops.shape)
+    net.blobs["data"].data[...] = crops
+    net.forward()
+    original = net.blobs[score].data.reshape(len(crops), -1)
+    layers = bound_layers(net, head)
+    for i in range(len(crops)):
+        r, c = divmod(i, 13)
+        bound = 2 * rounding_bound(layers, crops[i]).ravel()
+        diff = np.abs(scores[:, r, c].astype(np.float64) - original[i])
+        assert (diff <= bound).all(), f"cell ({r}, {c}): diff {diff.max():.3g} over {bound.max():.3g}"
+    assert np.ptp(scores, axis=(1, 2)).min() > 0  # the cells differ: the map is not one value repeated
+
+
+def test_global_pooling_net_maps_in_memory(tmp_path):
+    """classify-map on the unconverted net converts it in memory and gives the 13x13 map, not 1x1."""
+    from PIL import Image
+    text, _ = HEADS["softmax"]
+    proto, weights = write_model(tmp_path, "nin", TRUNK + text, seed=4)
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+        tmp_path / "x.png")
+    run = call_fcnify("classify-map", tmp_path / "x.png", "--model-def", proto, "--weights", weights,
+                      "--format", "json")
+    assert run.code == 0, run.err
+    import json
+    doc = json.loads(run.out)
+    assert (doc["map"]["rows"], doc["map"]["cols"]) == (13, 13)

@@ -1,0 +1,268 @@
+"""Real trained nets nobody here designed, run densely from the command line.
+
+LeNet MNIST (Caffe's example weights) on scenes of MNIST test digits, MTCNN's
+R-Net on the authors' photos, with the preprocessing each was trained with
+given as convert/classify-map options. The originals, run by pycaffe on the
+crops under the cells, are the reference.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import call_fcnify
+from float_bound import rounding_bound
+from nets import pycaffe
+from realdata import LENET_DEF, LENET_WEIGHTS, MTCNN_PHOTOS, digit_scene, mtcnn_net
+
+LENET_OPTIONS = ("--channels", "gray", "--raw-scale", "255", "--input-scale", "0.00390625")
+MTCNN_OPTIONS = ("--channels", "rgb", "--mean", "127.5", "--input-scale", "0.0078125", "--transpose")
+# Faces in the authors' photos (x0, y0, x1, y1), drawn by hand around each head.
+FACES = {"mtcnn_test1": [(80, 5, 165, 110), (285, 65, 375, 170)],
+         "mtcnn_test2": [(170, 35, 385, 280)]}
+# R-Net takes 24-px faces; these scales bring the photos' faces near that size.
+SCALES = {"mtcnn_test1": 0.35, "mtcnn_test2": 0.15}
+
+
+@pytest.fixture(scope="module")
+def lenet_card(tmp_path_factory) -> Path:
+    """LeNet converted with its preprocessing given on the command line."""
+    out = tmp_path_factory.mktemp("lenet") / "lenet"
+    run = call_fcnify("convert", "--model-def", LENET_DEF, "--weights", LENET_WEIGHTS,
+                      "--out", out, *LENET_OPTIONS)
+    assert run.code == 0, run.err
+    assert "preprocessing (written into the card): gray" in run.out and "0.00390625" in run.out
+    return Path(f"{out}_full_conv.json")
+
+
+@pytest.fixture(scope="module")
+def rnet_card(tmp_path_factory) -> Path:
+    """MTCNN R-Net converted with RGB, (x - 127.5) * 0.0078125 and transposition."""
+    proto, weights = mtcnn_net(2)
+    out = tmp_path_factory.mktemp("rnet") / "det2"
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", out,
+                      *MTCNN_OPTIONS)
+    assert run.code == 0, run.err
+    assert "result: EQUIVALENT" in run.out and "image transposed" in run.out
+    return Path(f"{out}_full_conv.json")
+
+
+def lenet_layers():
+    """LeNet's layers with its trained parameters, for the rounding bound."""
+    caffe = pycaffe()
+    net = caffe.Net(str(LENET_DEF), str(LENET_WEIGHTS), caffe.TEST)
+    p = {k: [b.data.copy() for b in v] for k, v in net.params.items()}
+    return [("conv", *p["conv1"]), ("max", 2, 2), ("conv", *p["conv2"]), ("max", 2, 2),
+            ("ip", *p["ip1"]), ("relu",), ("ip", *p["ip2"])]
+
+
+def test_lenet_names_mnist_digits_in_a_scene(lenet_card, tmp_path):
+    """The cell whose window is centred on each digit names it for >= 97% of 200 digits."""
+    scene, placed = digit_scene(960, 1280, 200, seed=13, grid=4)
+    assert len(placed) == 200
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    run = call_fcnify("classify-map", tmp_path / "scene.png", "--card", lenet_card,
+                      "--out", tmp_path / "maps", "--quiet")
+    assert run.code == 0, run.err
+    probs = np.load(tmp_path / "maps" / "scene.scores.npy")
+    meta = json.loads((tmp_path / "maps" / "scene.map.json").read_text())
+    assert meta["map"]["stride_px"] == [4, 4] and meta["map"]["field_px"] == [28, 28]
+    named = [int(probs[:, d.box[1] // 4, d.box[0] // 4].argmax()) == d.label for d in placed]
+    accuracy = sum(named) / len(named)
+    print(f"LeNet MNIST scene: {sum(named)}/{len(named)} digits named = {accuracy:.1%}")
+    assert accuracy >= 0.97
+
+
+def test_classify_map_options_override_the_card(lenet_card, tmp_path):
+    """A card without LeNet's scale, run with --input-scale, gives the card-with-scale's map."""
+    plain = tmp_path / "plain"
+    run = call_fcnify("convert", "--model-def", LENET_DEF, "--weights", LENET_WEIGHTS, "--out", plain)
+    assert run.code == 0, run.err
+    scene, _ = digit_scene(120, 160, 6, seed=2, grid=4)
+    Image.fromarray(scene).save(tmp_path / "s.png")
+    maps = {}
+    for name, args in (("card", ["--card", lenet_card]),
+                       ("option", ["--card", f"{plain}_full_conv.json", "--input-scale", "0.00390625"]),
+                       ("plain", ["--card", f"{plain}_full_conv.json"])):
+        run = call_fcnify("classify-map", tmp_path / "s.png", *args, "--out", tmp_path / name, "--quiet")
+        assert run.code == 0, run.err
+        maps[name] = np.load(tmp_path / name / "s.scores.npy")
+    assert np.array_equal(maps["card"], maps["option"])
+    assert not np.allclose(maps["card"], maps["plain"], atol=1e-3)
+
+
+def test_lenet_dense_cell_equals_lenet_on_the_crop(lenet_card):
+    """Scores before Softmax: cell (r, c) = LeNet on the 28x28 crop at (4c, 4r), within float32 rounding.
+
+    LeNet has no padding and its pools tile 28 px exactly, so the cell and the
+    crop compute the same sums, in different orders: the bound is 2E (float_bound).
+    """
+    import fcnify
+    scene, placed = digit_scene(200, 240, 12, seed=5, grid=4)
+    model = fcnify.DenseModel(fcnify.read_card(lenet_card))
+    try:
+        scores, _ = model.run(scene, scores=True)
+    finally:
+        model.close()
+    pre = fcnify.read_card(lenet_card).preprocess
+    rng = np.random.default_rng(0)
+    cells = [(d.box[1] // 4, d.box[0] // 4) for d in placed]
+    cells += [tuple(int(v) for v in rng.integers(0, scores.shape[1:])) for _ in range(12)]
+    crops = np.stack([pre.apply(scene[4 * r:4 * r + 28, 4 * c:4 * c + 28]) for r, c in cells])
+    caffe = pycaffe()
+    net = caffe.Net(str(LENET_DEF), str(LENET_WEIGHTS), caffe.TEST)
+    net.blobs["data"].reshape(*crops.shape)
+    net.blobs["data"].data[...] = crops
+    net.forward()
+    original = net.blobs["ip2"].data
+    layers = lenet_layers()
+    for i, (r, c) in enumerate(cells):
+        bound = 2 * rounding_bound(layers, crops[i]).ravel()
+        diff = np.abs(scores[:, r, c].astype(np.float64) - original[i])
+        assert (diff <= bound).all(), f"cell ({r}, {c}): diff {diff.max():.3g} over bound {bound.max():.3g}"
+
+
+# ------------------------------------------------------------------ MTCNN R-Net
+
+
+def rnet(size: int = 24):
+    """The original R-Net in pycaffe, its input reshaped to size x size."""
+    caffe = pycaffe()
+    proto, weights = mtcnn_net(2)
+    return caffe.Net(str(proto), str(weights), caffe.TEST)
+
+
+def rnet_input(crops: list[np.ndarray]) -> np.ndarray:
+    """MTCNN's own preprocessing, written out: RGB, (x - 127.5) * 0.0078125, W and H swapped."""
+    x = (np.stack(crops).astype(np.float32) - np.float32(127.5)) * np.float32(0.0078125)
+    return np.ascontiguousarray(x.transpose(0, 3, 2, 1))  # N x H x W x C -> N x C x W x H
+
+
+def run_rnet(net, crops: list[np.ndarray]) -> dict[str, np.ndarray]:
+    x = rnet_input(crops)
+    net.blobs["data"].reshape(*x.shape)
+    net.blobs["data"].data[...] = x
+    net.forward()
+    return {k: net.blobs[k].data.copy() for k in ("prob1", "conv5-2")}
+
+
+def far_from(box: tuple[float, float, float, float], faces, margin: float) -> bool:
+    x0, y0, x1, y1 = box
+    return all(x1 + margin < fx0 or fx1 + margin < x0 or y1 + margin < fy0 or fy1 + margin < y0
+               for fx0, fy0, fx1, fy1 in faces)
+
+
+def rnet_map(card: Path, photo: Path, scale: float, out: Path):
+    """classify-map at `scale`: (face probabilities, map.json, the fed image, the bbox map)."""
+    from fcnify.images import load_image, resize
+    run = call_fcnify("classify-map", photo, "--card", card, "--scale", str(scale),
+                      "--output", "prob1", "--out", out, "--quiet")
+    assert run.code == 0, run.err
+    assert "class map: output 'prob1'; also output 'conv5-2-conv' (4 values per cell)" in run.out
+    probs = np.load(out / f"{photo.stem}.scores.npy")
+    meta = json.loads((out / f"{photo.stem}.map.json").read_text())
+    fed = resize(load_image(photo), meta["input_size"]["height"], meta["input_size"]["width"])
+    return probs[1], meta, fed, np.load(out / f"{photo.stem}.conv5-2-conv.npy")
+
+
+def window(meta, fed, r: int, c: int, size: int = 24) -> np.ndarray | None:
+    """The size x size crop of the fed image at cell (r, c), None where it leaves the image."""
+    (sy, sx), (oy, ox) = meta["map"]["stride_px"], meta["map"]["offset_px"]
+    y, x = r * sy + oy, c * sx + ox
+    if y < 0 or x < 0 or y + size > fed.shape[0] or x + size > fed.shape[1]:
+        return None
+    return fed[y:y + size, x:x + size]
+
+
+@pytest.mark.parametrize("photo", MTCNN_PHOTOS, ids=lambda p: p.stem)
+def test_rnet_face_cells_lie_on_faces(rnet_card, tmp_path, photo):
+    """Cells above 0.9 are on the faces, every face has some, and R-Net on their 24x24 crops agrees."""
+    name = photo.stem
+    face, meta, fed, bbox = rnet_map(rnet_card, photo, SCALES[name], tmp_path)
+    assert meta["heads"]["conv5-2-conv"]["file"] == "conv5-2-conv.npy"
+    assert bbox.shape == (4,) + face.shape
+    boxes = {(c["row"], c["col"]): c["field"] for c in meta["cells"]}
+    hot = [tuple(int(v) for v in rc) for rc in np.argwhere(face > 0.9)]
+    print(f"R-Net {name} at scale {SCALES[name]}: {len(hot)} of {face.size} cells above 0.9")
+
+    def on_face(rc, faces=FACES[name]):
+        x0, y0, x1, y1 = boxes[rc]
+        return [f for f in faces if f[0] <= (x0 + x1) / 2 <= f[2] and f[1] <= (y0 + y1) / 2 <= f[3]]
+    assert hot and all(on_face(rc) for rc in hot)
+    assert all(any(face_box in on_face(rc) for rc in hot) for face_box in FACES[name])
+    crops = [window(meta, fed, r, c) for r, c in hot]
+    assert all(crop is not None for crop in crops)
+    on_faces = run_rnet(rnet(), crops)["prob1"][:, 1]
+    assert (on_faces > 0.5).all(), on_faces
+
+
+@pytest.mark.parametrize("photo", MTCNN_PHOTOS, ids=lambda p: p.stem)
+def test_rnet_crops_far_from_faces_are_no_faces(rnet_card, tmp_path, photo):
+    """At scale 0.35, cells whose window is 10 px clear of every face: R-Net on the crop and the cell say no."""
+    face, meta, fed, _ = rnet_map(rnet_card, photo, 0.35, tmp_path)
+    far = [(c["row"], c["col"]) for c in meta["cells"]
+           if far_from(c["field"], FACES[photo.stem], 10)
+           and window(meta, fed, c["row"], c["col"]) is not None]
+    assert len(far) >= 30
+    far = [far[i] for i in np.random.default_rng(1).choice(len(far), min(80, len(far)), replace=False)]
+    off_faces = run_rnet(rnet(), [window(meta, fed, r, c) for r, c in far])["prob1"][:, 1]
+    assert (off_faces < 0.9).all() and all(face[rc] < 0.9 for rc in far)
+
+
+def rnet_layers(net) -> list[tuple]:
+    p = {k: [b.data.copy() for b in v] for k, v in net.params.items()}
+    return [("conv", *p["conv1"]), ("prelu", p["prelu1"][0]), ("max", 3, 2),
+            ("conv", *p["conv2"]), ("prelu", p["prelu2"][0]), ("max", 3, 2),
+            ("conv", *p["conv3"]), ("prelu", p["prelu3"][0]),
+            ("ip", *p["conv4"]), ("prelu", p["prelu4"][0]), ("ip", *p["conv5-2"])]
+
+
+def test_rnet_bbox_head_equals_rnet_on_the_cell_window(rnet_card, tmp_path):
+    """The saved conv5-2 map equals R-Net's conv5-2 on each cell's 25-px window, within rounding.
+
+    A cell's window is 25 px (Caffe's ceil-rounded pooling reaches one pixel
+    past 24) and R-Net also accepts 25 px, where every pooling window fits:
+    the same sums as the cell's. The part of the photo is not square, so a map
+    that came back with rows and columns swapped would show.
+    """
+    from fcnify.images import load_image
+    photo = MTCNN_PHOTOS[0]
+    rgb = load_image(photo)[:90, :130]  # not square: a swapped axis would show
+    Image.fromarray(rgb).save(tmp_path / "part.png")
+    run = call_fcnify("classify-map", tmp_path / "part.png", "--card", rnet_card, "--out", tmp_path,
+                      "--quiet")
+    assert run.code == 0, run.err
+    bbox = np.load(tmp_path / "part.conv5-2-conv.npy")
+    assert bbox.shape == (4,) + np.load(tmp_path / "part.scores.npy").shape[1:]
+    assert bbox.shape[1] < bbox.shape[2]  # 90 rows of pixels, 130 columns
+    net = rnet()
+    layers = rnet_layers(net)
+    rng = np.random.default_rng(2)
+    cells = [tuple(int(v) for v in rng.integers(0, (16, 26))) for _ in range(20)]
+    crops = [rgb[4 * r:4 * r + 25, 4 * c:4 * c + 25] for r, c in cells]
+    got = run_rnet(net, crops)["conv5-2"]
+    x = rnet_input(crops)
+    for i, (r, c) in enumerate(cells):
+        bound = 2 * rounding_bound(layers, x[i]).ravel()
+        diff = np.abs(bbox[:, r, c].astype(np.float64) - got[i])
+        assert (diff <= bound).all(), f"cell ({r}, {c}): diff {diff.max():.3g} over {bound.max():.3g}"
+
+
+def test_output_picks_the_class_map_head(rnet_card, tmp_path):
+    """--output conv5-2 (the original name) makes the bbox head the map and saves prob1 beside it;
+    a blob that is no output is one line, exit 2."""
+    photo = MTCNN_PHOTOS[0]
+    run = call_fcnify("classify-map", photo, "--card", rnet_card, "--scale", "0.2", "--output", "conv5-2",
+                      "--out", tmp_path, "--quiet")
+    assert run.code == 0, run.err
+    assert "class map: output 'conv5-2-conv'; also output 'prob1' (2 values per cell)" in run.out
+    probs = np.load(tmp_path / f"{photo.stem}.prob1.npy")
+    assert probs.shape[0] == 2 and np.allclose(probs.sum(axis=0), 1, atol=1e-5)
+    bad = call_fcnify("classify-map", photo, "--card", rnet_card, "--output", "conv4",
+                      "--out", tmp_path / "bad")
+    assert bad.code == 2 and bad.err.count("\n") == 1
+    assert "output 'conv4' is not an output of the net; its outputs are conv5-2-conv, prob1" in bad.err
