@@ -266,3 +266,30 @@ def test_output_picks_the_class_map_head(rnet_card, tmp_path):
                       "--out", tmp_path / "bad")
     assert bad.code == 2 and bad.err.count("\n") == 1
     assert "output 'conv4' is not an output of the net; its outputs are conv5-2-conv, prob1" in bad.err
+
+
+def test_transposed_net_tiled_equals_whole(rnet_card):
+    """R-Net in forced tiles (planned in the net's orientation) = the whole-image map, heads included."""
+    import fcnify
+    from fcnify.images import load_image
+    rgb = load_image(MTCNN_PHOTOS[1])[:150, :110]
+    model = fcnify.DenseModel(fcnify.read_card(rnet_card))
+    try:
+        whole, info = model.run(rgb, scores=True)
+        tiled, tiled_info = model.run(rgb, tile=60, scores=True)
+    finally:
+        model.close()
+    assert info["mode"] == "whole" and tiled_info["mode"] == "tiled" and tiled_info["tiles"] > 1
+    assert whole.shape == tiled.shape and whole.shape[1] > whole.shape[2]  # image rows, then columns
+    net = rnet()
+    bbox_layers = rnet_layers(net)  # ends in conv5-2; the class scores end in conv5-1
+    p = {k: [b.data.copy() for b in v] for k, v in net.params.items()}
+    score_layers = bbox_layers[:-1] + [("ip", *p["conv5-1"])]
+    cells = [(r, c) for r in range(0, 31, 5) for c in range(0, 21, 5)]
+    x = rnet_input([rgb[4 * r:4 * r + 25, 4 * c:4 * c + 25] for r, c in cells])
+    for i, (r, c) in enumerate(cells):
+        for a, b, layers in ((whole, tiled, score_layers),
+                             (info["heads"]["conv5-2-conv"], tiled_info["heads"]["conv5-2-conv"],
+                              bbox_layers)):
+            bound = 2 * rounding_bound(layers, x[i]).ravel()
+            assert (np.abs(a[:, r, c].astype(np.float64) - b[:, r, c]) <= bound).all(), (r, c)

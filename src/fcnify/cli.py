@@ -470,6 +470,9 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
         return
     model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose, output=output)
     model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
+    if model.unmapped_heads:
+        _err(f"fcnify: not saved: output(s) {', '.join(model.unmapped_heads)} (their cells do not "
+             "line up with the class map's)")
     class_id = None
     if cls is not None and model.labels:
         class_id = resolve_class(model.labels, cls)

@@ -540,7 +540,7 @@ def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResul
             rgb = load_image(path)  # the pictures are drawn over the original
             dm = DenseMap(probs, model.geometry, rgb.shape[:2], tuple(plan.fed), model.card,
                           model.labels, Path(path), "tiled", len(plan.tiles), plan.tile_size,
-                          timings, rgb, model.source)
+                          timings, rgb, model.source, model.output_blob)
             seconds = plan.seconds + sum(s.seconds for s in shares) + time.perf_counter() - t0
             workers = tuple(dict.fromkeys([plan.worker, *(s.worker for s in shares), _here()]))
             return _save(job, path, dm, seconds, workers)
