@@ -70,7 +70,7 @@ def test_lenet_names_mnist_digits_in_a_scene(lenet_card, tmp_path):
     assert run.code == 0, run.err
     probs = np.load(tmp_path / "maps" / "scene.scores.npy")
     meta = json.loads((tmp_path / "maps" / "scene.map.json").read_text())
-    assert meta["map"]["stride_px"] == [4, 4] and meta["map"]["field_px"] == [28, 28]
+    assert meta["map"]["stride_px"] == [4, 4] and meta["map"]["window_px"] == [28, 28]
     named = [int(probs[:, d.box[1] // 4, d.box[0] // 4].argmax()) == d.label for d in placed]
     accuracy = sum(named) / len(named)
     print(f"LeNet MNIST scene: {sum(named)}/{len(named)} digits named = {accuracy:.1%}")
@@ -185,7 +185,7 @@ def test_rnet_face_cells_lie_on_faces(rnet_card, tmp_path, photo):
     face, meta, fed, bbox = rnet_map(rnet_card, photo, SCALES[name], tmp_path)
     assert meta["heads"]["conv5-2-conv"]["file"] == "conv5-2-conv.npy"
     assert bbox.shape == (4,) + face.shape
-    boxes = {(c["row"], c["col"]): c["field"] for c in meta["cells"]}
+    boxes = {(c["row"], c["col"]): c["window"] for c in meta["cells"]}
     hot = [tuple(int(v) for v in rc) for rc in np.argwhere(face > 0.9)]
     print(f"R-Net {name} at scale {SCALES[name]}: {len(hot)} of {face.size} cells above 0.9")
 
@@ -205,7 +205,7 @@ def test_rnet_crops_far_from_faces_are_no_faces(rnet_card, tmp_path, photo):
     """At scale 0.35, cells whose window is 10 px clear of every face: R-Net on the crop and the cell say no."""
     face, meta, fed, _ = rnet_map(rnet_card, photo, 0.35, tmp_path)
     far = [(c["row"], c["col"]) for c in meta["cells"]
-           if far_from(c["field"], FACES[photo.stem], 10)
+           if far_from(c["window"], FACES[photo.stem], 10)
            and window(meta, fed, c["row"], c["col"]) is not None]
     assert len(far) >= 30
     far = [far[i] for i in np.random.default_rng(1).choice(len(far), min(80, len(far)), replace=False)]
@@ -222,11 +222,11 @@ def rnet_layers(net) -> list[tuple]:
 
 
 def test_rnet_bbox_head_equals_rnet_on_the_cell_window(rnet_card, tmp_path):
-    """The saved conv5-2 map equals R-Net's conv5-2 on each cell's 25-px window, within rounding.
+    """The saved conv5-2 map equals R-Net's conv5-2 on each cell's 25-px reach, within rounding.
 
-    A cell's window is 25 px (Caffe's ceil-rounded pooling reaches one pixel
-    past 24) and R-Net also accepts 25 px, where every pooling window fits:
-    the same sums as the cell's. The part of the photo is not square, so a map
+    A cell's reach is 25 px (Caffe's ceil-rounded pooling reaches one pixel
+    past its 24-px window) and R-Net also accepts 25 px, where every pooling
+    window fits: the same sums as the cell's. The part of the photo is not square, so a map
     that came back with rows and columns swapped would show.
     """
     from fcnify.images import load_image
