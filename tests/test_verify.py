@@ -231,3 +231,47 @@ def test_unchanged_weights_are_equivalent_through_the_same_path(small_fcn, tmp_p
     code, doc = _verify(small_fcn, tmp_path)
     assert code == 0 and doc["equivalent"] is True and doc["params_mismatched"] == []
     assert 0 <= _scores(doc)["fraction"] <= 1
+
+
+# ------------------------------------------------------------------ the report
+
+def test_text_report_gives_the_bound_its_share_and_the_saturation(small_fcn):
+    """The text report names N, the largest difference, the bound there, the share used, and the
+    inputs' top probabilities; the same numbers as the JSON document."""
+    proto, weights, fcn, fcn_weights = small_fcn
+    text = call_fcnify("verify", proto, fcn, "--weights", weights)
+    doc = json.loads(call_fcnify("verify", proto, fcn, "--weights", weights, "--format", "json").out)
+    assert text.code == 0 and "\n  result: EQUIVALENT" in text.out
+    assert "N = 968 terms" in text.out and doc["criterion"]["accumulation_length"] == 968
+    scores = _scores(doc)
+    assert (f"fc7 vs fc7-conv (scores): largest difference {scores['max_abs']:.3g}, bound there "
+            f"{scores['bound']:.3g}: {scores['fraction']:.3g} of the bound") in text.out
+    tops = doc["top_probability"]
+    assert f"inputs' top probability: {min(tops):.4g} to {max(tops):.4g}" in text.out
+    saturated = sum(p > 0.999 for p in tops[:len(tops) - len(doc["added_for_saturation"])])
+    assert (f"{saturated} of 4 sample inputs saturated" in text.out) == (saturated > 0)
+    assert len(doc["inputs"]) == 4 + len(doc["added_for_saturation"])
+
+
+def test_convert_json_when_not_equivalent(small_fcn, tmp_path, monkeypatch):
+    """convert --format json on a wrong transplant: the whole report as one JSON document, exit 1."""
+    import importlib
+    module = importlib.import_module("fcnify.convert")
+    real = module.transplant
+
+    def shuffled_fc7(surgery, weights, checked=None):
+        blobs, provenance = real(surgery, weights, checked)
+        w = blobs["fc7-conv"][0]
+        blobs["fc7-conv"][0] = np.random.default_rng(1).permutation(w.ravel()).reshape(w.shape)
+        return blobs, provenance
+
+    monkeypatch.setattr(module, "transplant", shuffled_fc7)
+    proto, weights, _, _ = small_fcn
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "bad",
+                      "--format", "json")
+    assert run.code == 1 and "does NOT reproduce" in run.err
+    doc = json.loads(run.out)  # one document, nothing else on stdout
+    assert doc["equivalent"] is False and doc["verification"]["equivalent"] is False
+    assert _scores(doc["verification"])["fraction"] > 10
+    assert [c["layer"] for c in doc["conversions"] if c["kind"] == "inner_product"] == ["fc6", "fc7"]
+    assert sorted(doc["outputs"]) == ["caffemodel", "card", "prototxt"]

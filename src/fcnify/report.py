@@ -84,9 +84,12 @@ def verify_report(report) -> str:
         lines.append(f"  inputs' top probability: {min(tops):.4g} to {max(tops):.4g}"
                      + (f"; EVERY input saturated (> {SATURATED}): the probabilities hide differences"
                         if report.saturated else ""))
-    if report.added_for_saturation:
-        lines.append(f"  saturated inputs (top probability > {SATURATED}) were also checked scaled down: "
-                     + "; ".join(report.added_for_saturation))
+    sampled = len(report.top_probability) - len(report.added_for_saturation)
+    saturated = sum(p > SATURATED for p in report.top_probability[:sampled])
+    if saturated:
+        lines.append(f"  {'all ' if saturated == sampled else ''}{saturated} of {sampled} sample inputs "
+                     f"saturated (top probability > {SATURATED}); checked scaled down too: "
+                     + ("; ".join(report.added_for_saturation) or "none found that spreads"))
     if report.params_checked:
         bad = report.params_mismatched
         lines.append(f"  parameters read back from the engine: {report.params_checked - len(bad)}/"
