@@ -120,7 +120,7 @@ def test_caffenet_verify_is_equivalent_on_other_kernels(caffenet_converted, caff
     assert doc["equivalent"] is True and doc["saturated"] is False
     scores = doc["comparisons"][0]
     assert scores["kind"] == "scores" and 0 <= scores["fraction"] <= 1 and scores["bound"] > 0
-    assert doc["criterion"]["accumulation_length"] == 24756  # conv1 363+1 ... fc8 4096+1, LRN 5+3, input 1
+    assert doc["criterion"]["accumulation_length"] == 25460  # input 1, conv1 363+1, LRN 5+2*96+3, ..., fc8 4096+1
     assert min(doc["top_probability"]) <= 0.9 and doc["added_for_saturation"]
 
 

@@ -13,7 +13,7 @@ set by float32 accumulation error, not by a constant picked by hand:
   on the score layer's actual input x);
 - N, the accumulation length: along the longest path from the input to the
   scores, the number of terms each layer sums (fan-in of each convolution
-  and InnerProduct, the window of AVE pooling and LRN, ...);
+  and InnerProduct, the window of AVE pooling, LRN's running sum, ...);
 - LAMBDA = 6, the confidence factor of the probabilistic rounding-error
   bound (Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019): a sum of n terms
   computed in any order is within LAMBDA * sqrt(n) * u * sum|terms| of the
@@ -55,7 +55,11 @@ def layer_terms(layer, bottoms: list[tuple[int, ...]], params: list[tuple[int, .
         return count(tuple(kernel)) + 1
     if t == "LRN":
         n = layer.lrn_param.local_size
-        return (n * n if layer.lrn_param.norm_region == LRN_WITHIN else n) + 3
+        if layer.lrn_param.norm_region == LRN_WITHIN:
+            return n * n + 3
+        # Caffe slides its window sum over the channels (add the head, subtract the tail),
+        # so the sum it divides by carries 2 roundings per channel on top of the window's n
+        return n + 2 * bottoms[0][1] + 3
     if t == "Eltwise":
         return len(bottoms) + 1
     if t in ("ReLU", "Dropout", "Split", "Flatten", "Reshape", "Input", "Concat", "Silence") or \
