@@ -233,3 +233,21 @@ def test_fcnify_imports_without_dask():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "pip install 'fcnify[dask]'" in run.stdout
+
+
+def test_cli_workers_json_is_the_single_process_schema(crops, tmp_path):
+    """--workers --format json prints, for a good and a failed image, the lines one process prints."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a nonsense")
+    lines = {}
+    for mode, extra in (("dask", ("--workers", "1")), ("single", ())):
+        run = call_fcnify("classify-map", crops[7], bad, "--model", "digits", "--out", tmp_path / mode,
+                          "--format", "json", "--quiet", *extra)
+        assert run.code == 1, run.err
+        lines[mode] = [json.loads(line) for line in run.out.splitlines()]
+    for dask, single in zip(lines["dask"], lines["single"]):
+        assert set(single) <= set(dask), set(single) - set(dask)
+        assert (dask["image"], dask["ok"], dask["exit_code"]) == (single["image"], single["ok"],
+                                                                  single["exit_code"])
+    assert [d["ok"] for d in lines["dask"]] == [True, False] and "bad.png" in lines["dask"][1]["error"]
+    assert lines["dask"][0]["map"] == lines["single"][0]["map"]
