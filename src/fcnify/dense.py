@@ -188,7 +188,8 @@ class DenseModel:
     """A fully-convolutional net loaded once and reshaped per image or tile."""
 
     def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
-                 verbose: bool = False, check: bool = True, output: str | None = None) -> None:
+                 verbose: bool = False, check: bool = True, output: str | None = None,
+                 stride: int | None = None, atrous: bool = True) -> None:
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
@@ -215,6 +216,10 @@ class DenseModel:
                                          classifier_input=classifier_input(card))
         g = self.net_geometry  # in the net's orientation; self.geometry in the image's
         self.geometry = MapGeometry(g.blob, g.x, g.y) if self.transposed else g
+        self.stride_plan = None
+        self.grid_geometry = self.geometry  # one pass of the net; differs when shift-and-stitched
+        if stride is not None:  # a finer map: see stride.py
+            card, net = self._finer(card, net, stride, atrous)
         shapes = infer(net, path=card.model_def)
         self.heads, self.unmapped_heads = other_heads(net, self.output_blob, card.model_def)
         if not converted:  # fcnify did not write this net and its weights: check what Caffe would
@@ -240,6 +245,28 @@ class DenseModel:
                                                  Path(self._workdir.name))
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
 
+    def _finer(self, card: ModelCard, net, stride: int, atrous: bool):
+        """Rewrite the net à trous as far as it allows; shift-and-stitch does the rest in run()."""
+        from .netdef import to_text
+        from .stride import plan_stride, rewrite_atrous, stitched_geometry
+        self.stride_plan = plan = plan_stride(net, self.geometry.stride, stride, atrous, card.model_def)
+        if plan.atrous > 1:
+            self._strided = tempfile.TemporaryDirectory(prefix="fcnify-stride-")
+            path = Path(self._strided.name) / f"{Path(card.model_def).stem}_stride{stride}.prototxt"
+            path.write_text(to_text(rewrite_atrous(net, plan)))
+            card = replace(card, model_def=path)
+            self.netdef = read_netdef(path)
+            net = self.netdef.param
+        g = self.net_geometry = map_geometry(net, self.score_blob, path=card.model_def,
+                                             classifier_input=classifier_input(card))
+        self.grid_geometry = MapGeometry(g.blob, g.x, g.y) if self.transposed else g
+        self.geometry = stitched_geometry(self.grid_geometry, plan.shifts)
+        return card, net
+
+    @property
+    def shifts(self) -> int:
+        return self.stride_plan.shifts if self.stride_plan else 1
+
     def _minimum(self, declared) -> tuple[int, int]:
         """Smallest image: one window, or the net's declared input if that is smaller."""
         fy, fx = self.net_geometry.window
@@ -252,6 +279,14 @@ class DenseModel:
             cols, rows = map_size(self.netdef.param, width, height, self.score_blob)
             return rows, cols
         return map_size(self.netdef.param, height, width, self.score_blob)
+
+    def map_cells(self, height: int, width: int) -> tuple[int, int]:
+        if self.shifts == 1:
+            return self.cells(height, width)
+        from .stride import stitched_cells
+        step = self.geometry.stride[0]
+        return (stitched_cells(height, self.shifts, step, lambda n: self.cells(n, width)[0]),
+                stitched_cells(width, self.shifts, step, lambda n: self.cells(height, n)[1]))
 
     def plan(self, height: int, width: int, budget: int | None = None,
              tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
@@ -302,8 +337,18 @@ class DenseModel:
         """Probabilities (classes x rows x cols) for an 8-bit RGB image; preprocessing per tile.
 
         With `scores`, the raw scores before Softmax instead (what tests compare:
-        probabilities saturate and can hide differences).
+        probabilities saturate and can hide differences). A finer --stride than
+        the (rewritten) net's runs it once per offset and interleaves the maps.
         """
+        if self.shifts > 1:
+            from .stride import shift_and_stitch
+            return shift_and_stitch(lambda part: self._run_grid(part, budget, tile, progress, scores),
+                                    rgb, self.shifts, self.geometry.stride[0], self.cells,
+                                    self.num_classes)
+        return self._run_grid(rgb, budget, tile, progress, scores)
+
+    def _run_grid(self, rgb: np.ndarray, budget: int | None, tile: int | None,
+                  progress: Progress | None, scores: bool) -> tuple[np.ndarray, dict]:
         h, w = rgb.shape[:2]
         tiles, tile_size = self.plan(h, w, budget, tile)
         rows, cols = self.cells(h, w)
@@ -393,6 +438,9 @@ class DenseModel:
 
     def close(self) -> None:
         self.net.close()
+        if getattr(self, "_strided", None) is not None:
+            self._strided.cleanup()
+            self._strided = None
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

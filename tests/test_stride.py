@@ -1,0 +1,176 @@
+"""--stride: maps finer than the net's stride, à trous and shift-and-stitch, held to exact references.
+
+Each cell of a stride-S map must be the stride-N net's cell for the window
+at (r*S, c*S): shift-and-stitch is compared bit for bit with the stride-N
+net run on the shifted image (same engine, same shapes); à trous changes
+the matrix shapes of the dilated layers, so BLAS may sum in another order,
+and it is held to a relative difference of 1e-5 as the tiling tests are.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fcnify.convert import convert
+from fcnify.dense import DenseModel
+from fcnify.errors import InputError
+from fcnify.models import card_for_model_def, read_card
+from fcnify.preprocess import Preprocess
+
+from realdata import LENET_DEF, LENET_WEIGHTS, digit_scene
+
+REL = 1e-5  # as tests/test_tiling.py: the same sums, possibly in another order
+
+
+def lenet_card():
+    """Caffe's LeNet MNIST with the pixels it was trained on: grey, x/256, no mean."""
+    card = card_for_model_def(LENET_DEF, LENET_WEIGHTS)
+    return replace(card, preprocess=Preprocess(channels="gray", raw_scale=255 / 256, mean=None))
+
+
+@pytest.fixture(scope="module")
+def lenet_models():
+    models = {key: DenseModel(lenet_card(), stride=s, atrous=a)
+              for key, (s, a) in {"native": (None, True), "s1": (1, True), "s2": (2, True),
+                                  "s1_shift": (1, False)}.items()}
+    yield models
+    for m in models.values():
+        m.close()
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    return float(np.abs(a - b).max()) <= REL * float(np.abs(b).max())
+
+
+def test_lenet_plan_is_atrous_then_shift(lenet_models):
+    """LeNet (stride 4): pool2 goes to stride 1 (x2 by à trous), the last x2 by 2x2 shifted runs."""
+    plan = lenet_models["s1"].stride_plan
+    assert (plan.atrous, plan.layer, plan.shifts) == (2, "pool2", 2)
+    assert lenet_models["s2"].stride_plan.shifts == 1
+    assert lenet_models["s1"].geometry.stride == (1, 1)
+    assert lenet_models["s1"].geometry.field == (28, 28)
+
+
+def test_lenet_shift_and_stitch_equals_shifted_runs(lenet_models):
+    """Shift-and-stitch only: cell (r, c) is, bit for bit, the stride-4 map of the shifted image."""
+    scene, _ = digit_scene(70, 83, 3, seed=3, gap=4)
+    fine, _ = lenet_models["s1_shift"].run(scene, scores=True)
+    native = lenet_models["native"]
+    for dy in range(4):
+        for dx in range(4):
+            ref, _ = native.run(scene[dy:, dx:], scores=True)
+            part = fine[:, dy::4, dx::4]
+            assert np.array_equal(part, ref[:, :part.shape[1], :part.shape[2]]), (dy, dx)
+    assert fine.shape[1:] == (70 - 28 + 1, 83 - 28 + 1)
+
+
+@pytest.mark.parametrize("key", ["s1", "s2", "s1_shift"])
+def test_lenet_cells_equal_the_classifier_on_crops(lenet_models, key):
+    """LeNet has no padding: every cell equals the original net on the 28x28 crop at (r*S, c*S)."""
+    scene, _ = digit_scene(64, 61, 3, seed=4, gap=4)
+    model = lenet_models[key]
+    fine, _ = model.run(scene, scores=True)
+    s = model.geometry.stride[0]
+    original = model.runner.load(LENET_DEF, LENET_WEIGHTS)
+    try:
+        rows, cols = fine.shape[1:]
+        crops = np.stack([model.card.preprocess.apply(scene[r * s:r * s + 28, c * s:c * s + 28])
+                          for r in range(rows) for c in range(cols)])
+        ref = np.concatenate([original.forward({"data": crops[i:i + 64]}, ["ip2"])["ip2"]
+                              for i in range(0, len(crops), 64)])
+    finally:
+        original.close()
+    got = fine.reshape(fine.shape[0], -1).T
+    assert got.shape == ref.shape
+    assert _close(got, ref)
+
+
+def test_lenet_stride_with_tiles_and_torch(lenet_models):
+    """--stride 1 gives the same map tiled (forced 40-px tiles) and on the torch engine."""
+    scene, _ = digit_scene(90, 100, 4, seed=5, gap=4)
+    whole, info = lenet_models["s1"].run(scene, scores=True)
+    tiled, tinfo = lenet_models["s1"].run(scene, tile=40, scores=True)
+    assert info["mode"] == "whole" and tinfo["mode"] == "tiled"
+    assert _close(tiled, whole)
+    torch_model = DenseModel(lenet_card(), engine="torch", stride=1)
+    try:
+        on_torch, _ = torch_model.run(scene, scores=True)
+    finally:
+        torch_model.close()
+    # the torch engine is held to Caffe at 1e-4 (see tests/test_torch_engine.py)
+    assert np.abs(on_torch - whole).max() <= 1e-4 * np.abs(whole).max()
+
+
+def test_lenet_stride_1_names_digits_placed_anywhere(lenet_models):
+    """Done-when: the cell centred on each digit names it for >= 98% at stride 1 (vs stride 4)."""
+    scene, placed = digit_scene(600, 800, 260, seed=14, gap=12)
+    assert len(placed) >= 200
+    right = {}
+    for key in ("native", "s1"):
+        model = lenet_models[key]
+        dm = model.classify(scene)
+        s = model.geometry.stride[0]
+        arg = dm.argmax()
+        hits = 0
+        for p in placed:
+            x0, y0 = p.box[:2]
+            r = min(round(y0 / s), dm.shape[0] - 1)
+            c = min(round(x0 / s), dm.shape[1] - 1)
+            hits += int(arg[r, c]) == p.label
+        right[key] = hits / len(placed)
+    print(f"\ndigits named by the cell centred on them: stride 4 {right['native']:.1%}, "
+          f"stride 1 {right['s1']:.1%} of {len(placed)}")
+    assert right["s1"] >= 0.98
+    assert right["s1"] > right["native"]
+
+
+@pytest.fixture(scope="module")
+def caffenet_card(caffenet, tmp_path_factory):
+    proto, weights = caffenet
+    result = convert(proto, weights, tmp_path_factory.mktemp("cn_stride") / "cn", check=False)
+    return read_card(result.outputs["card"])
+
+
+def test_caffenet_plans(caffenet_card):
+    """CaffeNet: 16 by à trous on pool5; 8 is à trous plus 2x2 offsets; 12 does not divide 32."""
+    from fcnify.netdef import read_netdef
+    from fcnify.stride import plan_stride
+    net = read_netdef(caffenet_card.model_def).param
+    assert (plan_stride(net, (32, 32), 16).atrous, plan_stride(net, (32, 32), 16).layer) == (2, "pool5")
+    p8 = plan_stride(net, (32, 32), 8)
+    assert (p8.atrous, p8.shifts) == (2, 2)
+    assert plan_stride(net, (32, 32), 16, atrous=False).shifts == 2
+    with pytest.raises(InputError, match="does not divide the net's stride of 32 px"):
+        plan_stride(net, (32, 32), 12)
+
+
+def test_caffenet_stride_16(caffenet_card):
+    """Seeded CaffeNet at stride 16: shift-and-stitch equals the shifted runs bit for bit; à trous
+    equals the stride-32 map on its grid and the shifted runs wherever padding cannot reach."""
+    rng = np.random.default_rng(16)
+    img = rng.integers(0, 256, (227 + 96, 227 + 128, 3), dtype=np.uint8)
+    native = DenseModel(caffenet_card)
+    shifted = DenseModel(caffenet_card, runner=native.runner, stride=16, atrous=False)
+    atrous = DenseModel(caffenet_card, runner=native.runner, stride=16)
+    try:
+        base, _ = native.run(img, scores=True)
+        refs = {(i, j): native.run(img[16 * i:, 16 * j:], scores=True)[0] for i in (0, 1) for j in (0, 1)}
+        stitched, _ = shifted.run(img, scores=True)
+        fine, _ = atrous.run(img, scores=True)
+        for (i, j), ref in refs.items():
+            part = stitched[:, i::2, j::2]
+            assert np.array_equal(part, ref[:, :part.shape[1], :part.shape[2]]), (i, j)
+        assert _close(fine[:, ::2, ::2], base)
+        # CaffeNet reaches 64 px above and left of a window: from shifted cell 2 on, no padding
+        for (i, j), ref in refs.items():
+            a = fine[:, i::2, j::2][:, 2:, 2:]
+            rows, cols = min(a.shape[1], ref.shape[1] - 2), min(a.shape[2], ref.shape[2] - 2)
+            assert rows >= 1 and cols >= 1
+            assert _close(a[:, :rows, :cols], ref[:, 2:2 + rows, 2:2 + cols]), (i, j)
+        assert atrous.stride_plan.method.startswith("à trous")
+    finally:
+        atrous.close()
+        shifted.close()
+        native.close()
