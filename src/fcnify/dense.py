@@ -51,6 +51,7 @@ class DenseMap:
     source: ModelCard | None = None  # the unconverted model, when converted in memory
     output: str | None = None  # the output blob that is the class map
     heads: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs: blob -> C x rows x cols
+    stride_plan: dict | None = None  # how a --stride finer than the net's was made (stride.py)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -118,16 +119,10 @@ class DenseMap:
                 return entry["class"]
         return 0
 
-    def to_json(self, top_k: int = 5, command: str | None = None) -> dict:
+    def to_json(self, top_k: int = 5, command: str | None = None, cells: bool = True) -> dict:
+        """The map as a JSON document; without `cells`, all but the per-cell list (to stream it)."""
+        from .outputs import cell_rows
         rows, cols = self.shape
-        cells = []
-        for r in range(rows):
-            for c in range(cols):
-                cells.append({"row": r, "col": c,
-                              "box": [round(v, 3) for v in self.box(r, c)],
-                              "window": [round(v, 3) for v in self.box(r, c, clip=False)],
-                              "top": [{"class": k, "label": self.label(k), "prob": round(p, 6)}
-                                      for k, p in self.top_k(r, c, top_k)]})
         g = self.geometry
         shown = self.source or self.model  # the user's files, not a temporary conversion
         return {
@@ -163,7 +158,8 @@ class DenseMap:
                     "tile_size": list(self.tile_size) if self.tile_size else None,
                     "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
             "top_classes": self.top_classes(top_k),
-            "cells": cells,
+            **({"cells": [cell for row in cell_rows(self, top_k) for cell in row]} if cells else {}),
+            **({"stride": self.stride_plan} if self.stride_plan else {}),
         }
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
@@ -434,7 +430,8 @@ class DenseModel:
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
         return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
                         info["mode"], info["tiles"], info["tile_size"], timings,
-                        rgb if keep_image else None, self.source, self.output_blob, info["heads"])
+                        rgb if keep_image else None, self.source, self.output_blob, info["heads"],
+                        self.stride_plan.to_dict() if self.stride_plan else None)
 
     def close(self) -> None:
         self.net.close()

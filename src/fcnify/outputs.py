@@ -35,6 +35,27 @@ def _cell_extent(dm) -> tuple[float, float, float, float]:
     return (cx0 - half_x, cx0 - half_x + cols * stx / sx, cy0 - half_y + rows * sty / sy, cy0 - half_y)
 
 
+PREVIEW_PX = 2048  # the pictures are 800 px wide: more pixels of the photo would not show
+
+
+def preview(image: np.ndarray, limit: int = PREVIEW_PX) -> np.ndarray:
+    """The photo shrunk by an integer factor (box average) to at most `limit` px a side.
+
+    matplotlib converts what it draws to floating-point RGBA: a 10000x7000
+    photo drawn whole costs gigabytes for an 800-px picture.
+    """
+    f = -(-max(image.shape[:2]) // limit)
+    if f <= 1:
+        return image
+    h, w = image.shape[0] // f * f, image.shape[1] // f * f
+    out = np.empty((h // f, w // f, image.shape[2]), np.uint8)
+    for r0 in range(0, h // f, 64):  # a band at a time: no full-size float copy
+        band = image[r0 * f:min(h, (r0 + 64) * f), :w].astype(np.float32)
+        band = band.reshape(band.shape[0] // f, f, w // f, f, -1).mean(axis=(1, 3))
+        out[r0:r0 + band.shape[0]] = np.rint(band).astype(np.uint8)
+    return out
+
+
 def _figure(dm, title: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -43,7 +64,7 @@ def _figure(dm, title: str):
     aspect = h / w
     fig, ax = plt.subplots(figsize=(8.0, max(3.0, 8.0 * aspect) + 0.6), dpi=100)
     if dm.image is not None:
-        ax.imshow(dm.image, extent=(0, w, h, 0), interpolation="bilinear")
+        ax.imshow(preview(dm.image), extent=(0, w, h, 0), interpolation="bilinear")
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_title(title, fontsize=11)
@@ -141,6 +162,59 @@ def _png(fig, plt) -> bytes:
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def cell_rows(dm, top_k: int):
+    """The JSON entries of the map's cells, one list per row, computed a row at a time.
+
+    Top-k per cell by a partition, not a full sort: each (probability, class)
+    becomes one unsigned key whose order is "higher probability first, then
+    lower class" (np.argsort(-p, kind="stable") order, ties included), so
+    the k smallest keys are the top k exactly.
+    """
+    rows, cols = dm.shape
+    k = min(top_k, dm.num_classes)
+    g, (sy, sx) = dm.geometry, dm.scale
+    h, w = dm.image_size
+    x0 = [(c * g.x.stride + g.x.box_lo) / sx for c in range(cols)]
+    x1 = [(c * g.x.stride + g.x.box_lo + g.x.field) / sx for c in range(cols)]
+    idx = np.arange(dm.num_classes, dtype=np.uint64)[:, None]
+    labels = [dm.label(c) for c in range(dm.num_classes)]
+    for r in range(rows):
+        y0, y1 = (r * g.y.stride + g.y.box_lo) / sy, (r * g.y.stride + g.y.box_lo + g.y.field) / sy
+        p = np.ascontiguousarray(dm.probs[:, r, :], dtype=np.float32)
+        keys = ((np.uint64(0xFFFFFFFF) - p.view(np.uint32).astype(np.uint64)) << np.uint64(32)) | idx
+        top = np.sort(np.partition(keys, k - 1, axis=0)[:k], axis=0) & np.uint64(0xFFFFFFFF)
+        top = top.astype(np.int64)
+        probs = np.take_along_axis(p, top, axis=0).tolist()
+        top = top.tolist()
+        yf0, yf1 = max(0.0, y0), min(float(h), y1)
+        yield [{"row": r, "col": c,
+                "box": [round(max(0.0, x0[c]), 3), round(yf0, 3), round(min(float(w), x1[c]), 3),
+                        round(yf1, 3)],
+                "window": [round(x0[c], 3), round(y0, 3), round(x1[c], 3), round(y1, 3)],
+                "top": [{"class": top[i][c], "label": labels[top[i][c]], "prob": round(probs[i][c], 6)}
+                        for i in range(k)]}
+               for c in range(cols)]
+
+
+def write_map_json(dm, path: Path, top_k: int, command: str | None, extra: dict) -> None:
+    """NAME.map.json written a row of cells at a time (the whole document never sits in memory)."""
+    head = json.dumps({**dm.to_json(top_k, command, cells=False), **extra}, separators=(",", ":"))
+    with open(path, "w") as f:
+        f.write(head[:-1] + ',"cells":[')
+        first = True
+        for row in cell_rows(dm, top_k):
+            if row:
+                f.write(("" if first else ",") + json.dumps(row, separators=(",", ":"))[1:-1])
+                first = False
+        f.write("]}\n")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Write an array as .npy straight to a file (np.save on a name would append '.npy')."""
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -243,11 +317,10 @@ def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: in
     for p in names.values():
         out.check(p)
     with out:
-        out.write_bytes(names["scores"], npy_bytes(dm.probs))
-        data = dm.to_json(top_k, command)
-        data["heatmap_class"] = {"class": cls, "label": dm.label(cls)}
-        # compact: the C encoder is several times faster than indent= on maps of 10^4+ cells
-        out.write_text(names["json"], json.dumps(data, separators=(",", ":")) + "\n")
+        out.write_with(names["scores"], lambda p: save_npy(p, dm.probs))
+        # compact and streamed: a map of 10^5 cells would otherwise be a document of gigabytes in memory
+        out.write_with(names["json"], lambda p: write_map_json(
+            dm, p, top_k, command, {"heatmap_class": {"class": cls, "label": dm.label(cls)}}))
         out.write_bytes(names["heatmap"], heatmap_png(dm, cls, heat_scale))
         out.write_bytes(names["argmax"], argmax_png(dm))
         for blob, values in dm.heads.items():

@@ -1,0 +1,87 @@
+"""Image pyramids: one map per scale, all read back in original-image pixels, and their fusion.
+
+A net sees objects at one size (LeNet: 28 px). Feeding the image shrunk by
+each factor in --scales lets the same windows cover larger objects; every
+DenseMap already turns its cells into original-image boxes through its own
+scale, so detections from all scales can be compared directly. For the
+pictures, the maps are fused per class (maximum over scales) on the grid of
+the finest map, each cell taking the cell of the other map whose field
+centre is nearest its own.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+
+def parse_scales(text: str) -> list[float]:
+    """'1,0.75,0.5' -> [1.0, 0.75, 0.5]; InputError on a value that is not a positive number."""
+    scales = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(f"--scales {text}: {part.strip()!r} is not a number") from None
+        if not value > 0 or value == float("inf"):
+            raise InputError(f"--scales {text}: every scale must be a positive number, not {part.strip()}")
+        scales.append(value)
+    if len(set(scales)) != len(scales):
+        raise InputError(f"--scales {text}: a scale is given twice")
+    return scales
+
+
+def check_scales(scales: Sequence[float], image_size: tuple[int, int], minimum: tuple[int, int],
+                 path: Path | None = None) -> None:
+    """Fail before any work when a scale makes the image smaller than one field."""
+    h, w = image_size
+    for s in scales:
+        fh, fw = max(1, round(h * s)), max(1, round(w * s))
+        if fh < minimum[0] or fw < minimum[1]:
+            raise InputError(f"--scales {s:g}: the image becomes {fw}x{fh} px, smaller than one "
+                             f"field of {minimum[1]}x{minimum[0]} px", path)
+
+
+def map_scales(model, image, scales: Sequence[float], budget: int | None = None,
+               tile: int | None = None, progress=None) -> list:
+    """One DenseMap per scale (scale 1 is the image as it is), the pixels loaded once."""
+    from .images import load_image
+    path = None
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        image = load_image(path)
+    check_scales(scales, image.shape[:2], model.minimum, path)
+    maps = []
+    for s in scales:
+        dm = model.classify(image, None, None if s == 1 else s, budget, tile, progress)
+        dm.image_path = path
+        maps.append(dm)
+    return maps
+
+
+def _nearest(dm, centres: np.ndarray, axis: int) -> np.ndarray:
+    """Index along `axis` (0 rows, 1 cols) of dm's cell whose field centre is nearest each centre."""
+    g = dm.geometry.y if axis == 0 else dm.geometry.x
+    s = dm.scale[axis]
+    idx = np.rint((centres * s - g.box_lo - g.field / 2) / g.stride).astype(int)
+    return np.clip(idx, 0, dm.shape[axis] - 1)
+
+
+def fuse(maps: Sequence):
+    """A DenseMap on the finest grid whose probabilities are the per-class maximum over the scales."""
+    finest = max(maps, key=lambda dm: dm.shape[0] * dm.shape[1])
+    rows, cols = finest.shape
+    g, (sy, sx) = finest.geometry, finest.scale
+    cy = (np.arange(rows) * g.y.stride + g.y.box_lo + g.y.field / 2) / sy
+    cx = (np.arange(cols) * g.x.stride + g.x.box_lo + g.x.field / 2) / sx
+    probs = finest.probs.copy()
+    for dm in maps:
+        if dm is finest:
+            continue
+        r, c = _nearest(dm, cy, 0), _nearest(dm, cx, 1)
+        np.maximum(probs, dm.probs[:, r[:, None], c[None, :]], out=probs)
+    return replace(finest, probs=probs)
