@@ -149,8 +149,9 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "classify-map": {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
-        "Map": ("size", "scale", "long_side", "short_side", "tile"),
-        "Outputs": ("out_dir", "output", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet"),
+        "Map": ("size", "scale", "long_side", "short_side", "tile", "stride", "scales"),
+        "Outputs": ("out_dir", "output", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
+                    "detect", "threshold", "nms_iou"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
     },
@@ -401,12 +402,21 @@ def _export_card(net: str, weights: str | None):
               help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
 @click.option("--workers", type=int, metavar="N",
               help="Spread the images over N local Dask worker processes; needs --out.")
+@click.option("--stride", type=int, metavar="S",
+              help="Map every S px, S a divisor of the net's stride (à trous / shift-and-stitch).")
+@click.option("--scales", metavar="LIST", help="Image pyramid, e.g. 1,0.75,0.5: a map per scale, fused.")
+@click.option("--detect", is_flag=True, help="Boxes from cells above --threshold, merged by NMS.")
+@click.option("--threshold", type=float, default=0.9, show_default=True, metavar="P",
+              help="Probability a cell needs to become a box (--detect).")
+@click.option("--nms-iou", type=float, default=0.3, show_default=True, metavar="IOU",
+              help="Boxes of a class overlapping a better one by more than this are dropped.")
 @_preprocess_options
 @click.pass_obj
 def classify_map(obj, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  top_k, cls, out_dir,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
-                 heatmap_scale, scheduler, workers, channels, raw_scale, input_scale, mean, transpose):
+                 heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
+                 channels, raw_scale, input_scale, mean, transpose):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
@@ -440,6 +450,8 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
         raise click.BadParameter("must be positive", param_hint="--tile")
     the_size = _size(size, "--size")
     budget = _memory(max_memory)
+    pyramid = _pyramid_options(size, scale, stride, scales, detect, threshold, nms_iou,
+                               scheduler is not None or workers is not None)
     paths = list_images(images)
     names = unique_names(paths) if out_dir else {}
     for line in renamed_note(names):
@@ -466,9 +478,10 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
             raise click.UsageError("--output is not available with --scheduler/--workers yet")
         _map_on_dask(obj, paths, the_card, out_dir, scheduler, workers, fmt, quiet, size=the_size,
                      scale=scale, budget=budget, tile=tile, cls=cls, top_k=top_k,
-                     command=_command_line(), force=force, engine=engine, gpu=gpu)
+                     command=_command_line(), force=force, engine=engine, gpu=gpu, stride=stride)
         return
-    model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose, output=output)
+    model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose, output=output,
+                       stride=stride)
     model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
     if model.unmapped_heads:
         _err(f"fcnify: not saved: output(s) {', '.join(model.unmapped_heads)} (their cells do not "
@@ -491,6 +504,9 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
         try:
             if out_dir:  # an output that would be refused is refused before the work
                 check_outputs(Path(out_dir), names[path], force, path, tuple(model.heads))
+                if pyramid:
+                    from .pyramid import check_names
+                    check_names(Path(out_dir), names[path], pyramid["scales"], detect, force, path)
             factor = scale
             if long_side or short_side:
                 factor = side_scale(image_size(path), long_side, short_side)
@@ -500,14 +516,21 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
                     def progress(done, total, bar=bar):
                         bar.length = total
                         bar.update(done - bar.pos)
-                    dm = model.classify(path, the_size, factor, budget, tile, progress)
+                    dm, found = _map_image(model, path, the_size, factor, budget, tile, progress,
+                                           pyramid, class_id)
             else:
-                dm = model.classify(path, the_size, factor, budget, tile)
+                dm, found = _map_image(model, path, the_size, factor, budget, tile, None, pyramid,
+                                       class_id)
             if fmt == "text":
                 click.echo(text_summary(dm, top_k))
+                if found is not None and found.detections is not None:
+                    from .detect import summary
+                    click.echo(summary(found.detections, dm))
             written = []
             if out_dir:
-                written = dm.save(out_dir, names[path], class_id, top_k, command, force, heatmap_scale)
+                written = (found.save(out_dir, names[path], class_id, top_k, command, force, heatmap_scale)
+                           if found is not None else
+                           dm.save(out_dir, names[path], class_id, top_k, command, force, heatmap_scale))
                 if fmt == "text":
                     click.echo("wrote " + ", ".join(str(p) for p in written))
             if fmt == "json":
@@ -527,6 +550,37 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     if failed:
         _err(f"fcnify: {failed} of {len(paths)} image(s) failed")
         raise SystemExit(1)
+
+
+def _pyramid_options(size, scale, stride, scales, detect, threshold, nms_iou, dask: bool) -> dict | None:
+    """Check --stride/--scales/--detect/--threshold/--nms-iou; the settings map_pyramid takes."""
+    from .pyramid import parse_scales
+    if stride is not None and stride < 1:
+        raise InputError(f"--stride {stride}: must be a positive divisor of the net's stride")
+    if not 0.0 <= threshold <= 1.0:
+        raise InputError(f"--threshold {threshold:g}: not a probability in [0, 1]")
+    if not 0.0 < nms_iou <= 1.0:
+        raise InputError(f"--nms-iou {nms_iou:g}: not an overlap in (0, 1]")
+    if scales is None and not detect:
+        return None
+    if size or scale:
+        raise click.UsageError("--scales and --detect resize the image themselves: drop --size/--scale")
+    if dask:
+        raise click.UsageError("--scales and --detect run in one process: drop --workers/--scheduler")
+    return {"scales": parse_scales(scales) if scales else [1.0], "threshold": threshold,
+            "iou": nms_iou, "detect": detect}
+
+
+def _map_image(model, path, size, scale, budget, tile, progress, pyramid, class_id):
+    """One image: a DenseMap, or (with --scales/--detect) the fused map and the pyramid's result."""
+    if pyramid is None:
+        return model.classify(path, size, scale, budget, tile, progress), None
+    from .pyramid import map_pyramid
+    detect = None
+    if pyramid.get("detect"):
+        detect = {**pyramid, "classes": None if class_id is None else [class_id]}
+    found = map_pyramid(model, path, pyramid["scales"], budget, tile, detect, progress)
+    return found.fused, found
 
 
 def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **options) -> None:

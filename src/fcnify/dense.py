@@ -191,6 +191,9 @@ class DenseModel:
         self.warn: Callable[[str], None] | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
         converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
+        if stride is not None:  # before any conversion runs Caffe
+            from .stride import check_stride
+            check_stride(card.model_def, stride)
         if converted:
             self.source: ModelCard | None = card
             card = self._convert(card, self.runner, check)

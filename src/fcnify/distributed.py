@@ -67,6 +67,7 @@ class Job:
     command: str | None = None
     workers_per_host: tuple[tuple[str, int], ...] = ()
     names: tuple[tuple[str, str], ...] = ()  # image path -> output name (outputs.unique_names)
+    stride: int | None = None  # --stride: a finer map (stride.py)
 
     def name_for(self, path: str) -> str:
         """The output name the client chose for `path`, unique among the run's images."""
@@ -185,7 +186,8 @@ def connect(scheduler: str | None = None, workers: int | None = None,
         yield client
 
 
-def model_key(card: ModelCard, engine: str, gpu: int | None, verbose: bool) -> str:
+def model_key(card: ModelCard, engine: str, gpu: int | None, verbose: bool,
+              stride: int | None = None) -> str:
     """Names a model in the workers' caches; changes when the card or its files change."""
     stats = []
     for p in (card.model_def, card.weights):
@@ -194,7 +196,7 @@ def model_key(card: ModelCard, engine: str, gpu: int | None, verbose: bool) -> s
             stats.append((st.st_size, st.st_mtime_ns) if st else None)
         except OSError:
             stats.append(None)
-    data = pickle.dumps((card, engine, gpu, verbose, stats))
+    data = pickle.dumps((card, engine, gpu, verbose, stats) + ((stride,) if stride else ()))
     return "fcnify-" + hashlib.sha1(data).hexdigest()[:16]
 
 
@@ -203,7 +205,7 @@ def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path
                budget: int | None = None, tile: int | None = None, cls: int | str | None = None,
                top_k: int = 5, command: str | None = None, force: bool = False,
                engine: str = "caffe", gpu: int | None = None, verbose: bool = False,
-               progress: Callable[[ImageResult, int, int], None] | None = None,
+               stride: int | None = None, progress: Callable[[ImageResult, int, int], None] | None = None,
                timeout: float | None = None) -> MapReport:
     """Map images on the Dask cluster behind `client`, writing each image's files into `out_dir`.
 
@@ -228,9 +230,9 @@ def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path
         raise ResourceError(f"the Dask cluster has no workers (waited {WORKER_WAIT_S:.0f} s)") from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
     hosts = Counter(w.get("host", a) for a, w in workers.items())
-    job = Job(model_key(card, engine, gpu, verbose), card, str(out), engine, gpu, verbose, size, scale,
-              budget, tile, None, top_k, command, tuple(sorted(hosts.items())),
-              tuple((str(p), n) for p, n in names.items()))
+    job = Job(model_key(card, engine, gpu, verbose, stride), card, str(out), engine, gpu, verbose, size,
+              scale, budget, tile, None, top_k, command, tuple(sorted(hosts.items())),
+              tuple((str(p), n) for p, n in names.items()), stride)
     owner: dict = {}  # future -> index of its image
     try:
         answer = client.submit(_probe, job, pure=False).result(timeout=timeout)
@@ -382,7 +384,8 @@ def _model(job: Job) -> "DenseModel":
     model = _models.get(job.key)
     if model is None:
         from .dense import DenseModel
-        model = DenseModel(job.card, engine=job.engine, gpu=job.gpu, verbose=job.verbose)
+        model = DenseModel(job.card, engine=job.engine, gpu=job.gpu, verbose=job.verbose,
+                           stride=job.stride)
         _models[job.key] = model
         _loads[job.key] += 1
     return model
@@ -491,7 +494,9 @@ def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
             budget = _budget(job)
             fed = _fed_size(image_size(path), job.size, job.scale)
             small = fed[0] < model.minimum[0] or fed[1] < model.minimum[1]  # classify says so
-            tiles, tile_size = (None, None) if small else model.plan(*fed, budget, job.tile)
+            # shift-and-stitch runs a plan per offset: such an image stays on one worker
+            stitched = model.shifts > 1
+            tiles, tile_size = (None, None) if small or stitched else model.plan(*fed, budget, job.tile)
             if tiles is None or len(tiles) == 1:
                 dm = model.classify(path, job.size, job.scale, budget, job.tile)
                 return _save(job, path, dm, time.perf_counter() - t0, (_here(),))
@@ -540,7 +545,8 @@ def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResul
             rgb = load_image(path)  # the pictures are drawn over the original
             dm = DenseMap(probs, model.geometry, rgb.shape[:2], tuple(plan.fed), model.card,
                           model.labels, Path(path), "tiled", len(plan.tiles), plan.tile_size,
-                          timings, rgb, model.source, model.output_blob)
+                          timings, rgb, model.source, model.output_blob,
+                          stride_plan=model.stride_plan.to_dict() if model.stride_plan else None)
             seconds = plan.seconds + sum(s.seconds for s in shares) + time.perf_counter() - t0
             workers = tuple(dict.fromkeys([plan.worker, *(s.worker for s in shares), _here()]))
             return _save(job, path, dm, seconds, workers)

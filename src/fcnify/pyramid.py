@@ -10,7 +10,7 @@ centre is nearest its own.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -85,3 +85,72 @@ def fuse(maps: Sequence):
         r, c = _nearest(dm, cy, 0), _nearest(dm, cx, 1)
         np.maximum(probs, dm.probs[:, r[:, None], c[None, :]], out=probs)
     return replace(finest, probs=probs)
+
+
+@dataclass
+class PyramidResult:
+    """One image mapped at several scales: the maps, their fusion, and the boxes if asked for."""
+
+    scales: list[float]
+    maps: list  # one DenseMap per scale
+    fused: object  # DenseMap: per-class maximum over scales on the finest grid
+    detections: list | None = None  # detect.Detection, when detection was asked for
+    detect_params: dict | None = None
+
+    def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
+             top_k: int = 5, command: str | None = None, force: bool = False,
+             heat_scale: str = "map") -> list[Path]:
+        """NAME.* for the fused map, NAME.xSCALE.* per scale (several scales), NAME.detections.*."""
+        from .detect import save_detections
+        out_dir = Path(out_dir)
+        name = name or (self.fused.image_path.stem if self.fused.image_path else "image")
+        written = self.fused.save(out_dir, name, cls, top_k, command, force, heat_scale)
+        if len(self.maps) > 1:
+            for s, dm in zip(self.scales, self.maps):
+                written += dm.save(out_dir, scale_name(name, s), cls, top_k, command, force, heat_scale)
+        if self.detections is not None:
+            written += save_detections(self.fused, self.detections, out_dir, name,
+                                       self.detect_params or {}, command, force)
+        return written
+
+
+def scale_name(name: str, scale: float) -> str:
+    return f"{name}.x{scale:g}"
+
+
+def output_names(out_dir: Path, name: str, scales: Sequence[float], detect: bool) -> list[Path]:
+    """Every file PyramidResult.save writes for an image, to refuse clashes before the work."""
+    from .outputs import output_names as map_names
+    names = list(map_names(out_dir, name).values())
+    if len(scales) > 1:
+        for s in scales:
+            names += map_names(out_dir, scale_name(name, s)).values()
+    if detect:
+        names += [out_dir / f"{name}.detections.json", out_dir / f"{name}.detections.png"]
+    return names
+
+
+def check_names(out_dir: Path, name: str, scales: Sequence[float], detect: bool, force: bool,
+                image: Path | None = None) -> None:
+    """Refuse the pyramid's and the detections' files before the work, as check_outputs does."""
+    from .errors import OutputExists
+    from .files import OutputSet
+    checker = OutputSet(force)
+    for final in output_names(out_dir, name, scales, detect):
+        try:
+            checker.check(final)
+        except OutputExists as exc:
+            raise OutputExists(exc.final, image) from None
+
+
+def map_pyramid(model, image, scales: Sequence[float], budget: int | None = None,
+                tile: int | None = None, detect: dict | None = None, progress=None) -> PyramidResult:
+    """Map an image at each scale, fuse the maps, and find boxes when `detect` (threshold, iou,
+    classes) is given."""
+    from .detect import detect as find
+    maps = map_scales(model, image, scales, budget, tile, progress)
+    fused = fuse(maps) if len(maps) > 1 else maps[0]
+    found = None
+    if detect is not None:
+        found = find(maps, scales, detect["threshold"], detect["iou"], detect.get("classes"))
+    return PyramidResult(list(scales), maps, fused, found, detect)

@@ -116,6 +116,20 @@ def plan_stride(net, net_stride: tuple[int, int], stride: int, atrous: bool = Tr
     return StridePlan(ny, stride, g, name, factor // g)
 
 
+def check_stride(model_def: Path, stride: int) -> None:
+    """Refuse a stride that cannot divide the net's before anything runs (even an unconverted net).
+
+    The stride of the spatial blobs before any InnerProduct is the stride of
+    the converted net: the converted layers are 1-stride convolutions.
+    """
+    from .geometry import blob_geometry
+    from .netdef import read_netdef
+    net = read_netdef(model_def).param
+    strides = [g.stride for g in blob_geometry(net, path=model_def).values()]
+    n = max(strides, default=(1, 1))
+    plan_stride(net, n, stride, atrous=False, path=model_def)
+
+
 def _atrous_factor(net, factor: int) -> tuple[int, str | None]:
     """The factor à trous can take off the last striding layer, and that layer's name."""
     layers = list(net.layer)
