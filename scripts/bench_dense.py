@@ -17,6 +17,12 @@ Prints a table and writes JSON (default bench_dense.json):
   the bare forward, and each engine's DenseModel.run at 451 against Caffe's; then
   ONNX Runtime's measured activation memory (peak RSS of this process) against
   the planner's model of it (onnx_engine.onnx_memory). --only-engines runs (f) alone.
+  (g) --stride 16 (half CaffeNet's) at 451 px against the stride-32 map: à trous
+      (what fcnify picks) and plain shift-and-stitch (2x2 shifted runs)
+  (h) the whole `fcnify classify-map` command on a 10000x7000 JPEG under
+      --max-memory, with and without --out: peak RSS of fcnify's process, of the
+      Caffe worker, and of the process tree (sampled every 0.1 s), against
+      budget + image bytes + map bytes + 0.5 GiB
 
 Forward times in (a)-(c) are measured inside fcnify's Caffe worker around
 net.forward(); (d)-(e) are wall times of DenseModel.run (preprocessing,
@@ -245,6 +251,121 @@ def probe_onnx_memory(n: int, card_path: str) -> int:
     return 0
 
 
+
+
+def stride_rows(card, repeats: int) -> dict:
+    """(g) Wall time of DenseModel.run at 451 px: stride 32, stride 16 à trous, stride 16 shifted."""
+    box = Sandbox()
+    runner = CaffeRunner(box=box)
+    models = {"stride 32 (the net's)": DenseModel(card, runner=runner),
+              "stride 16, à trous": DenseModel(card, runner=runner, stride=16),
+              "stride 16, shift-and-stitch": DenseModel(card, runner=runner, stride=16, atrous=False)}
+    img = image(451, 451, 3)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    cells = {}
+    for _ in range(2):  # warm-up
+        for m in models.values():
+            m.run(img)
+    for _ in range(repeats):  # interleaved, so a drift in speed hits every variant
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            probs, _ = m.run(img)
+            times[k].append(time.perf_counter() - t0)
+            cells[k] = probs.shape[1:]
+    base = float(np.median(times["stride 32 (the net's)"]))
+    out = {}
+    print(f"\n(g) CaffeNet at 451x451: --stride 16 against the net's stride 32 "
+          f"(wall time of DenseModel.run, median of {repeats} interleaved rounds)")
+    print(row("variant", "map", "ms", "x stride 32", "target"))
+    for k, t in times.items():
+        med = float(np.median(t))
+        out[k] = {"cells": list(cells[k]), "seconds": med, "ratio": med / base,
+                  "method": models[k].stride_plan.method if models[k].stride_plan else "native"}
+        print(row(k, f"{cells[k][0]}x{cells[k][1]}", f"{1000 * med:.0f}", f"{med / base:.2f}x",
+                  "<= 3" if "à trous" in k else ""))
+    for m in models.values():
+        m.close()
+    box.close()
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _rss(pid: int, field: str = "VmRSS:") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def watched(cmd: list[str]) -> dict:
+    """Run a command, sampling its process tree's RSS every 0.1 s: peaks of the tree and per process."""
+    import subprocess
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tree_peak, main_peak, worker_peak = 0, 0, 0
+    while proc.poll() is None:
+        pids = _tree(proc.pid)
+        rss = {p: _rss(p) for p in pids}
+        tree_peak = max(tree_peak, sum(rss.values()))
+        main_peak = max(main_peak, _rss(proc.pid, "VmHWM:"))
+        worker_peak = max([worker_peak] + [_rss(p, "VmHWM:") for p in pids if p != proc.pid])
+        time.sleep(0.1)
+    err = proc.stderr.read()
+    return {"exit": proc.returncode, "seconds": time.perf_counter() - t0, "tree_peak_bytes": tree_peak,
+            "main_peak_bytes": main_peak, "worker_peak_bytes": worker_peak, "stderr_tail": err[-300:]}
+
+
+def end_to_end_rows(card_path, max_memory: str, budget: int, h: int, w: int, tmp: Path) -> dict:
+    """(h) `fcnify classify-map` on an h x w JPEG, with and without --out, watched from outside."""
+    from PIL import Image
+    from fcnify.geometry import map_size
+    jpg = tmp / f"big_{w}x{h}.jpg"
+    Image.fromarray(image(h, w, 11)).save(jpg, quality=90)
+    card = read_card(card_path)
+    net = read_netdef(card.model_def).param
+    rows, cols = map_size(net, h, w)
+    classes = 1000
+    image_bytes, map_bytes = h * w * 3, classes * rows * cols * 4
+    target = budget + image_bytes + map_bytes + GIB // 2
+    base = [sys.executable, "-m", "fcnify", "classify-map", str(jpg), "--card", str(card_path),
+            "--max-memory", max_memory, "--quiet"]
+    out = {"image": [h, w], "map": [rows, cols], "image_bytes": image_bytes, "map_bytes": map_bytes,
+           "target_bytes": target}
+    print(f"\n(h) fcnify classify-map, {w}x{h} JPEG, --max-memory {max_memory}: peak RSS "
+          f"(target: tree < budget + image {format_bytes(image_bytes)} + map {format_bytes(map_bytes)} "
+          f"+ 0.5 GiB = {format_bytes(target)})")
+    print(row("run", "seconds", "fcnify peak", "worker peak", "tree peak"))
+    for label, extra in (("without --out", []), ("with --out", ["--out", str(tmp / "maps"), "--force"])):
+        r = watched(base + extra)
+        r["within_target"] = r["tree_peak_bytes"] < target
+        out[label] = r
+        print(row(label + ("" if r["exit"] == 0 else f" (exit {r['exit']})"), f"{r['seconds']:.1f}",
+                  format_bytes(r["main_peak_bytes"]), format_bytes(r["worker_peak_bytes"]),
+                  format_bytes(r["tree_peak_bytes"]) + (" ok" if r["within_target"] else " OVER")))
+    return out
+
+
 def row(*cells) -> str:
     return "  ".join(str(c).ljust(w) for c, w in zip(cells, (34, 14, 14, 14, 14)))
 
@@ -262,6 +383,8 @@ def main() -> int:
     ap.add_argument("--engine-sizes", default="451,899,1795", help="FCN input sizes for (f)")
     ap.add_argument("--engine-repeats", type=int, default=5, help="interleaved rounds in (f)")
     ap.add_argument("--only-engines", action="store_true", help="run (f) alone")
+    ap.add_argument("--only", choices=["stride", "e2e"], help="run only (g) or only (h)")
+    ap.add_argument("--e2e-size", default="7000x10000", help="HxW of the (h) image")
     args = ap.parse_args()
     from fcnify.planner import parse_size
     budget = parse_size(args.max_memory)
@@ -276,8 +399,15 @@ def main() -> int:
     fcn_card = read_card(conv.outputs["card"])
     fcn_net = read_netdef(fcn_card.model_def).param
     pre = fcn_card.preprocess
-    if args.only_engines:
-        results["f_engines"] = engines_section(args, proto, weights, fcn_card, fcn_net)
+    if args.only_engines or args.only:
+        if args.only_engines:
+            results["f_engines"] = engines_section(args, proto, weights, fcn_card, fcn_net)
+        elif args.only == "stride":
+            results["g_stride"] = stride_rows(fcn_card, max(5, args.repeats // 3))
+        else:
+            h, w = (int(v) for v in args.e2e_size.split("x"))
+            results["h_end_to_end"] = end_to_end_rows(conv.outputs["card"], args.max_memory, budget,
+                                                      h, w, tmp)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.out}")
         return 0
@@ -375,6 +505,9 @@ def main() -> int:
                   format_bytes(r["sum_peak_bytes"])))
     print(row("tiling overhead per cell", f"{100 * overhead:.1f}%", "target <= 30%"))
     print(row(f"{big}px peak RSS, both processes", format_bytes(t["sum_peak_bytes"]), "target < 3 GiB"))
+    results["g_stride"] = stride_rows(fcn_card, max(5, args.repeats // 3))
+    results["h_end_to_end"] = end_to_end_rows(conv.outputs["card"], args.max_memory, budget,
+                                              *((2000, 3000) if args.quick else (7000, 10000)), tmp)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
