@@ -140,7 +140,7 @@ def test_cli_detect_writes_boxes(red_card, tmp_path):
     (["--threshold", "1.5"], "--threshold 1.5: not a probability in [0, 1]"),
     (["--nms-iou", "0"], "--nms-iou 0: not an overlap in (0, 1]"),
     (["--scales", "1,-0.5"], "every scale must be a positive number"),
-    (["--scales", "0.05"], "smaller than one field of 32x32 px"),
+    (["--scales", "0.05"], "smaller than one window of 32x32 px"),
 ])
 def test_cli_bad_values_one_line(red_card, tmp_path, args, message):
     """Bad --stride/--scales/--threshold/--nms-iou: one line naming the problem, exit 2, no files."""

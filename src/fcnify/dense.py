@@ -190,6 +190,7 @@ class DenseModel:
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
+        self._strided: tempfile.TemporaryDirectory | None = None  # an à trous rewrite's prototxt
         converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
         if stride is not None:  # before any conversion runs Caffe
             from .stride import check_stride
@@ -438,7 +439,7 @@ class DenseModel:
 
     def close(self) -> None:
         self.net.close()
-        if getattr(self, "_strided", None) is not None:
+        if self._strided is not None:
             self._strided.cleanup()
             self._strided = None
         if self._workdir is not None:

@@ -1,6 +1,6 @@
 """Detections: map cells above a probability threshold become boxes, merged by non-maximum suppression.
 
-A cell's box is its field (the window the classifier saw) in original-image
+A cell's box is its window (the crop the classifier saw) in original-image
 pixels, clipped to the image, so cells from every scale of a pyramid land in
 the same coordinates and compete in one suppression per class. The
 suppression is the usual greedy one (highest score first, drop boxes that
@@ -54,7 +54,7 @@ def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None
             continue
         x0 = (cols * g.x.stride + g.x.box_lo) / sx
         y0 = (rows * g.y.stride + g.y.box_lo) / sy
-        b = np.stack([x0, y0, x0 + g.x.field / sx, y0 + g.y.field / sy], axis=1)
+        b = np.stack([x0, y0, x0 + g.x.window / sx, y0 + g.y.window / sy], axis=1)
         np.clip(b, 0, [w, h, w, h], out=b)
         boxes.append(b)
         p = dm.probs[:, rows, cols].astype(np.float64)
@@ -116,7 +116,7 @@ def detections_json(dm, detections: Sequence[Detection], params: dict, command: 
             "model": dm.model.name,
             "threshold": params.get("threshold"), "nms_iou": params.get("iou"),
             "scales": params.get("scales"),
-            "note": "box = the cell's field (the window the classifier saw) in original-image pixels, "
+            "note": "box = the cell's window (the crop the classifier saw) in original-image pixels, "
                     "x1/y1 exclusive, clipped to the image; per class, boxes overlapping a better one "
                     "by more than nms_iou were dropped",
             "detections": [d.to_dict() for d in detections]}

@@ -177,11 +177,11 @@ def cell_rows(dm, top_k: int):
     g, (sy, sx) = dm.geometry, dm.scale
     h, w = dm.image_size
     x0 = [(c * g.x.stride + g.x.box_lo) / sx for c in range(cols)]
-    x1 = [(c * g.x.stride + g.x.box_lo + g.x.field) / sx for c in range(cols)]
+    x1 = [(c * g.x.stride + g.x.box_lo + g.x.window) / sx for c in range(cols)]
     idx = np.arange(dm.num_classes, dtype=np.uint64)[:, None]
     labels = [dm.label(c) for c in range(dm.num_classes)]
     for r in range(rows):
-        y0, y1 = (r * g.y.stride + g.y.box_lo) / sy, (r * g.y.stride + g.y.box_lo + g.y.field) / sy
+        y0, y1 = (r * g.y.stride + g.y.box_lo) / sy, (r * g.y.stride + g.y.box_lo + g.y.window) / sy
         p = np.ascontiguousarray(dm.probs[:, r, :], dtype=np.float32)
         keys = ((np.uint64(0xFFFFFFFF) - p.view(np.uint32).astype(np.uint64)) << np.uint64(32)) | idx
         top = np.sort(np.partition(keys, k - 1, axis=0)[:k], axis=0) & np.uint64(0xFFFFFFFF)

@@ -5,7 +5,7 @@ each factor in --scales lets the same windows cover larger objects; every
 DenseMap already turns its cells into original-image boxes through its own
 scale, so detections from all scales can be compared directly. For the
 pictures, the maps are fused per class (maximum over scales) on the grid of
-the finest map, each cell taking the cell of the other map whose field
+the finest map, each cell taking the cell of the other map whose window
 centre is nearest its own.
 """
 from __future__ import annotations
@@ -37,13 +37,13 @@ def parse_scales(text: str) -> list[float]:
 
 def check_scales(scales: Sequence[float], image_size: tuple[int, int], minimum: tuple[int, int],
                  path: Path | None = None) -> None:
-    """Fail before any work when a scale makes the image smaller than one field."""
+    """Fail before any work when a scale makes the image smaller than one window."""
     h, w = image_size
     for s in scales:
         fh, fw = max(1, round(h * s)), max(1, round(w * s))
         if fh < minimum[0] or fw < minimum[1]:
-            raise InputError(f"--scales {s:g}: the image becomes {fw}x{fh} px, smaller than one "
-                             f"field of {minimum[1]}x{minimum[0]} px", path)
+            raise InputError(f"--scales {s:g}: the image becomes {fh}x{fw} px (height x width), "
+                             f"smaller than one window of {minimum[0]}x{minimum[1]} px", path)
 
 
 def map_scales(model, image, scales: Sequence[float], budget: int | None = None,
@@ -64,10 +64,10 @@ def map_scales(model, image, scales: Sequence[float], budget: int | None = None,
 
 
 def _nearest(dm, centres: np.ndarray, axis: int) -> np.ndarray:
-    """Index along `axis` (0 rows, 1 cols) of dm's cell whose field centre is nearest each centre."""
+    """Index along `axis` (0 rows, 1 cols) of dm's cell whose window centre is nearest each centre."""
     g = dm.geometry.y if axis == 0 else dm.geometry.x
     s = dm.scale[axis]
-    idx = np.rint((centres * s - g.box_lo - g.field / 2) / g.stride).astype(int)
+    idx = np.rint((centres * s - g.box_lo - g.window / 2) / g.stride).astype(int)
     return np.clip(idx, 0, dm.shape[axis] - 1)
 
 
@@ -76,8 +76,8 @@ def fuse(maps: Sequence):
     finest = max(maps, key=lambda dm: dm.shape[0] * dm.shape[1])
     rows, cols = finest.shape
     g, (sy, sx) = finest.geometry, finest.scale
-    cy = (np.arange(rows) * g.y.stride + g.y.box_lo + g.y.field / 2) / sy
-    cx = (np.arange(cols) * g.x.stride + g.x.box_lo + g.x.field / 2) / sx
+    cy = (np.arange(rows) * g.y.stride + g.y.box_lo + g.y.window / 2) / sy
+    cx = (np.arange(cols) * g.x.stride + g.x.box_lo + g.x.window / 2) / sx
     probs = finest.probs.copy()
     for dm in maps:
         if dm is finest:

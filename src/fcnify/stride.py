@@ -230,7 +230,8 @@ def shift_and_stitch(run_grid, rgb: np.ndarray, shifts: int, step: int,
     rows = stitched_cells(h, shifts, step, lambda n: cells_for(n, w)[0])
     cols = stitched_cells(w, shifts, step, lambda n: cells_for(h, n)[1])
     if rows == 0 or cols == 0:
-        raise InputError(f"the image ({w}x{h} px) is too small for one cell at a finer stride")
+        raise InputError(f"the image ({h}x{w} px, height x width) is too small for one cell "
+                         "at a finer stride")
     out = np.empty((num_classes, rows, cols), dtype=np.float32)
     info: dict = {"preprocess": 0.0, "forward": 0.0, "tiles": 0, "mode": "whole", "tile_size": None}
     for i in range(shifts):
