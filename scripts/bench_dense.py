@@ -22,7 +22,9 @@ Prints a table and writes JSON (default bench_dense.json):
   (h) the whole `fcnify classify-map` command on a 10000x7000 JPEG under
       --max-memory, with and without --out: peak RSS of fcnify's process, of the
       Caffe worker, and of the process tree (sampled every 0.1 s), against
-      budget + image bytes + map bytes + 0.5 GiB
+      budget + image bytes + map bytes + 0.5 GiB; and, without Caffe, what writing
+      the outputs of such a map adds to fcnify's own process (DenseMap.save on a
+      seeded map of the same shape, peak RSS above the image and the map)
 
 Forward times in (a)-(c) are measured inside fcnify's Caffe worker around
 net.forward(); (d)-(e) are wall times of DenseModel.run (preprocessing,
@@ -336,6 +338,35 @@ def watched(cmd: list[str]) -> dict:
             "main_peak_bytes": main_peak, "worker_peak_bytes": worker_peak, "stderr_tail": err[-300:]}
 
 
+def output_rows(card, h: int, w: int, tmp: Path) -> dict:
+    """(h) DenseMap.save for an h x w image's CaffeNet map, in this process: the RSS it adds."""
+    from fcnify.dense import DenseMap
+    from fcnify.geometry import map_geometry, map_size, score_blob
+    net = read_netdef(card.model_def).param
+    rows, cols = map_size(net, h, w)
+    rng = np.random.default_rng(5)
+    img = image(h, w, 11)
+    probs = np.empty((1000, rows, cols), np.float32)
+    for r in range(rows):  # softmax of seeded scores, a row at a time
+        z = rng.standard_normal((1000, cols), dtype=np.float32) * 4
+        z = np.exp(z - z.max(axis=0))
+        probs[:, r] = z / z.sum(axis=0)
+    dm = DenseMap(probs, map_geometry(net, score_blob(net)), (h, w), (h, w), card, image=img)
+    before = _rss(os.getpid())
+    reset_hwm()
+    t0 = time.perf_counter()
+    written = dm.save(tmp / "outputs", "big", force=True)
+    seconds = time.perf_counter() - t0
+    peak = hwm()
+    out = {"image": [h, w], "map": [rows, cols], "image_bytes": img.nbytes, "map_bytes": probs.nbytes,
+           "rss_before_bytes": before, "peak_bytes": peak, "added_bytes": peak - before,
+           "seconds": seconds, "files": {p.name: p.stat().st_size for p in written}}
+    print(f"\n(h) writing the outputs of a {w}x{h} image's {rows}x{cols} CaffeNet map (DenseMap.save)")
+    print(row("RSS before (image + map held)", format_bytes(before)))
+    print(row("peak while writing", format_bytes(peak), f"+{format_bytes(peak - before)}", f"{seconds:.1f} s"))
+    return out
+
+
 def end_to_end_rows(card_path, max_memory: str, budget: int, h: int, w: int, tmp: Path) -> dict:
     """(h) `fcnify classify-map` on an h x w JPEG, with and without --out, watched from outside."""
     from PIL import Image
@@ -383,7 +414,8 @@ def main() -> int:
     ap.add_argument("--engine-sizes", default="451,899,1795", help="FCN input sizes for (f)")
     ap.add_argument("--engine-repeats", type=int, default=5, help="interleaved rounds in (f)")
     ap.add_argument("--only-engines", action="store_true", help="run (f) alone")
-    ap.add_argument("--only", choices=["stride", "e2e"], help="run only (g) or only (h)")
+    ap.add_argument("--only", choices=["stride", "e2e", "outputs"],
+                    help="run only (g), only (h), or only (h)'s output-writing part")
     ap.add_argument("--e2e-size", default="7000x10000", help="HxW of the (h) image")
     args = ap.parse_args()
     from fcnify.planner import parse_size
@@ -400,12 +432,14 @@ def main() -> int:
     fcn_net = read_netdef(fcn_card.model_def).param
     pre = fcn_card.preprocess
     if args.only_engines or args.only:
+        h, w = (int(v) for v in args.e2e_size.split("x"))
         if args.only_engines:
             results["f_engines"] = engines_section(args, proto, weights, fcn_card, fcn_net)
         elif args.only == "stride":
             results["g_stride"] = stride_rows(fcn_card, max(5, args.repeats // 3))
+        elif args.only == "outputs":
+            results["h_outputs"] = output_rows(fcn_card, h, w, tmp)
         else:
-            h, w = (int(v) for v in args.e2e_size.split("x"))
             results["h_end_to_end"] = end_to_end_rows(conv.outputs["card"], args.max_memory, budget,
                                                       h, w, tmp)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
