@@ -89,7 +89,11 @@ class DenseMap:
         return (x0 + x1) / 2, (y0 + y1) / 2
 
     def argmax(self) -> np.ndarray:
-        return self.probs.argmax(axis=0)
+        """Winning class per cell, a row at a time: numpy's argmax over axis 0 copies the whole map."""
+        out = np.empty(self.shape, dtype=np.intp)
+        for r in range(self.shape[0]):
+            out[r] = self.probs[:, r, :].argmax(axis=0)
+        return out
 
     def label(self, cls: int) -> str:
         return self.labels.names[cls] if self.labels else str(cls)
