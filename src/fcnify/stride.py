@@ -233,12 +233,16 @@ def shift_and_stitch(run_grid, rgb: np.ndarray, shifts: int, step: int,
         raise InputError(f"the image ({h}x{w} px, height x width) is too small for one cell "
                          "at a finer stride")
     out = np.empty((num_classes, rows, cols), dtype=np.float32)
-    info: dict = {"preprocess": 0.0, "forward": 0.0, "tiles": 0, "mode": "whole", "tile_size": None}
+    info: dict = {"preprocess": 0.0, "forward": 0.0, "tiles": 0, "mode": "whole", "tile_size": None,
+                  "heads": {}}
     for i in range(shifts):
         for j in range(shifts):
             want_r, want_c = len(range(i, rows, shifts)), len(range(j, cols, shifts))
             part, run = run_grid(rgb[i * step:, j * step:])
             out[:, i::shifts, j::shifts] = part[:, :want_r, :want_c]
+            for name, head in run.get("heads", {}).items():  # the net's other outputs, stitched alike
+                into = info["heads"].setdefault(name, np.empty((head.shape[0], rows, cols), np.float32))
+                into[:, i::shifts, j::shifts] = head[:, :want_r, :want_c]
             for key in ("preprocess", "forward", "tiles"):
                 info[key] += run[key]
             if run["mode"] == "tiled":
