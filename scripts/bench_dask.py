@@ -48,7 +48,7 @@ def make_images(folder: Path, n: int, size: int) -> None:
 def caffenet_card(folder: Path) -> Path:
     """CaffeNet with seeded weights, converted once: its card."""
     from fcnify.convert import convert
-    from fcnify.netdef import read_netdef
+    from fcnify.caffe.netdef import read_netdef
     from fcnify.paths import caffe_source
     from fcnify.synthetic import write_random_caffemodel
     proto = caffe_source() / "models" / "bvlc_reference_caffenet" / "deploy.prototxt"

@@ -45,16 +45,16 @@ from pathlib import Path
 import numpy as np
 
 from fcnify.convert import convert
-from fcnify.dense import DenseModel
-from fcnify.models import read_card
-from fcnify.netdef import read_netdef
+from fcnify.dense.dense import DenseModel
+from fcnify.io.models import read_card
+from fcnify.caffe.netdef import read_netdef
 from fcnify.paths import caffe_source
-from fcnify.planner import estimate, largest_square, format_bytes
-from fcnify.runner import CaffeRunner
-from fcnify.sandbox import Sandbox
-from fcnify.shapes import count, infer
+from fcnify.caffe.planner import estimate, largest_square, format_bytes
+from fcnify.engines.caffe_engine import CaffeRunner
+from fcnify.engines.sandbox import Sandbox
+from fcnify.caffe.shapes import count, infer
 from fcnify.synthetic import write_random_caffemodel
-from fcnify.tiling import min_tile
+from fcnify.dense.tiling import min_tile
 
 GIB = 2**30
 
@@ -211,7 +211,7 @@ def onnx_memory_rows(fcn_card, fcn_net, sizes: list[int]) -> list[dict]:
     """ONNX Runtime's activation memory measured (peak RSS over the RSS after loading, one
     fresh process per size) against the planner's model, without and with its slack."""
     import subprocess
-    from fcnify.onnx_engine import onnx_memory
+    from fcnify.engines.onnx_engine import onnx_memory
     rows = []
     print("\n(f) ONNX Runtime's memory (a fresh process per size, peak RSS over the RSS before loading)"
           " vs the planner's onnx_memory().total")
@@ -238,7 +238,7 @@ def rss() -> int:
 def probe_onnx_memory(n: int, card_path: str) -> int:
     """In a fresh process: the peak RSS of loading the FCN into ONNX Runtime and of one n x n
     DenseModel.run, each over the RSS before it (printed as JSON)."""
-    import fcnify.onnx_engine  # noqa: F401 - imports are not the net's memory
+    import fcnify.engines.onnx_engine  # noqa: F401 - imports are not the net's memory
     img = image(n, n, n)
     card = read_card(card_path)
     before = rss()
@@ -340,8 +340,8 @@ def watched(cmd: list[str]) -> dict:
 
 def output_rows(card, h: int, w: int, tmp: Path) -> dict:
     """(h) DenseMap.save for an h x w image's CaffeNet map, in this process: the RSS it adds."""
-    from fcnify.dense import DenseMap
-    from fcnify.geometry import map_geometry, map_size, score_blob
+    from fcnify.dense.dense import DenseMap
+    from fcnify.caffe.geometry import map_geometry, map_size, score_blob
     net = read_netdef(card.model_def).param
     rows, cols = map_size(net, h, w)
     rng = np.random.default_rng(5)
@@ -370,7 +370,7 @@ def output_rows(card, h: int, w: int, tmp: Path) -> dict:
 def end_to_end_rows(card_path, max_memory: str, budget: int, h: int, w: int, tmp: Path) -> dict:
     """(h) `fcnify classify-map` on an h x w JPEG, with and without --out, watched from outside."""
     from PIL import Image
-    from fcnify.geometry import map_size
+    from fcnify.caffe.geometry import map_size
     jpg = tmp / f"big_{w}x{h}.jpg"
     Image.fromarray(image(h, w, 11)).save(jpg, quality=90)
     card = read_card(card_path)
@@ -418,7 +418,7 @@ def main() -> int:
                     help="run only (g), only (h), or only (h)'s output-writing part")
     ap.add_argument("--e2e-size", default="7000x10000", help="HxW of the (h) image")
     args = ap.parse_args()
-    from fcnify.planner import parse_size
+    from fcnify.caffe.planner import parse_size
     budget = parse_size(args.max_memory)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                  "platform": platform.platform()},

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
     """A seeded 8-bit RGB image with structure at several scales (as verify.py's inputs)."""
-    from fcnify.images import resize
+    from fcnify.io.images import resize
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, size=(max(2, height // 8), max(2, width // 8), 3), dtype=np.uint8)
     img = resize(small, height, width).astype(np.int16)
@@ -68,7 +68,7 @@ def max_rel(a: np.ndarray, b: np.ndarray) -> float:
 def gpu_problem(gpu: int) -> str | None:
     """Why CUDA GPU `gpu` cannot be used here, or None."""
     from fcnify.errors import DeviceError
-    from fcnify.torch_engine import cuda_device
+    from fcnify.engines.torch_engine import cuda_device
     try:
         cuda_device(gpu)
     except DeviceError as exc:
@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.descriptor:
         os.environ["FCNIFY_CAFFE_DESCRIPTOR"] = str(args.descriptor.resolve())
     import torch
-    from fcnify.bound import score_layer, within
-    from fcnify.caffemodel import read_weights
+    from fcnify.surgery.bound import score_layer, within
+    from fcnify.caffe.caffemodel import read_weights
     from fcnify.convert import convert
-    from fcnify.models import read_card
-    from fcnify.netdef import read_netdef
+    from fcnify.io.models import read_card
+    from fcnify.caffe.netdef import read_netdef
     from fcnify.synthetic import write_random_caffemodel
-    from fcnify.torch_engine import TorchRunner
+    from fcnify.engines.torch_engine import TorchRunner
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the engine also does this around each pass
     torch.backends.cudnn.allow_tf32 = False
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 def engine_devices(args, problem: str | None) -> tuple[list, list[str]]:
     """(engine, device, runner, repeats) to run, and why any engine or GPU row is left out."""
     from fcnify.errors import FcnifyError
-    from fcnify.torch_engine import TorchRunner
+    from fcnify.engines.torch_engine import TorchRunner
     devices, skipped = [], []
     for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
         if engine == "torch":
@@ -188,7 +188,7 @@ def engine_devices(args, problem: str | None) -> tuple[list, list[str]]:
             if problem is None:
                 devices.append((engine, f"cuda:{args.gpu}", TorchRunner(args.gpu), args.repeats))
         elif engine == "onnx":
-            from fcnify.onnx_engine import OnnxRunner
+            from fcnify.engines.onnx_engine import OnnxRunner
             try:
                 devices.append((engine, "cpu", OnnxRunner(None), args.cpu_repeats))
                 devices.append((engine, f"cuda:{args.gpu}", OnnxRunner(args.gpu), args.repeats))

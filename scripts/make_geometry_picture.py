@@ -21,11 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from fcnify.geometry import hw, map_geometry, map_size  # noqa: E402
-from fcnify.images import load_image, resize  # noqa: E402
-from fcnify.netdef import read_netdef  # noqa: E402
+from fcnify.caffe.geometry import hw, map_geometry, map_size  # noqa: E402
+from fcnify.io.images import load_image, resize  # noqa: E402
+from fcnify.caffe.netdef import read_netdef  # noqa: E402
 from fcnify.paths import caffe_source  # noqa: E402
-from fcnify.surgery import convert_net  # noqa: E402
+from fcnify.surgery.surgery import convert_net  # noqa: E402
 
 SIZE = 451
 CELL = (1, 1)

@@ -23,11 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from realdata import LENET_DEF, LENET_WEIGHTS, digit_scene, load_mnist, paste_digits  # noqa: E402
 
-from fcnify.dense import DenseModel  # noqa: E402
-from fcnify.detect import detect, iou  # noqa: E402
-from fcnify.models import card_for_model_def  # noqa: E402
-from fcnify.preprocess import Preprocess  # noqa: E402
-from fcnify.pyramid import map_scales  # noqa: E402
+from fcnify.dense.dense import DenseModel  # noqa: E402
+from fcnify.dense.detect import detect, iou  # noqa: E402
+from fcnify.io.models import card_for_model_def  # noqa: E402
+from fcnify.io.preprocess import Preprocess  # noqa: E402
+from fcnify.dense.pyramid import map_scales  # noqa: E402
 
 
 def lenet_card():

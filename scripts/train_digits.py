@@ -32,7 +32,7 @@ from caffe.proto import caffe_pb2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_common as dc  # noqa: E402
-from fcnify.preprocess import Preprocess  # noqa: E402
+from fcnify.io.preprocess import Preprocess  # noqa: E402
 
 SEED = 1234
 SPLIT_SEED = 0

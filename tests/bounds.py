@@ -1,4 +1,4 @@
-"""The equivalence bound (fcnify.bound) for the tests' own comparisons of score maps.
+"""The equivalence bound (fcnify.surgery.bound) for the tests' own comparisons of score maps.
 
 Two computations of the same map that may sum in different orders (whole
 image vs tiles, Caffe vs torch, InnerProduct vs Convolution) are compared
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fcnify.bound import ScoreLayer, score_layer
-from fcnify.caffemodel import read_weights
-from fcnify.netdef import read_netdef
+from fcnify.surgery.bound import ScoreLayer, score_layer
+from fcnify.caffe.caffemodel import read_weights
+from fcnify.caffe.netdef import read_netdef
 
 
 @lru_cache(maxsize=4)
@@ -49,8 +49,8 @@ def _window_max(m: np.ndarray, axis: int, size: int) -> np.ndarray:
 def _magnitude(layer, ms: list[np.ndarray], values: list[np.ndarray], params: list[np.ndarray]) -> list[np.ndarray]:
     """M of each top, from the bottoms' M (each >= |bottom|) and values: a bound on |top| and on how
     far an error of M * factor in the bottoms moves the top (the layer's gain times M)."""
-    from fcnify.bound import _pool_max, abs_products
-    from fcnify.shapes import canonical_axis
+    from fcnify.surgery.bound import _pool_max, abs_products
+    from fcnify.caffe.shapes import canonical_axis
     t, m = layer.type, ms[0] if ms else None
     if t in ("InnerProduct", "Convolution"):
         return [abs_products(layer, params, values[0])]  # reset at each accumulating layer (docs/verify.md)
@@ -127,8 +127,8 @@ def blob_bounds(net, caffe: dict[str, np.ndarray], other: dict[str, np.ndarray],
     the other layers by their gain (_magnitude). Softmax outputs get the
     probability bound implied by their input's bound.
     """
-    from fcnify.bound import accumulation_length, factor, probability_tolerance
-    from fcnify.shapes import canonical_axis
+    from fcnify.surgery.bound import accumulation_length, factor, probability_tolerance
+    from fcnify.caffe.shapes import canonical_axis
     m: dict[str, np.ndarray] = {}
     bounds: dict[str, np.ndarray] = {}
     for layer in net.layer:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fcnify.netdef import parse_netdef
+from fcnify.caffe.netdef import parse_netdef
 from fcnify.paths import caffe_source
 from fcnify.synthetic import write_random_caffemodel
 
@@ -72,6 +72,6 @@ def caffenet(tmp_path_factory, caffe_root) -> tuple[Path, Path]:
     """Caffe's reference CaffeNet deploy.prototxt with seeded random weights (session-wide)."""
     proto = caffe_root / "models" / "bvlc_reference_caffenet" / "deploy.prototxt"
     weights = tmp_path_factory.mktemp("caffenet") / "caffenet_seeded.caffemodel"
-    from fcnify.netdef import read_netdef
+    from fcnify.caffe.netdef import read_netdef
     write_random_caffemodel(read_netdef(proto), weights, seed=1)
     return proto, weights

@@ -5,7 +5,7 @@ new engine needs nothing else to run through classify-map and verify.
 """
 from __future__ import annotations
 
-from fcnify.runner import CaffeRunner
+from fcnify.engines.caffe_engine import CaffeRunner
 
 
 class FakeRunner(CaffeRunner):

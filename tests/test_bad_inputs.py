@@ -34,8 +34,8 @@ from PIL import Image
 from conftest import REPO, Run, call_fcnify, run_fcnify, write_model
 from fcnify.errors import EngineCrash
 from fcnify.files import TMP_MARK
-from fcnify.runner import CaffeRunner
-from fcnify.sandbox import Sandbox
+from fcnify.engines.caffe_engine import CaffeRunner
+from fcnify.engines.sandbox import Sandbox
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 TINY = (CORPUS / "tiny.prototxt").read_text()
@@ -325,7 +325,7 @@ def test_weights_whose_layer_names_match_nothing(tiny, out, tmp_path):
 
 def test_weights_for_a_layer_without_parameters(tiny, out, tmp_path):
     """Blobs stored under a parameterless layer's name (Caffe aborts on that) are refused."""
-    from fcnify.proto import caffe_pb2
+    from fcnify.caffe.proto import caffe_pb2
     net = caffe_pb2().NetParameter.FromString(tiny[1].read_bytes())
     extra = net.layer.add()
     extra.CopyFrom(next(l for l in net.layer if l.name == "conv1"))
@@ -340,8 +340,8 @@ def test_weights_for_a_layer_without_parameters(tiny, out, tmp_path):
 
 def test_weights_with_nan(tiny, out, tmp_path):
     """NaN in the weights is refused (the check would compare NaN with NaN and prove nothing)."""
-    from fcnify.caffemodel import read_weights, write_weights
-    from fcnify.netdef import parse_netdef
+    from fcnify.caffe.caffemodel import read_weights, write_weights
+    from fcnify.caffe.netdef import parse_netdef
     blobs = {name: list(lw.blobs) for name, lw in read_weights(tiny[1]).layers.items()}
     blobs["fc1"][0] = blobs["fc1"][0].copy()
     blobs["fc1"][0][0, :3] = np.nan
@@ -356,7 +356,7 @@ def test_weights_with_nan(tiny, out, tmp_path):
 def test_weights_whose_outputs_overflow(tiny, out, tmp_path):
     """Finite weights whose outputs overflow to inf/NaN prove nothing: NOT EQUIVALENT, exit 1
     (the check used to find no difference between two NaNs and call them equivalent)."""
-    from fcnify.proto import caffe_pb2
+    from fcnify.caffe.proto import caffe_pb2
     net = caffe_pb2().NetParameter.FromString(tiny[1].read_bytes())
     blob = next(l for l in net.layer if l.name == "fc1").blobs[0]
     values = [3e38] * len(blob.data)
@@ -483,7 +483,7 @@ def test_labels_with_the_wrong_number_of_lines(tiny, images, tmp_path):
 @pytest.mark.parametrize("command", ["convert", "classify-map"])
 def test_gpu_on_a_cpu_only_build(tiny, images, out, command):
     """--gpu 0 on a CPU_ONLY Caffe: one line, exit 2, before any work (nothing written)."""
-    from fcnify.runner import caffe_build
+    from fcnify.engines.caffe_engine import caffe_build
     if caffe_build().cuda:
         pytest.skip("this Caffe build has CUDA")
     args = ["--out", out / "net"] if command == "convert" else [images["ok.png"], "--out", out]
@@ -604,7 +604,7 @@ def test_caffe_abort_in_the_worker_becomes_engine_crash(tmp_path):
 
 def test_engine_crash_through_the_cli_is_one_line(tiny, out):
     """A Caffe abort during convert's check: one line, exit 2, and the staged files removed."""
-    inject = ("import sys; from fcnify import runner, cli\n"
+    inject = ("import sys; from fcnify import cli; from fcnify.engines import caffe_engine as runner\n"
               "def load(self, model_def, weights=None):\n"
               "    self.box.call('crash_for_test', 'check', context='loading ' + str(model_def),"
               " path=model_def)\n"
@@ -737,7 +737,7 @@ def test_inner_product_output_name_taken(tmp_path, out):
 
 
 def _weights_edit(tiny, tmp_path: Path, edit) -> Path:
-    from fcnify.proto import caffe_pb2
+    from fcnify.caffe.proto import caffe_pb2
     net = caffe_pb2().NetParameter.FromString(tiny[1].read_bytes())
     data = edit(net)
     path = tmp_path / "edited.caffemodel"

@@ -93,7 +93,7 @@ def test_convert_without_weights_says_fetch(tmp_path, monkeypatch):
 
 def test_info_on_digits():
     """`fcnify info` on the shipped digits net reports its 4-px stride and 28-px window."""
-    from fcnify.models import find_model
+    from fcnify.io.models import find_model
     run = call_fcnify("info", find_model("digits").model_def, "--input-size", "480x640")
     assert run.code == 0, run.err
     assert "stride:          4 px" in run.out and "window per cell: 28x28 px" in run.out
@@ -138,8 +138,8 @@ layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
 
 @pytest.fixture(scope="module")
 def digits_model():
-    from fcnify.dense import DenseModel
-    from fcnify.models import find_model
+    from fcnify.dense.dense import DenseModel
+    from fcnify.io.models import find_model
     model = DenseModel(find_model("digits"))
     yield model
     model.close()
@@ -149,8 +149,8 @@ def digits_model():
 def three(tmp_path_factory):
     """The THREE net with seeded weights, a photo-like image for it, and the loaded model."""
     from PIL import Image
-    from fcnify.dense import DenseModel
-    from fcnify.models import card_for_model_def
+    from fcnify.dense.dense import DenseModel
+    from fcnify.io.models import card_for_model_def
     from conftest import write_model
     tmp = tmp_path_factory.mktemp("three")
     proto, weights = write_model(tmp, "three", THREE)
@@ -166,7 +166,7 @@ def three(tmp_path_factory):
 @pytest.fixture
 def no_pictures(monkeypatch):
     """Skip drawing the two PNGs (seconds each; test_dense checks them): these tests read the scores."""
-    from fcnify import outputs
+    from fcnify.io import outputs
     monkeypatch.setattr(outputs, "heatmap_png", lambda *args, **kwargs: b"")
     monkeypatch.setattr(outputs, "argmax_png", lambda *args, **kwargs: b"")
 
@@ -314,7 +314,7 @@ def test_class_out_of_range(three, tmp_path, with_labels):
 def test_max_memory_tiles_within_the_budget(three, tmp_path, no_pictures, monkeypatch):
     """A valid --max-memory below the whole image's need tiles it as the planner says, and maps it
     as the library does with that budget; without it, the budget is half of the available memory."""
-    from fcnify import planner
+    from fcnify.caffe import planner
     model = three["model"]
     h, w = three["rgb"].shape[:2]
     need = planner.estimate(model.netdef.param, h, w)
@@ -370,7 +370,7 @@ def test_convert_no_verify_and_default_prefix(tmp_path, monkeypatch):
     assert run.code == 0 and re.search(r"^\s*result: EQUIVALENT\b", run.out, re.M), run.out
     assert json.loads(checked[2].read_text())["verification"]["equivalent"] is True
     assert unchecked[1].read_bytes() == checked[1].read_bytes()
-    from fcnify.models import find_model
+    from fcnify.io.models import find_model
     mine = tmp_path / "nets" / "mynet.prototxt"
     mine.parent.mkdir()
     mine.write_text(find_model("digits").model_def.read_text())
@@ -381,7 +381,7 @@ def test_convert_no_verify_and_default_prefix(tmp_path, monkeypatch):
 
 def test_convert_weights_without_model_def_is_caffenet(caffenet, tmp_path):
     """--weights alone converts CaffeNet's definition with those weights (fc6 becomes a 6x6 conv)."""
-    from fcnify.caffemodel import read_weights
+    from fcnify.caffe.caffemodel import read_weights
     _, weights = caffenet
     run = call_fcnify("convert", "--weights", weights, "--out", tmp_path / "cn", "--no-verify")
     assert run.code == 0, run.err
@@ -396,7 +396,7 @@ def test_convert_weights_without_model_def_is_caffenet(caffenet, tmp_path):
 @pytest.mark.parametrize("samples", [1, 5])
 def test_verify_samples(tmp_path, samples):
     """verify --samples N checks N seeded random images (plus cat.jpg) and says so."""
-    from fcnify.models import find_model
+    from fcnify.io.models import find_model
     card = find_model("digits")
     assert call_fcnify("convert", "--model", "digits", "--out", tmp_path / "d", "--no-verify").code == 0
     run = call_fcnify("verify", card.model_def, tmp_path / "d_full_conv.prototxt", "--weights", card.weights,

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fcnify.bound import score_layer, within
-from fcnify.caffemodel import read_weights, write_weights
-from fcnify.netdef import parse_netdef, read_netdef
-from fcnify.proto import caffe_pb2
+from fcnify.surgery.bound import score_layer, within
+from fcnify.caffe.caffemodel import read_weights, write_weights
+from fcnify.caffe.netdef import parse_netdef, read_netdef
+from fcnify.caffe.proto import caffe_pb2
 from fcnify.synthetic import random_blobs
 
 from conftest import call_fcnify, run_fcnify, write_model
@@ -163,7 +163,7 @@ def test_verify_rejects_transposed_fc6_kernels(caffenet_converted, caffenet, tmp
 
 def test_caffenet_cells_differ_from_crops_because_of_padding(caffenet_converted, caffenet):
     """At 259 px each of the 2x2 cells differs from classifying its 227 px crop by over 5%."""
-    from fcnify.runner import CaffeRunner
+    from fcnify.engines.caffe_engine import CaffeRunner
     proto, weights = caffenet
     _, prefix, _ = caffenet_converted
     runner = CaffeRunner()

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from conftest import call_fcnify
-from fcnify.correspond import check_correspondence
+from fcnify.surgery.correspond import check_correspondence
 from fcnify.errors import NetDefinitionError
-from fcnify.netdef import parse_netdef, to_text
-from fcnify.surgery import convert_net
+from fcnify.caffe.netdef import parse_netdef, to_text
+from fcnify.surgery.surgery import convert_net
 from nets import small_net
 from realdata import mtcnn_net
 

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fcnify.caffemodel import read_weights, write_weights
+from fcnify.caffe.caffemodel import read_weights, write_weights
 from fcnify.convert import convert
 from fcnify.demo import score_scene
-from fcnify.dense import DenseModel
-from fcnify.models import find_model, read_card
-from fcnify.netdef import read_netdef
+from fcnify.dense.dense import DenseModel
+from fcnify.io.models import find_model, read_card
+from fcnify.caffe.netdef import read_netdef
 
 from conftest import run_fcnify
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcnify.bound import factor, score_layer, within
-from fcnify.caffemodel import read_weights, write_weights
+from fcnify.surgery.bound import factor, score_layer, within
+from fcnify.caffe.caffemodel import read_weights, write_weights
 from fcnify.convert import convert
-from fcnify.dense import DenseModel
-from fcnify.models import card_for_model_def, find_model, read_card
-from fcnify.netdef import parse_netdef, read_netdef
+from fcnify.dense.dense import DenseModel
+from fcnify.io.models import card_for_model_def, find_model, read_card
+from fcnify.caffe.netdef import parse_netdef, read_netdef
 
 from conftest import call_fcnify, run_fcnify
 
@@ -60,7 +60,7 @@ def red_model(tmp_path_factory):
     _red_weights(weights)
     card = card_for_model_def(proto, weights)
     from dataclasses import replace
-    from fcnify.preprocess import Preprocess
+    from fcnify.io.preprocess import Preprocess
     card = replace(card, preprocess=Preprocess(channels="RGB", raw_scale=255.0))
     model = DenseModel(card)
     yield model

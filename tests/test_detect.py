@@ -7,12 +7,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fcnify.dense import DenseModel
-from fcnify.detect import iou, nms
+from fcnify.dense.dense import DenseModel
+from fcnify.dense.detect import iou, nms
 from fcnify.errors import InputError
-from fcnify.models import card_for_model_def
-from fcnify.preprocess import Preprocess
-from fcnify.pyramid import fuse, map_pyramid, parse_scales
+from fcnify.io.models import card_for_model_def
+from fcnify.io.preprocess import Preprocess
+from fcnify.dense.pyramid import fuse, map_pyramid, parse_scales
 
 from conftest import call_fcnify
 from test_dense import RED_DETECTOR, _red_weights

@@ -11,7 +11,7 @@ import numpy as np
 os.environ.setdefault("GLOG_minloglevel", "2")
 import caffe  # noqa: E402
 
-from fcnify.preprocess import Preprocess  # noqa: E402
+from fcnify.io.preprocess import Preprocess  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

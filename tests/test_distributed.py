@@ -1,4 +1,4 @@
-"""fcnify.distributed: images and tiles spread over a real local Dask cluster give single-process files."""
+"""fcnify.dense.distributed: images and tiles spread over a real local Dask cluster give single-process files."""
 from __future__ import annotations
 
 import json
@@ -14,15 +14,15 @@ from PIL import Image
 
 distributed = pytest.importorskip("distributed")
 
-from fcnify.dense import DenseModel  # noqa: E402
-from fcnify.distributed import map_images  # noqa: E402
+from fcnify.dense.dense import DenseModel  # noqa: E402
+from fcnify.dense.distributed import map_images  # noqa: E402
 from fcnify.errors import InputError  # noqa: E402
 from fcnify.files import TMP_MARK  # noqa: E402
-from fcnify.models import find_model  # noqa: E402
-from fcnify.outputs import output_names  # noqa: E402
+from fcnify.io.models import find_model  # noqa: E402
+from fcnify.io.outputs import output_names  # noqa: E402
 from fcnify.paths import prototxt_dir  # noqa: E402
-from fcnify.runner import CaffeRunner  # noqa: E402
-from fcnify.sandbox import Sandbox  # noqa: E402
+from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
+from fcnify.engines.sandbox import Sandbox  # noqa: E402
 
 from conftest import call_fcnify  # noqa: E402
 
@@ -227,7 +227,7 @@ def test_killed_worker_images_run_elsewhere(client, single, card, crops, tmp_pat
 def test_fcnify_imports_without_dask():
     """fcnify, its CLI and this module import without Dask; using it says what to install."""
     code = ("import sys; sys.modules['distributed'] = None\n"
-            "import fcnify, fcnify.cli, fcnify.distributed as d\n"
+            "import fcnify, fcnify.cli, fcnify.dense.distributed as d\n"
             "from fcnify.errors import SetupError\n"
             "try:\n    d.connect(workers=1).__enter__()\nexcept SetupError as e:\n    print(e)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

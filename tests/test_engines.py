@@ -6,7 +6,7 @@ import pytest
 from fcnify.cli import cli
 from fcnify.engines import ENGINES, Engine, EngineEntry, LoadedNet, make_engine
 from fcnify.errors import InputError
-from fcnify.models import find_model
+from fcnify.io.models import find_model
 
 from conftest import REPO, call_fcnify
 from fake_engine import FakeRunner
@@ -36,7 +36,7 @@ def test_every_engine_keeps_the_contract(name, model_factory):
     assert isinstance(engine, Engine) and engine.name == name
     assert {"Convolution", "Pooling", "ReLU"} <= engine.layer_types()
     proto, weights = model_factory("tiny", NET)
-    from fcnify.netdef import read_netdef
+    from fcnify.caffe.netdef import read_netdef
     assert engine.memory(read_netdef(proto).param, 20, 20).total > 0
     closed = []
     with engine.load(proto, weights) as net:

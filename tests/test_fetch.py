@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fcnify import fetch as fetch_mod
+from fcnify.io import fetch as fetch_mod
 from fcnify.errors import FetchError, InputError
-from fcnify.fetch import ModelSpec, download, fetch, model_spec
+from fcnify.io.fetch import ModelSpec, download, fetch, model_spec
 
 PAYLOAD = random.Random(1234).randbytes(200_000)
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()

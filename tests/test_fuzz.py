@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from fcnify import cli as cli_module
 from fcnify.errors import FcnifyError
 from fcnify.files import TMP_MARK
-from fcnify.proto import caffe_pb2
+from fcnify.caffe.proto import caffe_pb2
 
 CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 PROTOTXTS = {p.name: p.read_text() for p in sorted(CORPUS.glob("*.prototxt"))}

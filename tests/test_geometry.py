@@ -1,4 +1,4 @@
-"""Tests for fcnify.geometry: stride, field, reach and map sizes, by hand and in Caffe.
+"""Tests for fcnify.caffe.geometry: stride, field, reach and map sizes, by hand and in Caffe.
 
 Expected numbers are worked out in the tests from the layers' kernels,
 strides and pads, and the map sizes are also read off the blobs that pycaffe
@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fcnify.bound import score_layer, within
+from fcnify.surgery.bound import score_layer, within
 from fcnify.convert import convert
 from fcnify.errors import NetDefinitionError
-from fcnify.geometry import (blob_geometry, map_geometry, map_size, output_blobs, score_blob,
+from fcnify.caffe.geometry import (blob_geometry, map_geometry, map_size, output_blobs, score_blob,
                              smallest_input)
-from fcnify.netdef import parse_netdef, read_netdef, to_text
-from fcnify.surgery import convert_net
+from fcnify.caffe.netdef import parse_netdef, read_netdef, to_text
+from fcnify.surgery.surgery import convert_net
 
 from nets import NIN, caffe_shapes, input_layer, layer_text, pycaffe, small_net, vgg16, zoo
 

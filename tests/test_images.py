@@ -1,4 +1,4 @@
-"""Tests for fcnify.images: every format and mode to 8-bit RGB, every bad file to a named error."""
+"""Tests for fcnify.io.images: every format and mode to 8-bit RGB, every bad file to a named error."""
 from __future__ import annotations
 
 import builtins
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from fcnify.errors import ImageError, InputError, ResourceError
-from fcnify.images import image_size, list_images, load_image, resize, to_rgb8
+from fcnify.io.images import image_size, list_images, load_image, resize, to_rgb8
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 # 16-bit samples chosen so that rounding, truncation (v >> 8) and clipping disagree.

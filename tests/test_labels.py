@@ -1,4 +1,4 @@
-"""Tests for fcnify.labels: the shipped ImageNet labels, reading files, name lookup."""
+"""Tests for fcnify.io.labels: the shipped ImageNet labels, reading files, name lookup."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fcnify.errors import InputError
-from fcnify.labels import (Labels, check_labels, imagenet_labels, parse_labels, read_labels,
+from fcnify.io.labels import (Labels, check_labels, imagenet_labels, parse_labels, read_labels,
                            resolve_class)
 
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from fcnify.models import IMAGENET_MEAN_BGR, default_card, find_model, read_card, shipped_models
-from fcnify.netdef import read_netdef
-from fcnify.preprocess import Preprocess, load_mean
+from fcnify.io.models import IMAGENET_MEAN_BGR, default_card, find_model, read_card, shipped_models
+from fcnify.caffe.netdef import read_netdef
+from fcnify.io.preprocess import Preprocess, load_mean
 
 
 def test_shipped_models():

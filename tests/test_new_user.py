@@ -18,8 +18,8 @@ from PIL import Image
 import fcnify
 from conftest import call_fcnify, run_fcnify
 from fcnify.errors import InputError, OutputExists
-from fcnify.labels import imagenet_labels, resolve_class
-from fcnify.models import card_for_model_def, find_model
+from fcnify.io.labels import imagenet_labels, resolve_class
+from fcnify.io.models import card_for_model_def, find_model
 from nets import zoo
 from realdata import LENET_DEF, LENET_WEIGHTS, mtcnn_net
 
@@ -195,7 +195,7 @@ def test_fetch_offline_exits_1(tmp_path):
 
 def test_heatmap_scaled_to_the_maps_range(tmp_path):
     """A faint class fills the colour scale by default; --heatmap-scale unit keeps 0-1 (darker)."""
-    from fcnify.outputs import heat_range
+    from fcnify.io.outputs import heat_range
     dm = fcnify.classify_map(_crop(tmp_path), model="digits")
     faint = int(np.argmin(dm.probs.max(axis=(1, 2))))
     peak = float(dm.probs[faint].max())
@@ -216,8 +216,8 @@ def test_heatmap_scaled_to_the_maps_range(tmp_path):
 
 def test_convert_keeps_reference_naming_by_default_and_output_names_on_request(tmp_path):
     """MTCNN's R-Net: conv5-2 becomes conv5-2-conv by default; --keep-output-names keeps conv5-2 and prob1."""
-    from fcnify.netdef import read_netdef
-    from fcnify.geometry import output_blobs
+    from fcnify.caffe.netdef import read_netdef
+    from fcnify.caffe.geometry import output_blobs
     proto, weights = mtcnn_net(2)
     plain = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "ref")
     assert plain.code == 0, plain.err

@@ -7,18 +7,18 @@ import pytest
 pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime: pip install 'fcnify[onnx]'")
 
 from fcnify.convert import convert  # noqa: E402
-from fcnify.dense import DenseModel  # noqa: E402
+from fcnify.dense.dense import DenseModel  # noqa: E402
 from fcnify.errors import DeviceError, NetDefinitionError  # noqa: E402
-from fcnify.images import load_image  # noqa: E402
-from fcnify.models import find_model  # noqa: E402
-from fcnify.onnx_engine import OnnxRunner, onnx_memory  # noqa: E402
-from fcnify.planner import estimate  # noqa: E402
-from fcnify.runner import CaffeRunner  # noqa: E402
+from fcnify.io.images import load_image  # noqa: E402
+from fcnify.io.models import find_model  # noqa: E402
+from fcnify.engines.onnx_engine import OnnxRunner, onnx_memory  # noqa: E402
+from fcnify.caffe.planner import estimate  # noqa: E402
+from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 
 from conftest import REPO, call_fcnify, run_fcnify  # noqa: E402
-from fcnify.bound import score_layer, within  # noqa: E402
-from fcnify.caffemodel import read_weights  # noqa: E402
-from fcnify.netdef import read_netdef  # noqa: E402
+from fcnify.surgery.bound import score_layer, within  # noqa: E402
+from fcnify.caffe.caffemodel import read_weights  # noqa: E402
+from fcnify.caffe.netdef import read_netdef  # noqa: E402
 
 SCENE = REPO / "prototxt" / "digits" / "scene.png"
 
@@ -64,7 +64,7 @@ def test_tiles_and_budget_use_onnx_memory(digits_fcn):
     """Under a small --max-memory the planner tiles by ONNX Runtime's own model, and the tiled map
     equals the whole one within the float32 bound of the score layer (tiles change the shapes, and
     with them ONNX Runtime's blocking of the sums)."""
-    from fcnify.models import read_card
+    from fcnify.io.models import read_card
     card = read_card(digits_fcn["card"])
     rgb = load_image(SCENE)
     model = DenseModel(card, engine="onnx")

@@ -10,20 +10,20 @@ import pytest
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install 'fcnify[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxruntime")
 
-from fcnify.caffemodel import read_weights, write_weights  # noqa: E402
+from fcnify.caffe.caffemodel import read_weights, write_weights  # noqa: E402
 from fcnify.convert import convert  # noqa: E402
-from fcnify.dense import resolve_model  # noqa: E402
-from fcnify.models import card_for_model_def, find_model  # noqa: E402
-from fcnify.netdef import parse_netdef, read_netdef  # noqa: E402
-from fcnify.onnx_engine import OnnxRunner  # noqa: E402
-from fcnify.onnx_export import Unexportable, export_onnx  # noqa: E402
-from fcnify.runner import CaffeRunner  # noqa: E402
-from fcnify.shapes import pool_geometry  # noqa: E402
+from fcnify.dense.dense import resolve_model  # noqa: E402
+from fcnify.io.models import card_for_model_def, find_model  # noqa: E402
+from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
+from fcnify.engines.onnx_engine import OnnxRunner  # noqa: E402
+from fcnify.engines.onnx_export import Unexportable, export_onnx  # noqa: E402
+from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
+from fcnify.caffe.shapes import pool_geometry  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
 
 from conftest import call_fcnify  # noqa: E402
 from nets import vgg16  # noqa: E402
-from fcnify.bound import factor, score_layer, within  # noqa: E402
+from fcnify.surgery.bound import factor, score_layer, within  # noqa: E402
 from realdata import LENET_DEF, LENET_WEIGHTS, mtcnn_net  # noqa: E402
 
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from conftest import call_fcnify
 from fcnify.errors import InputError
-from fcnify.models import find_model
-from fcnify.outputs import unique_names
+from fcnify.io.models import find_model
+from fcnify.io.outputs import unique_names
 
 SCENE = find_model("digits").model_def.parent / "scene.png"
 

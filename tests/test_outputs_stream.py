@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 
-from fcnify.dense import DenseMap
-from fcnify.geometry import AxisGeometry, MapGeometry
-from fcnify.models import ModelCard
-from fcnify.outputs import cell_rows, preview, write_map_json
-from fcnify.preprocess import Preprocess
+from fcnify.dense.dense import DenseMap
+from fcnify.caffe.geometry import AxisGeometry, MapGeometry
+from fcnify.io.models import ModelCard
+from fcnify.io.outputs import cell_rows, preview, write_map_json
+from fcnify.io.preprocess import Preprocess
 
 
 def _map(probs: np.ndarray, image: np.ndarray | None = None, scale: float = 1.0) -> DenseMap:

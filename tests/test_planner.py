@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fcnify.dense import DenseModel
-from fcnify.models import card_for_model_def
-from fcnify.planner import HEADROOM, estimate
-from fcnify.runner import CaffeRunner
-from fcnify.sandbox import Sandbox
+from fcnify.dense.dense import DenseModel
+from fcnify.io.models import card_for_model_def
+from fcnify.caffe.planner import HEADROOM, estimate
+from fcnify.engines.caffe_engine import CaffeRunner
+from fcnify.engines.sandbox import Sandbox
 
 from conftest import write_model
 

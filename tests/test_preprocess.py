@@ -8,14 +8,14 @@ import pytest
 
 from conftest import call_fcnify
 from fcnify.errors import InputError
-from fcnify.preprocess import (Preprocess, default_preprocess, load_binaryproto_mean, load_mean,
+from fcnify.io.preprocess import (Preprocess, default_preprocess, load_binaryproto_mean, load_mean,
                                parse_mean, resolve_preprocess)
 from realdata import LENET_DEF, LENET_WEIGHTS
 
 
 def write_binaryproto(path, array: np.ndarray, legacy: bool = False) -> None:
     """A Caffe mean file (BlobProto) written with fcnify's own protobuf messages."""
-    from fcnify.proto import caffe_pb2
+    from fcnify.caffe.proto import caffe_pb2
     blob = caffe_pb2().BlobProto()
     if legacy:
         blob.num, blob.channels, blob.height, blob.width = array.shape
@@ -104,7 +104,7 @@ def test_corrupt_binaryproto_is_refused(tmp_path):
     with pytest.raises(InputError, match="not a Caffe mean .binaryproto"):
         load_binaryproto_mean(bad)
     short = tmp_path / "short.binaryproto"
-    from fcnify.proto import caffe_pb2
+    from fcnify.caffe.proto import caffe_pb2
     blob = caffe_pb2().BlobProto()
     blob.shape.dim.extend([1, 3, 2, 2])
     blob.data.extend([1.0] * 5)

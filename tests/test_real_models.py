@@ -158,7 +158,7 @@ def far_from(box: tuple[float, float, float, float], faces, margin: float) -> bo
 
 def rnet_map(card: Path, photo: Path, scale: float, out: Path):
     """classify-map at `scale`: (face probabilities, map.json, the fed image, the bbox map)."""
-    from fcnify.images import load_image, resize
+    from fcnify.io.images import load_image, resize
     run = call_fcnify("classify-map", photo, "--card", card, "--scale", str(scale),
                       "--output", "prob1", "--out", out, "--quiet")
     assert run.code == 0, run.err
@@ -229,7 +229,7 @@ def test_rnet_bbox_head_equals_rnet_on_the_cell_window(rnet_card, tmp_path):
     window fits: the same sums as the cell's. The part of the photo is not square, so a map
     that came back with rows and columns swapped would show.
     """
-    from fcnify.images import load_image
+    from fcnify.io.images import load_image
     photo = MTCNN_PHOTOS[0]
     rgb = load_image(photo)[:90, :130]  # not square: a swapped axis would show
     Image.fromarray(rgb).save(tmp_path / "part.png")
@@ -271,7 +271,7 @@ def test_output_picks_the_class_map_head(rnet_card, tmp_path):
 def test_transposed_net_tiled_equals_whole(rnet_card):
     """R-Net in forced tiles (planned in the net's orientation) = the whole-image map, heads included."""
     import fcnify
-    from fcnify.images import load_image
+    from fcnify.io.images import load_image
     rgb = load_image(MTCNN_PHOTOS[1])[:150, :110]
     model = fcnify.DenseModel(fcnify.read_card(rnet_card))
     try:

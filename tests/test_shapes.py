@@ -1,4 +1,4 @@
-"""Tests for fcnify.shapes: every blob and parameter shape as Caffe itself builds it.
+"""Tests for fcnify.caffe.shapes: every blob and parameter shape as Caffe itself builds it.
 
 The expectations come from pycaffe (a TEST-phase net, reshaped to other input
 sizes) or are worked out by hand in the test; never from fcnify.
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from fcnify.errors import NetDefinitionError
-from fcnify.netdef import parse_netdef, read_netdef, to_text
-from fcnify.shapes import infer, input_shapes
-from fcnify.surgery import convert_net
+from fcnify.caffe.netdef import parse_netdef, read_netdef, to_text
+from fcnify.caffe.shapes import infer, input_shapes
+from fcnify.surgery.surgery import convert_net
 
 from nets import (HEADS, NIN, V1_NET, ZOO, caffe_shapes, input_layer, layer_text, small_net, vgg16,
                   zoo)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from fcnify.convert import convert
-from fcnify.dense import DenseModel
+from fcnify.dense.dense import DenseModel
 from fcnify.errors import InputError
-from fcnify.models import card_for_model_def, read_card
-from fcnify.preprocess import Preprocess
+from fcnify.io.models import card_for_model_def, read_card
+from fcnify.io.preprocess import Preprocess
 
 from realdata import LENET_DEF, LENET_WEIGHTS, digit_scene
 
@@ -137,8 +137,8 @@ def caffenet_card(caffenet, tmp_path_factory):
 
 def test_caffenet_plans(caffenet_card):
     """CaffeNet: 16 by à trous on pool5; 8 is à trous plus 2x2 offsets; 12 does not divide 32."""
-    from fcnify.netdef import read_netdef
-    from fcnify.stride import plan_stride
+    from fcnify.caffe.netdef import read_netdef
+    from fcnify.dense.stride import plan_stride
     net = read_netdef(caffenet_card.model_def).param
     assert (plan_stride(net, (32, 32), 16).atrous, plan_stride(net, (32, 32), 16).layer) == (2, "pool5")
     p8 = plan_stride(net, (32, 32), 8)

@@ -1,4 +1,4 @@
-"""Tests for fcnify.surgery: which layers become what, and which nets are refused and why.
+"""Tests for fcnify.surgery.surgery: which layers become what, and which nets are refused and why.
 
 The reference for CaffeNet is Caffe's own hand-written
 examples/net_surgery/bvlc_caffenet_full_conv.prototxt; kernel shapes are
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from fcnify.errors import ConversionError
-from fcnify.netdef import parse_netdef, read_netdef, to_text
-from fcnify.surgery import convert_net
+from fcnify.caffe.netdef import parse_netdef, read_netdef, to_text
+from fcnify.surgery.surgery import convert_net
 
 from nets import (NIN, NIN_DENSE, PLAIN, V1_NET, ZOO, caffe_shapes, input_layer, layer_text, small_net, vgg16,
                   zoo)
@@ -153,8 +153,8 @@ def test_pooling_covering_its_input(pooling, frozen):
 
 def test_global_pooling_that_rescales_the_map_stays_global():
     """A squeeze-and-excitation branch (global pool -> 1x1 conv -> Scale of the map) is left global."""
-    from fcnify.surgery import frozen_poolings
-    from fcnify.shapes import infer
+    from fcnify.surgery.surgery import frozen_poolings
+    from fcnify.caffe.shapes import infer
     text = ('name: "se"\n' + input_layer(1, 3, 16, 16)
             + layer_text("conv1", "Convolution", "data", "conv1", "convolution_param { num_output: 4 kernel_size: 3 }")
             + layer_text("squeeze", "Pooling", "conv1", "squeeze", "pooling_param { pool: AVE global_pooling: true }")

@@ -6,17 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fcnify.bound import within
+from fcnify.surgery.bound import within
 from fcnify.convert import convert
-from fcnify.dense import DenseModel
-from fcnify.geometry import map_geometry, map_size
-from fcnify.images import resize
-from fcnify.models import card_for_model_def
-from fcnify.netdef import parse_netdef
+from fcnify.dense.dense import DenseModel
+from fcnify.caffe.geometry import map_geometry, map_size
+from fcnify.io.images import resize
+from fcnify.io.models import card_for_model_def
+from fcnify.caffe.netdef import parse_netdef
 from fcnify.errors import ResourceError
-from fcnify.planner import HEADROOM, SPEED_CAP, estimate, fits, largest_square
-from fcnify.shapes import INT_MAX
-from fcnify.tiling import min_tile, plan
+from fcnify.caffe.planner import HEADROOM, SPEED_CAP, estimate, fits, largest_square
+from fcnify.caffe.shapes import INT_MAX
+from fcnify.dense.tiling import min_tile, plan
 
 from bounds import map_bound
 from conftest import write_model

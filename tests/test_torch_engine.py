@@ -14,18 +14,18 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch engine needs PyTorch: pip install 'fcnify[torch]'")
 
-from fcnify.bound import probability_tolerance, score_layer, within  # noqa: E402
-from fcnify.caffemodel import read_weights, write_weights  # noqa: E402
+from fcnify.surgery.bound import probability_tolerance, score_layer, within  # noqa: E402
+from fcnify.caffe.caffemodel import read_weights, write_weights  # noqa: E402
 from fcnify.convert import convert  # noqa: E402
-from fcnify.dense import DenseModel  # noqa: E402
+from fcnify.dense.dense import DenseModel  # noqa: E402
 from fcnify.errors import DeviceError, NetDefinitionError  # noqa: E402
-from fcnify.images import load_image, resize  # noqa: E402
-from fcnify.models import card_for_model_def, find_model, read_card  # noqa: E402
-from fcnify.netdef import parse_netdef, read_netdef  # noqa: E402
+from fcnify.io.images import load_image, resize  # noqa: E402
+from fcnify.io.models import card_for_model_def, find_model, read_card  # noqa: E402
+from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.paths import caffe_descriptor  # noqa: E402
-from fcnify.runner import CaffeRunner  # noqa: E402
+from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
-from fcnify.torch_engine import TorchRunner  # noqa: E402
+from fcnify.engines.torch_engine import TorchRunner  # noqa: E402
 
 from bounds import blob_bounds  # noqa: E402
 from conftest import REPO, run_fcnify  # noqa: E402

@@ -12,12 +12,12 @@ import math
 import numpy as np
 import pytest
 
-from fcnify.bound import (U, abs_products, accumulation_length, factor, probability_tolerance, score_layer,
+from fcnify.surgery.bound import (U, abs_products, accumulation_length, factor, probability_tolerance, score_layer,
                           softmax, within)
-from fcnify.caffemodel import read_weights, write_weights
-from fcnify.netdef import parse_netdef, read_netdef, to_text
-from fcnify.proto import caffe_pb2
-from fcnify.verify import rank_agreement
+from fcnify.caffe.caffemodel import read_weights, write_weights
+from fcnify.caffe.netdef import parse_netdef, read_netdef, to_text
+from fcnify.caffe.proto import caffe_pb2
+from fcnify.surgery.verify import rank_agreement
 
 from conftest import call_fcnify, write_model
 from nets import NIN, small_net

@@ -17,9 +17,9 @@ from PIL import Image
 
 from conftest import call_fcnify, write_model
 from fcnify.convert import convert
-from fcnify.geometry import map_geometry, map_size, score_blob
-from fcnify.netdef import read_netdef
-from fcnify.runner import CaffeRunner
+from fcnify.caffe.geometry import map_geometry, map_size, score_blob
+from fcnify.caffe.netdef import read_netdef
+from fcnify.engines.caffe_engine import CaffeRunner
 from nets import input_layer, layer_text
 
 

@@ -12,13 +12,13 @@ becomes an `fcnify.errors.EngineCrash`, never the death of your interpreter.
 __version__ = "0.1.0"
 
 from .convert import ConvertResult, convert, verify_files  # noqa: E402
-from .dense import DenseMap, DenseModel, classify_map  # noqa: E402
+from .dense.dense import DenseMap, DenseModel, classify_map  # noqa: E402
 from .errors import FcnifyError  # noqa: E402
-from .geometry import MapGeometry, map_geometry  # noqa: E402
-from .models import ModelCard, find_model, read_card  # noqa: E402
-from .netdef import read_netdef  # noqa: E402
-from .preprocess import Preprocess, resolve_preprocess  # noqa: E402
-from .surgery import convert_net  # noqa: E402
+from .caffe.geometry import MapGeometry, map_geometry  # noqa: E402
+from .io.models import ModelCard, find_model, read_card  # noqa: E402
+from .caffe.netdef import read_netdef  # noqa: E402
+from .io.preprocess import Preprocess, resolve_preprocess  # noqa: E402
+from .surgery.surgery import convert_net  # noqa: E402
 
 __all__ = [
     "ConvertResult", "DenseMap", "DenseModel", "FcnifyError", "MapGeometry", "ModelCard",

@@ -67,7 +67,7 @@ def _size(text: str | None, option: str) -> tuple[int, int] | None:
 def _memory(text: str | None) -> int | None:
     if text is None:
         return None
-    from .planner import parse_size
+    from .caffe.planner import parse_size
     try:
         return parse_size(text)
     except ValueError as exc:
@@ -187,15 +187,15 @@ def _preprocess_options(f):
 def _with_preprocess(card, channels, raw_scale, input_scale, mean, transpose):
     """The card with the preprocessing options given on the command line applied over its own."""
     from dataclasses import replace
-    from .preprocess import resolve_preprocess
+    from .io.preprocess import resolve_preprocess
     pre = resolve_preprocess(card.preprocess, channels=channels, raw_scale=raw_scale,
                              input_scale=input_scale, mean=mean, transpose=transpose)
     return replace(card, preprocess=pre)
 
 
 def _card(model_name, model_def, weights):
-    from .dense import resolve_model
-    from .models import find_model, require_weights
+    from .dense.dense import resolve_model
+    from .io.models import find_model, require_weights
     if model_def is None and weights is not None and model_name is None:
         card = find_model("caffenet")
         from dataclasses import replace
@@ -240,7 +240,7 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
       fcnify convert --model-def lenet.prototxt --weights lenet.caffemodel --input-scale 0.00390625
     """
     from .convert import convert as do_convert
-    from .report import conversion_document, conversion_report
+    from .surgery.report import conversion_document, conversion_report
     card = _with_preprocess(_card(model_name, model_def, weights), channels, raw_scale, input_scale,
                             mean, transpose)
     from .engines import make_engine
@@ -290,7 +290,7 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt):
       fcnify verify deploy.prototxt mynet_full_conv.prototxt --weights net.caffemodel
       fcnify verify deploy.prototxt mynet_full_conv.prototxt --engine torch --format json
     """
-    from .report import verify_document, verify_report
+    from .surgery.report import verify_document, verify_report
     from .convert import verify_files
     report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples, gpu, obj.verbose,
                           engine)
@@ -314,7 +314,7 @@ def info(obj, net, input_size):
     Example:
       fcnify info deploy.prototxt --input-size 451
     """
-    from .report import net_info
+    from .surgery.report import net_info
     click.echo(net_info(Path(net), _size(input_size, "--input-size")))
 
 
@@ -343,8 +343,8 @@ def export(net, weights, fmt, out_file, force, no_verify):
       fcnify export deploy.prototxt --weights net.caffemodel --out net.onnx
       fcnify export digits --out digits.onnx
     """
-    from .onnx_export import export_onnx
-    from .models import require_weights
+    from .engines.onnx_export import export_onnx
+    from .io.models import require_weights
     card = _export_card(net, weights)
     require_weights(card)
     result = export_onnx(card, Path(out_file), force=force, check=not no_verify)
@@ -354,8 +354,8 @@ def export(net, weights, fmt, out_file, force, no_verify):
 def _export_card(net: str, weights: str | None):
     """The model card for `fcnify export NET`: a card file, a shipped model, or a prototxt."""
     from dataclasses import replace
-    from .dense import resolve_model
-    from .models import shipped_models
+    from .dense.dense import resolve_model
+    from .io.models import shipped_models
     path = Path(net)
     if not path.exists() and net in shipped_models():
         card = resolve_model(model=net)
@@ -435,10 +435,10 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
           --scheduler tcp://10.0.0.5:8786
     """
     from dataclasses import replace
-    from .dense import DenseModel, resolve_model
-    from .images import image_size, list_images, side_scale
-    from .labels import read_labels, resolve_class
-    from .outputs import (check_outputs, failure_document, map_document, renamed_note, text_summary,
+    from .dense.dense import DenseModel, resolve_model
+    from .io.images import image_size, list_images, side_scale
+    from .io.labels import read_labels, resolve_class
+    from .io.outputs import (check_outputs, failure_document, map_document, renamed_note, text_summary,
                           unique_names)
     if sum(v is not None for v in (size, scale, long_side, short_side)) > 1:
         raise click.UsageError("give one of --size, --scale, --long-side, --short-side")
@@ -505,7 +505,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
             if out_dir:  # an output that would be refused is refused before the work
                 check_outputs(Path(out_dir), names[path], force, path, tuple(model.heads))
                 if pyramid:
-                    from .pyramid import check_names
+                    from .dense.pyramid import check_names
                     check_names(Path(out_dir), names[path], pyramid["scales"], detect, force, path)
             factor = scale
             if long_side or short_side:
@@ -524,7 +524,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
             if fmt == "text":
                 click.echo(text_summary(dm, top_k))
                 if found is not None and found.detections is not None:
-                    from .detect import summary
+                    from .dense.detect import summary
                     click.echo(summary(found.detections, dm))
             written = []
             if out_dir:
@@ -554,7 +554,7 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
 
 def _pyramid_options(size, scale, stride, scales, detect, threshold, nms_iou, dask: bool) -> dict | None:
     """Check --stride/--scales/--detect/--threshold/--nms-iou; the settings map_pyramid takes."""
-    from .pyramid import parse_scales
+    from .dense.pyramid import parse_scales
     if stride is not None and stride < 1:
         raise InputError(f"--stride {stride}: must be a positive divisor of the net's stride")
     if not 0.0 <= threshold <= 1.0:
@@ -575,7 +575,7 @@ def _map_image(model, path, size, scale, budget, tile, progress, pyramid, class_
     """One image: a DenseMap, or (with --scales/--detect) the fused map and the pyramid's result."""
     if pyramid is None:
         return model.classify(path, size, scale, budget, tile, progress), None
-    from .pyramid import map_pyramid
+    from .dense.pyramid import map_pyramid
     detect = None
     if pyramid.get("detect"):
         detect = {**pyramid, "classes": None if class_id is None else [class_id]}
@@ -585,7 +585,7 @@ def _map_image(model, path, size, scale, budget, tile, progress, pyramid, class_
 
 def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **options) -> None:
     """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
-    from .distributed import connect, map_images, result_document
+    from .dense.distributed import connect, map_images, result_document
     if scheduler is not None and workers is not None:
         raise click.UsageError("give either --scheduler or --workers, not both")
     if workers is not None and workers < 1:
@@ -630,7 +630,7 @@ def fetch(name, dest):
     Example:
       fcnify fetch caffenet
     """
-    from .fetch import fetch as do_fetch, model_spec
+    from .io.fetch import fetch as do_fetch, model_spec
     spec = model_spec(name)
     state = {"bar": None}
 

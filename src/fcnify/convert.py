@@ -13,20 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .bound import ScoreLayer, score_layer
-from .caffemodel import Weights, read_weights, write_weights
-from .correspond import check_correspondence
+from .surgery.bound import ScoreLayer, score_layer
+from .caffe.caffemodel import Weights, read_weights, write_weights
+from .surgery.correspond import check_correspondence
 from .errors import ConversionError, NotEquivalentError
 from .files import OutputSet
-from .geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
-from .models import ModelCard, card_for_model_def
-from .netdef import NetDef, check_layer_types, read_netdef, to_text
+from .caffe.geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
+from .io.models import ModelCard, card_for_model_def
+from .caffe.netdef import NetDef, check_layer_types, read_netdef, to_text
 from .engines import Engine, make_engine
-from .preprocess import Preprocess
-from .shapes import infer, input_shapes
-from .surgery import Surgery, convert_net, keep_output_names
-from .transplant import Provenance, check_weights, transplant
-from .verify import VerifyReport, verify
+from .io.preprocess import Preprocess
+from .caffe.shapes import infer, input_shapes
+from .surgery.surgery import Surgery, convert_net, keep_output_names
+from .surgery.transplant import Provenance, check_weights, transplant
+from .surgery.verify import VerifyReport, verify
 
 SUFFIX = "_full_conv"
 
@@ -267,7 +267,7 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     run on `engine` (engines.ENGINES).
     """
     from .files import check_input_file
-    from .models import sibling_card
+    from .io.models import sibling_card
     fcn_weights = Path(fcn_weights) if fcn_weights else fcn.with_suffix(".caffemodel")
     if weights is None:
         sib = sibling_card(fcn)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Callable
 
 from .convert import convert
-from .dense import DenseModel
+from .dense.dense import DenseModel
 from .errors import FcnifyError
-from .models import find_model, read_card
-from .outputs import text_summary
+from .io.models import find_model, read_card
+from .io.outputs import text_summary
 from .paths import caffe_source, prototxt_dir
-from .report import conversion_report
+from .surgery.report import conversion_report
 
 
 def score_scene(dm, truth: dict, far: float = 20.0) -> dict:

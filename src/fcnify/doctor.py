@@ -11,8 +11,8 @@ from .paths import cache_dir, caffe_descriptor, caffe_source, models_dir, setup_
 
 def diagnose(verbose: bool = False) -> tuple[bool, list[str]]:
     """(healthy, report lines). Unhealthy when pycaffe is missing or does not import."""
-    from .runner import caffe_build
-    from .sandbox import Sandbox
+    from .engines.caffe_engine import caffe_build
+    from .engines.sandbox import Sandbox
     lines = [f"fcnify {__version__}", f"python {platform.python_version()} ({sys.executable})"]
     record = setup_record()
     ok = True

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .netdef import NetDef
-from .shapes import count, infer
+from .caffe.netdef import NetDef
+from .caffe.shapes import count, infer
 
 
 def random_blobs(netdef: NetDef, seed: int = 0) -> dict[str, list[np.ndarray]]:
@@ -44,7 +44,7 @@ def random_blobs(netdef: NetDef, seed: int = 0) -> dict[str, list[np.ndarray]]:
 
 def write_random_caffemodel(netdef: NetDef, path: str | Path, seed: int = 0) -> Path:
     """A caffemodel for `netdef` filled with random_blobs(seed)."""
-    from .caffemodel import write_weights
+    from .caffe.caffemodel import write_weights
     path = Path(path)
     with open(path, "wb") as f:
         write_weights(f, netdef.param, random_blobs(netdef, seed))

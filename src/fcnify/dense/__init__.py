@@ -1,0 +1,1 @@
+"""Dense classification maps: run a fully convolutional net over images, in tiles, locally or on Dask."""

@@ -1,0 +1,565 @@
+"""Dense inference: a fully-convolutional net over a whole image, at its own resolution.
+
+`DenseModel` holds a loaded net with its card and geometry and maps any
+number of images; `classify_map` is the one-call version. Whole-image and
+tiled runs share one code path (the whole image is a single tile), so both
+give the same map; the planner picks the tile size from the memory budget.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..caffe.caffemodel import read_weights
+from ..errors import ImageError, InputError, ResourceError
+from ..caffe.geometry import MapGeometry, hw, map_geometry, map_size, output_blobs, score_blob
+from ..io.images import load_image, resize
+from ..io.labels import Labels
+from ..io.models import ModelCard, card_for_model_def, find_model, read_card
+from ..caffe.netdef import check_layer_types, read_netdef
+from ..caffe.planner import default_budget, estimate, fits, format_bytes, largest_square
+from ..io.preprocess import Preprocess
+from ..caffe.shapes import image_input, infer
+from .tiling import Tile, min_tile, overlap_warning, plan
+from ..surgery.transplant import check_weights
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class DenseMap:
+    """A classification map over one image, and how to read it."""
+
+    probs: np.ndarray  # classes x rows x cols, float32, softmax over classes
+    geometry: MapGeometry
+    image_size: tuple[int, int]  # original image (height, width)
+    input_size: tuple[int, int]  # what the net saw, after --size/--scale
+    model: ModelCard
+    labels: Labels | None = None
+    image_path: Path | None = None
+    mode: str = "whole"
+    tiles: int = 1
+    tile_size: tuple[int, int] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    image: np.ndarray | None = None  # original pixels, kept for the pictures
+    source: ModelCard | None = None  # the unconverted model, when converted in memory
+    output: str | None = None  # the output blob that is the class map
+    heads: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs: blob -> C x rows x cols
+    stride_plan: dict | None = None  # how a --stride finer than the net's was made (stride.py)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.probs.shape[1], self.probs.shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sy, sx): net-input pixels per original pixel."""
+        return (self.input_size[0] / self.image_size[0], self.input_size[1] / self.image_size[1])
+
+    def box(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
+        """Cell's window -> (x0, y0, x1, y1) in original-image pixels (x1, y1 exclusive)."""
+        return self._in_image(self.geometry.box(row, col), clip)
+
+    def reach(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
+        """Cell's reach, every pixel that can change it -> (x0, y0, x1, y1) in original-image pixels."""
+        return self._in_image(self.geometry.reach_box(row, col), clip)
+
+    def _in_image(self, net_box: tuple[int, int, int, int], clip: bool) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = net_box
+        sy, sx = self.scale
+        box = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+        if clip:
+            h, w = self.image_size
+            box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+        return box
+
+    def center(self, row: int, col: int) -> tuple[float, float]:
+        """Cell centre (x, y) in original-image pixels (of the unclipped field)."""
+        x0, y0, x1, y1 = self.box(row, col, clip=False)
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+    def argmax(self) -> np.ndarray:
+        """Winning class per cell, a row at a time: numpy's argmax over axis 0 copies the whole map."""
+        out = np.empty(self.shape, dtype=np.intp)
+        for r in range(self.shape[0]):
+            out[r] = self.probs[:, r, :].argmax(axis=0)
+        return out
+
+    def label(self, cls: int) -> str:
+        return self.labels.names[cls] if self.labels else str(cls)
+
+    def short(self, cls: int) -> str:
+        return self.labels.short(cls) if self.labels else str(cls)
+
+    def top_k(self, row: int, col: int, k: int = 5) -> list[tuple[int, float]]:
+        p = self.probs[:, row, col]
+        order = np.argsort(-p, kind="stable")[:k]
+        return [(int(c), float(p[c])) for c in order]
+
+    def top_classes(self, k: int = 5) -> list[dict]:
+        """Classes ranked by the number of cells they win, then by their peak probability."""
+        arg = self.argmax().ravel()
+        won = np.bincount(arg, minlength=self.num_classes)
+        peak = self.probs.reshape(self.num_classes, -1).max(axis=1)
+        order = sorted(range(self.num_classes), key=lambda c: (-won[c], -peak[c]))[:k]
+        return [{"class": int(c), "label": self.label(c), "cells": int(won[c]),
+                 "max_prob": float(peak[c]),
+                 "mean_prob": float(self.probs[c].mean())} for c in order]
+
+    def default_class(self) -> int:
+        """The class to draw when none is asked for: the top one that is not background."""
+        for entry in self.top_classes(self.num_classes):
+            if entry["class"] != self.model.background_class:
+                return entry["class"]
+        return 0
+
+    def to_json(self, top_k: int = 5, command: str | None = None, cells: bool = True) -> dict:
+        """The map as a JSON document; without `cells`, all but the per-cell list (to stream it)."""
+        from ..io.outputs import cell_rows
+        rows, cols = self.shape
+        g = self.geometry
+        shown = self.source or self.model  # the user's files, not a temporary conversion
+        return {
+            "image": str(self.image_path) if self.image_path else None,
+            "image_size": {"height": self.image_size[0], "width": self.image_size[1]},
+            "input_size": {"height": self.input_size[0], "width": self.input_size[1]},
+            "scale": {"y": self.scale[0], "x": self.scale[1]},
+            "command": command,
+            "model": {"name": shown.name, "model_def": str(shown.model_def),
+                      "weights": str(shown.weights) if shown.weights else None,
+                      "converted_in_memory": self.source is not None,
+                      "preprocess": self.model.preprocess.to_dict(),
+                      "labels": self.model.labels},
+            "map": {"rows": rows, "cols": cols, "classes": self.num_classes,
+                    "stride_px": list(g.stride), "window_px": list(g.window),
+                    "field_px": list(g.window),  # the window's old name
+                    "offset_px": list(g.offset),
+                    "reach_px": list(g.reach),
+                    "reach_offset_px": [g.y.reach_lo, g.x.reach_lo],
+                    "output": self.output,
+                    "note": "all (y, x) in net-input pixels. The window of cell (row, col) is the "
+                            "crop the original classifier would be given for it: x in "
+                            "[col*stride_x + offset_x, +window_x), y likewise; per cell, 'window' "
+                            "is it in original-image pixels and 'box' the same clipped to the "
+                            "image. The reach is every pixel that can change the cell (padding "
+                            "included, so pixels outside the window can): x in "
+                            "[col*stride_x + reach_offset_x, +reach_x), y likewise."},
+            "heads": {name: {"file": head_file_name(name), "channels": int(a.shape[0]),
+                             "rows": int(a.shape[1]), "cols": int(a.shape[2]),
+                             "geometry": "the class map's: same cells, windows and stride"}
+                      for name, a in self.heads.items()},
+            "run": {"mode": self.mode, "tiles": self.tiles,
+                    "tile_size": list(self.tile_size) if self.tile_size else None,
+                    "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
+            "top_classes": self.top_classes(top_k),
+            **({"cells": [cell for row in cell_rows(self, top_k) for cell in row]} if cells else {}),
+            **({"stride": self.stride_plan} if self.stride_plan else {}),
+        }
+
+    def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
+             top_k: int = 5, command: str | None = None, force: bool = False,
+             heat_scale: str = "map") -> list[Path]:
+        """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png.
+
+        The heatmap's colours span the class's own range ("map") or 0-1 ("unit").
+        """
+        from ..io.outputs import save_outputs
+        return save_outputs(self, Path(out_dir), name, cls, top_k, command, force, heat_scale)
+
+
+def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
+    z = scores - scores.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
+
+
+class DenseModel:
+    """A fully-convolutional net loaded once and reshaped per image or tile."""
+
+    def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
+                 verbose: bool = False, check: bool = True, output: str | None = None,
+                 stride: int | None = None, atrous: bool = True) -> None:
+        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
+        # called with a sentence about a costly choice before the work (the CLI prints it)
+        self.warn: Callable[[str], None] | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
+        self._strided: tempfile.TemporaryDirectory | None = None  # an à trous rewrite's prototxt
+        converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
+        if stride is not None:  # before any conversion runs Caffe
+            from .stride import check_stride
+            check_stride(card.model_def, stride)
+        if converted:
+            self.source: ModelCard | None = card
+            card = self._convert(card, self.runner, check)
+        else:
+            self.source = None
+        self.card = card
+        self.netdef = read_netdef(card.model_def)
+        net = self.netdef.param
+        self.input_blob, declared = image_input(net, card.model_def)
+        self.channels = declared[1]
+        if self.channels != card.preprocess.num_channels:
+            raise InputError(f"the net takes {self.channels} channel(s), its preprocessing gives "
+                             f"{card.preprocess.num_channels}", card.model_def)
+        self.output_blob = pick_output(net, output, (self.source or card).model_def)
+        self.score_blob = score_blob(net, self.output_blob)
+        self.softmaxed = self.output_blob != self.score_blob
+        self.transposed = card.preprocess.transpose
+        self.net_geometry = map_geometry(net, self.score_blob, path=card.model_def,
+                                         classifier_input=classifier_input(card))
+        g = self.net_geometry  # in the net's orientation; self.geometry in the image's
+        self.geometry = MapGeometry(g.blob, g.x, g.y) if self.transposed else g
+        self.stride_plan = None
+        self.grid_geometry = self.geometry  # one pass of the net; differs when shift-and-stitched
+        if stride is not None:  # a finer map: see stride.py
+            card, net = self._finer(card, net, stride, atrous)
+        shapes = infer(net, path=card.model_def)
+        self.heads, self.unmapped_heads = other_heads(net, self.output_blob, card.model_def)
+        if not converted:  # fcnify did not write this net and its weights: check what Caffe would
+            check_layer_types(net, self.runner.layer_types(), card.model_def, self.runner.name)
+            if card.weights is not None:
+                check_weights(shapes, read_weights(card.weights), card.model_def)
+        self.num_classes = shapes.blobs[self.score_blob][1]
+        self.labels = card.load_labels(self.num_classes)
+        self.minimum = self._minimum(declared)
+        t0 = time.perf_counter()
+        self.net = self.runner.load(card.model_def, card.weights)
+        self.load_seconds = time.perf_counter() - t0
+
+    def _convert(self, card: ModelCard, runner, check: bool) -> ModelCard:
+        """Convert an unconverted net in memory, checked on the engine that will run it.
+
+        The converted files live in a temporary folder removed by close() (or
+        when the model is garbage-collected): CaffeNet's weights are 233 MB.
+        """
+        from ..convert import convert_in_memory
+        self._workdir = tempfile.TemporaryDirectory(prefix="fcnify-")
+        result, proto, model = convert_in_memory(card.model_def, card.weights, card, runner, check,
+                                                 Path(self._workdir.name))
+        return replace(card, model_def=proto, weights=model, fully_convolutional=True)
+
+    def _finer(self, card: ModelCard, net, stride: int, atrous: bool):
+        """Rewrite the net à trous as far as it allows; shift-and-stitch does the rest in run()."""
+        from ..caffe.netdef import to_text
+        from .stride import plan_stride, rewrite_atrous, stitched_geometry
+        self.stride_plan = plan = plan_stride(net, self.geometry.stride, stride, atrous, card.model_def)
+        if plan.atrous > 1:
+            self._strided = tempfile.TemporaryDirectory(prefix="fcnify-stride-")
+            path = Path(self._strided.name) / f"{Path(card.model_def).stem}_stride{stride}.prototxt"
+            path.write_text(to_text(rewrite_atrous(net, plan)))
+            card = replace(card, model_def=path)
+            self.netdef = read_netdef(path)
+            net = self.netdef.param
+        g = self.net_geometry = map_geometry(net, self.score_blob, path=card.model_def,
+                                             classifier_input=classifier_input(card))
+        self.grid_geometry = MapGeometry(g.blob, g.x, g.y) if self.transposed else g
+        self.geometry = stitched_geometry(self.grid_geometry, plan.shifts)
+        return card, net
+
+    @property
+    def shifts(self) -> int:
+        return self.stride_plan.shifts if self.stride_plan else 1
+
+    def _minimum(self, declared) -> tuple[int, int]:
+        """Smallest image: one window, or the net's declared input if that is smaller."""
+        fy, fx = self.net_geometry.window
+        h, w = min(fy, declared[2]), min(fx, declared[3])
+        return (w, h) if self.transposed else (h, w)
+
+    def cells(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the map of a height x width image, in the image's orientation."""
+        if self.transposed:
+            cols, rows = map_size(self.netdef.param, width, height, self.score_blob)
+            return rows, cols
+        return map_size(self.netdef.param, height, width, self.score_blob)
+
+    def map_cells(self, height: int, width: int) -> tuple[int, int]:
+        if self.shifts == 1:
+            return self.cells(height, width)
+        from .stride import stitched_cells
+        step = self.geometry.stride[0]
+        return (stitched_cells(height, self.shifts, step, lambda n: self.cells(n, width)[0]),
+                stitched_cells(width, self.shifts, step, lambda n: self.cells(height, n)[1]))
+
+    def plan(self, height: int, width: int, budget: int | None = None,
+             tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
+        """Tiles for an image (in its own orientation): one whole-image tile when it fits the budget."""
+        if not self.transposed:
+            return self._plan_net(height, width, budget, tile)
+        tiles, size = self._plan_net(width, height, budget, tile)
+        return ([Tile(t.x, t.y) for t in tiles], None if size is None else (size[1], size[0]))
+
+    def _plan_net(self, height: int, width: int, budget: int | None = None,
+                  tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
+        """Tiles for an input as the net sees it."""
+        net = self.netdef.param
+        rows, cols = map_size(net, height, width, self.score_blob)
+        gy, gx = self.net_geometry.y, self.net_geometry.x
+        fy = lambda n: map_size(net, n, width, self.score_blob)[0]  # noqa: E731
+        fx = lambda n: map_size(net, height, n, self.score_blob)[1]  # noqa: E731
+        if tile is None:
+            budget = budget or default_budget()
+            if fits(net, height, width, budget, memory=self.runner.memory):
+                return plan(height, width, rows, cols, (height, width), gy, gx, fy, fx), None
+            smallest = max(min_tile(gy), min_tile(gx))
+            step, limit = max(gy.stride, gx.stride), max(height, width)
+            side = largest_square(net, budget, step, smallest, limit, memory=self.runner.memory)
+            if side is None:  # a net too big per pixel for the speed cap: the budget alone
+                side = largest_square(net, budget, step, smallest, limit, speed_cap=None,
+                                      memory=self.runner.memory)
+            if side is None:
+                need = self.runner.memory(net, smallest, smallest).total
+                raise ResourceError(f"even the smallest exact tile ({smallest} px) needs about "
+                                    f"{format_bytes(need)}, over the memory budget of "
+                                    f"{format_bytes(budget)}; raise --max-memory")
+            tile = side
+        else:
+            smallest = max(min_tile(gy), min_tile(gx))
+            if tile < smallest:
+                raise InputError(f"--tile {tile} is too small: tiles must be at least {smallest} px "
+                                 f"for this net (reach {gy.reach} px, stride {gy.stride})")
+        size = (min(tile, height), min(tile, width))
+        tiles = plan(height, width, rows, cols, size, gy, gx, fy, fx)
+        warning = overlap_warning(tiles, height, width, tile)
+        if warning and self.warn is not None:
+            self.warn(warning)
+        return tiles, (size if len(tiles) > 1 else None)
+
+    def run(self, rgb: np.ndarray, budget: int | None = None, tile: int | None = None,
+            progress: Progress | None = None, scores: bool = False) -> tuple[np.ndarray, dict]:
+        """Probabilities (classes x rows x cols) for an 8-bit RGB image; preprocessing per tile.
+
+        With `scores`, the raw scores before Softmax instead (what tests compare:
+        probabilities saturate and can hide differences). A finer --stride than
+        the (rewritten) net's runs it once per offset and interleaves the maps.
+        """
+        if self.shifts > 1:
+            from .stride import shift_and_stitch
+            return shift_and_stitch(lambda part: self._run_grid(part, budget, tile, progress, scores),
+                                    rgb, self.shifts, self.geometry.stride[0], self.cells,
+                                    self.num_classes)
+        return self._run_grid(rgb, budget, tile, progress, scores)
+
+    def _run_grid(self, rgb: np.ndarray, budget: int | None, tile: int | None,
+                  progress: Progress | None, scores: bool) -> tuple[np.ndarray, dict]:
+        h, w = rgb.shape[:2]
+        tiles, tile_size = self.plan(h, w, budget, tile)
+        rows, cols = self.cells(h, w)
+        probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
+        heads = {name: np.empty((c, rows, cols), dtype=np.float32) for name, c in self.heads.items()}
+        seconds = {"preprocess": 0.0, "forward": 0.0}
+        for i, (t, part) in enumerate(self.run_tiles(rgb, tiles, scores, seconds, heads=True)):
+            cells = (slice(None), slice(t.y.first, t.y.last + 1), slice(t.x.first, t.x.last + 1))
+            probs[cells] = part[0]
+            for name, block in part[1].items():
+                heads[name][cells] = block
+            if progress:
+                progress(i + 1, len(tiles))
+        info = {"mode": "tiled" if len(tiles) > 1 else "whole", "tiles": len(tiles),
+                "tile_size": tile_size, "heads": heads, **seconds}
+        return probs, info
+
+    def run_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], scores: bool = False,
+                  seconds: dict[str, float] | None = None, heads: bool = False
+                  ) -> Iterator[tuple[Tile, np.ndarray]]:
+        """Each tile of a plan with the block of map cells it contributes (classes x rows x cols).
+
+        The block belongs at [:, y.first:y.last + 1, x.first:x.last + 1] of the
+        whole map. Tiles are independent, so one plan (which depends on the
+        machine's memory budget, so it is made once) can be split over processes
+        and stitched: run() does it in one loop, fcnify.dense.distributed over a
+        cluster. `seconds` accumulates 'preprocess' and 'forward' times. Tiles
+        and blocks are in the image's orientation, also for a transposed net.
+        With `heads`, each block is (class block, {other output: its block}),
+        computed in the same forward pass.
+        """
+        pre = self.card.preprocess
+        raw = scores or not self.softmaxed
+        blob = self.score_blob if raw else self.output_blob
+        wanted = [blob] + (list(self.heads) if heads else [])
+        seconds = {} if seconds is None else seconds
+        for t in tiles:
+            t0 = time.perf_counter()
+            x = pre.apply(rgb[t.y.start:t.y.stop, t.x.start:t.x.stop])[None]
+            t1 = time.perf_counter()
+            outs = self.net.forward({self.input_blob: x}, wanted)
+            seconds["forward"] = seconds.get("forward", 0.0) + time.perf_counter() - t1
+            seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
+            ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
+            xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
+            blocks = {}
+            for name in wanted:
+                out = outs[name][0]
+                if self.transposed:  # the net's rows are the image's columns
+                    out = out.transpose(0, 2, 1)
+                blocks[name] = out[:, ys, xs]
+            part = blocks.pop(blob)
+            if raw and not scores:
+                part = softmax(part.astype(np.float32))
+            yield t, ((part, blocks) if heads else part)
+
+    def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
+                 scale: float | None = None, budget: int | None = None, tile: int | None = None,
+                 progress: Progress | None = None, keep_image: bool = True) -> DenseMap:
+        """Map one image (a path or an H x W x 3 uint8 RGB array)."""
+        t0 = time.perf_counter()
+        path = None
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            rgb = load_image(path)
+        else:
+            rgb = np.asarray(image)
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ImageError(f"expected an H x W x 3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
+        original = rgb.shape[:2]
+        fed = rgb
+        if size is not None or scale is not None:
+            th, tw = size if size is not None else (max(1, round(original[0] * scale)),
+                                                    max(1, round(original[1] * scale)))
+            fed = resize(rgb, th, tw)
+        t_load = time.perf_counter() - t0
+        mh, mw = self.minimum
+        if fed.shape[0] < mh or fed.shape[1] < mw:
+            what = f"{hw(*fed.shape[:2])} px" + (" after resizing" if fed is not rgb else "")
+            raise ImageError(f"image is {what} (height x width), smaller than one window: "
+                             f"{self.card.name} needs at least {hw(mh, mw)} px", path)
+        probs, info = self.run(fed, budget, tile, progress)
+        timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
+        return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
+                        info["mode"], info["tiles"], info["tile_size"], timings,
+                        rgb if keep_image else None, self.source, self.output_blob, info["heads"],
+                        self.stride_plan.to_dict() if self.stride_plan else None)
+
+    def close(self) -> None:
+        self.net.close()
+        if self._strided is not None:
+            self._strided.cleanup()
+            self._strided = None
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+
+def classifier_input(card: ModelCard) -> tuple[int, int] | None:
+    """(height, width) of the original classifier's input, from a card `convert` wrote.
+
+    A net converted with --input-size declares that size, not the
+    classifier's; the card keeps the original, so the window stays the crop
+    the classifier was made for.
+    """
+    if card.card_path is None:
+        return None
+    try:
+        shape = json.loads(Path(card.card_path).read_text()).get("original_input_shape")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+        return None
+    return shape[2], shape[3]
+
+
+def head_file_name(blob: str) -> str:
+    """The suffix of an output head's .npy (NAME.BLOB.npy), safe as a file name."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in blob)
+    return f"{safe}.npy"
+
+
+def pick_output(net, wanted: str | None, path: Path | None = None) -> str:
+    """The output blob that is the class map: `wanted`, else the net's last output.
+
+    A name given as in the original net finds its converted blob (conv5-2 ->
+    conv5-2-conv), so users can name heads as their net's documentation does.
+    """
+    from ..surgery.surgery import SUFFIX
+    outs = output_blobs(net)
+    if wanted is None:
+        return outs[-1]
+    for name in (wanted, wanted + SUFFIX):
+        if name in outs:
+            return name
+    raise InputError(f"output {wanted!r} is not an output of the net; its outputs are "
+                     f"{', '.join(outs)}", path)
+
+
+def other_heads(net, output: str, path: Path | None = None) -> tuple[dict[str, int], list[str]]:
+    """The net's other outputs that line up cell for cell with the class map.
+
+    Returns {blob: channels} of those mapped beside the class map, and the
+    names of outputs whose cells do not line up (another stride or window) or
+    that are not spatial: those cannot share the class map's tiles.
+    """
+    from ..caffe.geometry import blob_geometry
+    geos = blob_geometry(net, path=path)
+    shapes = infer(net, path=path, allow_unmodelled=True).blobs
+    geometry = geos[output]
+    mapped, unmapped = {}, []
+    for blob in output_blobs(net):
+        if blob == output:
+            continue
+        g, shape = geos.get(blob), shapes.get(blob)
+        if g is not None and shape is not None and len(shape) == 4 \
+                and (g.y, g.x) == (geometry.y, geometry.x):
+            mapped[blob] = shape[1]
+        else:
+            unmapped.append(blob)
+    return mapped, unmapped
+
+
+def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):
+    """The engine called `engine` (engines.ENGINES)."""
+    from ..engines import make_engine
+    return make_engine(engine, gpu, verbose)
+
+
+def resolve_model(model: str | None = None, model_def: str | Path | None = None,
+                  weights: str | Path | None = None, card: str | Path | None = None) -> ModelCard:
+    """A model card from --model NAME, a card file, or --model-def/--weights.
+
+    A card's path is accepted wherever a model name is (model="x_full_conv.json").
+    """
+    if card is not None:
+        return read_card(card)
+    if model is not None and is_card_path(model):
+        return read_card(model)
+    if model_def is not None:
+        if weights is None:
+            raise InputError("--model-def needs --weights")
+        return card_for_model_def(Path(model_def), Path(weights))
+    return find_model(model or "caffenet")
+
+
+def is_card_path(model: str | Path) -> bool:
+    """Whether --model/model= names a card file rather than a shipped model."""
+    return str(model).endswith(".json") or Path(model).is_file()
+
+
+def classify_map(image: str | Path | np.ndarray, model: str | ModelCard | None = None,
+                 model_def: str | Path | None = None, weights: str | Path | None = None,
+                 size: tuple[int, int] | None = None, scale: float | None = None,
+                 gpu: int | None = None, engine: str = "caffe", budget: int | None = None,
+                 tile: int | None = None, preprocess: Preprocess | None = None,
+                 output: str | None = None) -> DenseMap:
+    """Dense classification map of one image (converting the net in memory if needed).
+
+    `preprocess` replaces the card's; `output` names the class-map head, and
+    the net's other heads come back in DenseMap.heads.
+    """
+    card = model if isinstance(model, ModelCard) else resolve_model(model, model_def, weights)
+    if preprocess is not None:
+        card = replace(card, preprocess=preprocess)
+    dm = DenseModel(card, engine=engine, gpu=gpu, output=output)
+    try:
+        return dm.classify(image, size, scale, budget, tile)
+    finally:
+        dm.close()

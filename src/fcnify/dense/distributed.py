@@ -1,0 +1,554 @@
+"""Map many images on a Dask cluster: each worker loads the net once and writes the usual files.
+
+The client does nothing heavy. It checks the output names, asks one worker to
+load the model (so a model that cannot load fails once, not once per image),
+then submits one task per image. A worker maps the image whole and writes its
+four files with DenseMap.save, exactly as `classify-map` does in one process;
+when the image needs tiling, the worker answers with its tile plan instead,
+the client spreads the tiles over the workers, and one worker stitches their
+cells into the map and writes the files.
+
+A worker that dies mid-image has its tasks re-run elsewhere by Dask's
+scheduler. Files are staged under hidden `.NAME.*.fcnify-tmp-*` names and
+renamed at the end, so no file under an output name is ever half-written;
+the stages a killed worker leaves behind are removed when the run ends.
+
+Dask is imported inside functions only: fcnify works without it, and
+`pip install 'fcnify[dask]'` adds it.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import pickle
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import EngineCrash, FcnifyError, ImageError, InputError, OutputError, ResourceError, SetupError
+from ..files import TMP_MARK
+from ..io.models import ModelCard
+from ..io.outputs import check_outputs, output_names, unique_names
+from .tiling import Tile
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from .dense import DenseMap, DenseModel
+    from ..io.labels import Labels
+
+WORKER_WAIT_S = 60.0  # how long a run waits for a cluster without workers to get one
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task of a run needs: the model, how to feed it, where outputs go."""
+
+    key: str  # names the model in each worker's cache
+    card: ModelCard
+    out_dir: str
+    engine: str = "caffe"
+    gpu: int | None = None
+    verbose: bool = False
+    size: tuple[int, int] | None = None
+    scale: float | None = None
+    budget: int | None = None
+    tile: int | None = None
+    cls: int | None = None
+    top_k: int = 5
+    command: str | None = None
+    workers_per_host: tuple[tuple[str, int], ...] = ()
+    names: tuple[tuple[str, str], ...] = ()  # image path -> output name (outputs.unique_names)
+    stride: int | None = None  # --stride: a finer map (stride.py)
+
+    def name_for(self, path: str) -> str:
+        """The output name the client chose for `path`, unique among the run's images."""
+        return dict(self.names).get(path) or Path(path).stem
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """A worker's answer for an image that needs tiling: the plan, made once for all workers."""
+
+    fed: tuple[int, int]  # (height, width) the net sees, after --size/--scale
+    tiles: tuple[Tile, ...]
+    tile_size: tuple[int, int] | None
+    seconds: float
+    worker: str
+
+
+@dataclass(frozen=True)
+class TileCells:
+    """What one worker computed for a share of a plan's tiles."""
+
+    tiles: tuple[Tile, ...]
+    cells: tuple[np.ndarray, ...]
+    timings: dict
+    seconds: float
+    worker: str
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome: where its files are, or why it failed."""
+
+    path: str
+    ok: bool
+    error: str | None = None
+    exit_code: int = 0
+    outputs: tuple[str, ...] = ()
+    map_shape: tuple[int, int] | None = None
+    mode: str | None = None
+    tiles: int = 0
+    seconds: float = 0.0  # time spent on the workers (image, forward, files), parts summed
+    workers: tuple[str, ...] = ()  # workers that ran a part of it, the one that wrote the files last
+    pid: int | None = None  # process id of the worker that wrote the files
+    loads: int = 0  # times that process loaded the model in this run (1; more after a Caffe crash)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MapReport:
+    """A whole run: every image's result in input order, and how fast it went."""
+
+    results: list[ImageResult]
+    seconds: float
+    workers: int
+    cleaned: int = 0  # stale .fcnify-tmp- files of this run's outputs that were removed
+
+    @property
+    def done(self) -> list[ImageResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> list[ImageResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def images_per_minute(self) -> float:
+        return 60.0 * len(self.done) / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{len(self.done)} done, {len(self.failed)} failed of {len(self.results)} image(s) "
+                f"in {self.seconds:.1f} s ({self.images_per_minute:.1f} images/min) "
+                f"on {self.workers} Dask worker(s)")
+
+
+# ------------------------------------------------------------------ client side
+
+def _dask():
+    """The `distributed` package, or one line saying how to get it."""
+    try:
+        import distributed
+    except ImportError:
+        raise SetupError("mapping on Dask needs the `distributed` package: "
+                         "pip install 'fcnify[dask]'") from None
+    return distributed
+
+
+@contextmanager
+def connect(scheduler: str | None = None, workers: int | None = None,
+            timeout: float = 30.0) -> Iterator["Client"]:
+    """A client of the Dask scheduler at `scheduler`, or of `workers` local processes.
+
+    Local workers listen on loopback only, run one thread each (one Caffe
+    process per worker; more threads would only queue on it) and are stopped
+    when the block ends.
+    """
+    distributed = _dask()
+    if (scheduler is None) == (workers is None):
+        raise InputError("give either a scheduler address or a number of workers")
+    if scheduler is not None:
+        try:
+            client = distributed.Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        with client:
+            yield client
+        return
+    if workers < 1:
+        raise InputError(f"--workers {workers}: need at least one worker")
+    # no dashboard; the scheduler's small HTTP server (health, metrics) on a free loopback port
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                  host="127.0.0.1", dashboard_address=None,
+                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
+            distributed.Client(cluster, timeout=timeout) as client:
+        yield client
+
+
+def model_key(card: ModelCard, engine: str, gpu: int | None, verbose: bool,
+              stride: int | None = None) -> str:
+    """Names a model in the workers' caches; changes when the card or its files change."""
+    stats = []
+    for p in (card.model_def, card.weights):
+        try:
+            st = os.stat(p) if p is not None else None
+            stats.append((st.st_size, st.st_mtime_ns) if st else None)
+        except OSError:
+            stats.append(None)
+    data = pickle.dumps((card, engine, gpu, verbose, stats) + ((stride,) if stride else ()))
+    return "fcnify-" + hashlib.sha1(data).hexdigest()[:16]
+
+
+def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path, client: "Client", *,
+               size: tuple[int, int] | None = None, scale: float | None = None,
+               budget: int | None = None, tile: int | None = None, cls: int | str | None = None,
+               top_k: int = 5, command: str | None = None, force: bool = False,
+               engine: str = "caffe", gpu: int | None = None, verbose: bool = False,
+               stride: int | None = None, progress: Callable[[ImageResult, int, int], None] | None = None,
+               timeout: float | None = None) -> MapReport:
+    """Map images on the Dask cluster behind `client`, writing each image's files into `out_dir`.
+
+    The files are those of DenseMap.save, and the maps are those a single
+    process gives (byte for byte under the same BLAS threading: Dask's nanny
+    runs workers with one BLAS thread). A bad image becomes a failed
+    ImageResult and the rest go on; `progress(result, done, total)` is called
+    here, on the client, as each image finishes. Paths must mean the same
+    files on the workers (a shared file system). Raises what loading the model
+    raises, InputError for a bad `cls`, and TimeoutError after `timeout` s.
+    """
+    started = time.perf_counter()
+    distributed = _dask()
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise OutputError("output folder does not exist or is not a folder", out)
+    paths = [Path(p) for p in paths]
+    names = unique_names(paths)
+    try:
+        client.wait_for_workers(1, timeout=min(timeout or WORKER_WAIT_S, WORKER_WAIT_S))
+    except TimeoutError:
+        raise ResourceError(f"the Dask cluster has no workers (waited {WORKER_WAIT_S:.0f} s)") from None
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    hosts = Counter(w.get("host", a) for a, w in workers.items())
+    job = Job(model_key(card, engine, gpu, verbose, stride), card, str(out), engine, gpu, verbose, size,
+              scale, budget, tile, None, top_k, command, tuple(sorted(hosts.items())),
+              tuple((str(p), n) for p, n in names.items()), stride)
+    owner: dict = {}  # future -> index of its image
+    try:
+        answer = client.submit(_probe, job, pure=False).result(timeout=timeout)
+        if isinstance(answer, FcnifyError):
+            raise answer
+        num_classes, labels = answer
+        job = replace(job, cls=_class_id(cls, num_classes, labels))
+        results, cleaned = _run(client, distributed, job, paths, out, force, len(workers), owner,
+                                progress, timeout)
+    finally:
+        if owner:  # interrupted or timed out: tasks already running finish on their own
+            client.cancel(list(owner))
+        _release(client, job.key)
+    return MapReport(results, time.perf_counter() - started, len(workers), cleaned)
+
+
+def _run(client, distributed, job: Job, paths: list[Path], out: Path, force: bool, workers: int,
+         owner: dict, progress, timeout: float | None) -> tuple[list[ImageResult], int]:
+    """Submit every image, follow tiled ones through their tiles, collect the results in order."""
+    results: list[ImageResult | None] = [None] * len(paths)
+    done = 0
+
+    def finish(i: int, result: ImageResult) -> None:
+        nonlocal done
+        results[i] = result
+        done += 1
+        if progress:
+            progress(result, done, len(paths))
+
+    for i, path in enumerate(paths):
+        refused = _refuse_outputs(path, out, force, job.name_for(str(path)))
+        if refused is not None:
+            finish(i, refused)
+            continue
+        owner[client.submit(_first_pass, job, str(path), pure=False)] = i
+    completed = distributed.as_completed(list(owner), timeout=timeout)
+    for fut in completed:
+        i = owner.pop(fut)
+        value = _outcome(fut, paths[i])
+        if isinstance(value, TilePlan):
+            stitch = _submit_tiles(client, job, str(paths[i]), value, workers)
+            owner[stitch] = i
+            completed.add(stitch)
+            continue
+        finish(i, value)
+    # every task of this run has ended: what is still staged was left by a killed worker
+    cleaned = sum(_remove_stale(out, job.name_for(str(p))) for p in paths)
+    return [r for r in results if r is not None], cleaned
+
+
+def result_document(result: ImageResult) -> dict:
+    """An image's --format json line, in the schema a single process prints (outputs.map_document).
+
+    The map document is the NAME.map.json the worker wrote; the run's
+    distribution details are added under "dask".
+    """
+    from ..io.outputs import failure_document, map_document
+    dask = {"workers": list(result.workers), "seconds": result.seconds, "mode": result.mode,
+            "tiles": result.tiles}
+    if not result.ok:
+        doc = failure_document(result.path, result.error or "failed")
+        doc["exit_code"] = result.exit_code
+        return doc | {"dask": dask}
+    written = [Path(p) for p in result.outputs]
+    doc = next((json.loads(p.read_text()) for p in written if p.name.endswith(".map.json")), {})
+    return map_document(doc, written) | {"dask": dask}
+
+
+def _class_id(cls: int | str | None, num_classes: int, labels: "Labels | None") -> int | None:
+    """--class as a class index, checked against the net, as the single-process command does."""
+    if cls is None:
+        return None
+    if labels is not None:
+        from ..io.labels import resolve_class
+        cls = resolve_class(labels, cls)
+    try:
+        index = int(cls)
+    except ValueError:
+        raise InputError(f"--class {cls}: the net has no labels; give a class index") from None
+    if not 0 <= index < num_classes:
+        raise InputError(f"--class {cls}: the net has classes 0..{num_classes - 1}")
+    return index
+
+
+def _refuse_outputs(path: Path, out: Path, force: bool, name: str) -> ImageResult | None:
+    """Check an image's output names here, once, so that a re-run of it may overwrite them.
+
+    Without this a worker that died after renaming some files would make the
+    image's second run fail with 'already exists'. The names are unique per
+    image (map_images chose them), so no two images race for one file.
+    """
+    try:
+        check_outputs(out, name, force, path)
+    except FcnifyError as exc:
+        return ImageResult(str(path), False, str(exc), exc.exit_code)
+    return None
+
+
+def _outcome(fut, path: Path):
+    """A task's value; an exception (a worker that died too often, a bug) as a failed image."""
+    try:
+        return fut.result()
+    except Exception as exc:  # noqa: BLE001 - reported per image, like any other failure
+        if isinstance(exc, FcnifyError):
+            return ImageResult(str(path), False, str(exc), exc.exit_code)
+        return ImageResult(str(path), False, f"{path}: {type(exc).__name__}: {exc}", 1)
+
+
+def _submit_tiles(client, job: Job, path: str, plan: TilePlan, workers: int):
+    """Tiles of one image in contiguous shares (grouped by size), one per worker, then a stitch."""
+    shares = max(1, min(len(plan.tiles), workers))
+    bounds = [round(k * len(plan.tiles) / shares) for k in range(shares + 1)]
+    parts = [client.submit(_run_tiles, job, path, plan.fed, plan.tiles[a:b], pure=False, priority=1)
+             for a, b in zip(bounds, bounds[1:])]
+    return client.submit(_stitch, job, path, plan, *parts, pure=False, priority=1)
+
+
+def _remove_stale(out: Path, name: str) -> int:
+    """Remove staged files of `name`'s outputs that a killed worker left behind."""
+    removed = 0
+    for final in output_names(out, name).values():
+        pattern = os.path.join(glob.escape(str(out)), glob.escape(f".{final.name}{TMP_MARK}") + "*")
+        for stale in glob.glob(pattern):
+            try:
+                os.unlink(stale)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _release(client, key: str) -> None:
+    """Close the run's model on every worker (best effort, bounded)."""
+    try:
+        client.run(_forget_if_idle, key, on_error="ignore", callback_timeout=10)
+    except Exception:  # noqa: BLE001 - a worker that cannot be reached keeps its copy until it exits
+        pass
+
+
+# ------------------------------------------------------------------ worker side
+
+_lock = threading.Lock()  # one Caffe process per worker process: one image at a time
+_models: dict[str, "DenseModel"] = {}
+_loads: Counter = Counter()
+
+
+def _model(job: Job) -> "DenseModel":
+    """The worker's copy of the model, loaded on first use (call with _lock held)."""
+    model = _models.get(job.key)
+    if model is None:
+        from .dense import DenseModel
+        model = DenseModel(job.card, engine=job.engine, gpu=job.gpu, verbose=job.verbose,
+                           stride=job.stride)
+        _models[job.key] = model
+        _loads[job.key] += 1
+    return model
+
+
+def _forget(key: str) -> None:
+    model = _models.pop(key, None)
+    if model is not None:
+        try:
+            model.close()
+        except FcnifyError:
+            pass
+
+
+def _forget_if_idle(key: str) -> bool:
+    """Close a model unless a task is using it (run on the worker's event loop: never waits)."""
+    if not _lock.acquire(blocking=False):
+        return False
+    try:
+        _forget(key)
+        _loads.pop(key, None)
+        return True
+    finally:
+        _lock.release()
+
+
+@contextmanager
+def _loaded(job: Job) -> Iterator["DenseModel"]:
+    with _lock:
+        try:
+            yield _model(job)
+        except EngineCrash:
+            _forget(job.key)  # Caffe's process died with the net in it: load it again next time
+            raise
+
+
+def _here() -> str:
+    try:
+        from distributed import get_worker
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+def _budget(job: Job) -> int:
+    """The memory budget: as given, else half the free RAM shared by this host's workers."""
+    if job.budget is not None:
+        return job.budget
+    from ..caffe.planner import default_budget
+    from distributed.comm import get_address_host
+    host = get_address_host(_here())
+    share = max(dict(job.workers_per_host).get(host, 1), 1)
+    return max(default_budget() // share, 1)
+
+
+def _fed_size(original: tuple[int, int], size: tuple[int, int] | None,
+              scale: float | None) -> tuple[int, int]:
+    """The size DenseModel.classify feeds an image of `original` size at."""
+    if size is not None:
+        return size
+    if scale is not None:
+        return max(1, round(original[0] * scale)), max(1, round(original[1] * scale))
+    return original
+
+
+def _read(path: str, job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """(original pixels, what the net sees), resized the way DenseModel.classify resizes."""
+    from ..io.images import load_image, resize
+    rgb = load_image(path)
+    if job.size is None and job.scale is None:
+        return rgb, rgb
+    return rgb, resize(rgb, *_fed_size(rgb.shape[:2], job.size, job.scale))
+
+
+def _failure(path: str, exc: FcnifyError) -> ImageResult:
+    return ImageResult(path, False, str(exc), exc.exit_code, workers=(_here(),), pid=os.getpid())
+
+
+def _save(job: Job, path: str, dm: "DenseMap", seconds: float, workers: tuple[str, ...]) -> ImageResult:
+    t0 = time.perf_counter()
+    # force: the client checked the names before the run; a re-run replaces its own files
+    written = dm.save(job.out_dir, job.name_for(path), job.cls, job.top_k, job.command, force=True)
+    return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=dm.shape,
+                       mode=dm.mode, tiles=dm.tiles, seconds=seconds + time.perf_counter() - t0,
+                       workers=workers, pid=os.getpid(), loads=_loads[job.key])
+
+
+def _probe(job: Job) -> tuple[int, "Labels | None"] | FcnifyError:
+    """Load the model on one worker: its class count and labels, or why it cannot load.
+
+    The error is returned, not raised, so that the worker does not log it as a crash.
+    """
+    try:
+        with _loaded(job) as model:
+            return model.num_classes, model.labels
+    except FcnifyError as exc:
+        return exc
+
+
+def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
+    """Map an image that fits whole; for one that needs tiles, return the plan instead."""
+    t0 = time.perf_counter()
+    try:
+        with _loaded(job) as model:
+            from ..io.images import image_size
+            budget = _budget(job)
+            fed = _fed_size(image_size(path), job.size, job.scale)
+            small = fed[0] < model.minimum[0] or fed[1] < model.minimum[1]  # classify says so
+            # shift-and-stitch runs a plan per offset: such an image stays on one worker
+            stitched = model.shifts > 1
+            tiles, tile_size = (None, None) if small or stitched else model.plan(*fed, budget, job.tile)
+            if tiles is None or len(tiles) == 1:
+                dm = model.classify(path, job.size, job.scale, budget, job.tile)
+                return _save(job, path, dm, time.perf_counter() - t0, (_here(),))
+            return TilePlan(fed, tuple(tiles), tile_size, time.perf_counter() - t0, _here())
+    except FcnifyError as exc:
+        return _failure(path, exc)
+
+
+def _run_tiles(job: Job, path: str, fed: tuple[int, int], tiles: tuple[Tile, ...]) -> TileCells | ImageResult:
+    """The map cells of some of an image's tiles."""
+    t0 = time.perf_counter()
+    try:
+        with _loaded(job) as model:
+            _, pixels = _read(path, job)
+            if pixels.shape[:2] != tuple(fed):
+                raise ImageError(f"image is now {pixels.shape[0]}x{pixels.shape[1]} px (height x width), "
+                                 f"planned at {fed[0]}x{fed[1]}; did it change during the run?", path)
+            timings = {"load_image": time.perf_counter() - t0}
+            cells = tuple(part.copy() for _, part in model.run_tiles(pixels, tiles, seconds=timings))
+        return TileCells(tiles, cells, timings, time.perf_counter() - t0, _here())
+    except FcnifyError as exc:
+        return _failure(path, exc)
+
+
+def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResult) -> ImageResult:
+    """Put the tiles' cells together into the image's map and write its files."""
+    from .dense import DenseMap
+    from ..io.images import load_image
+    t0 = time.perf_counter()
+    failed = [s for s in shares if isinstance(s, ImageResult)]
+    if failed:
+        return failed[0]
+    try:
+        with _loaded(job) as model:
+            rows, cols = model.cells(*plan.fed)
+            probs = np.empty((model.num_classes, rows, cols), dtype=np.float32)
+            placed = 0
+            for share in shares:
+                for t, cells in zip(share.tiles, share.cells):
+                    probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = cells
+                    placed += 1
+            if placed != len(plan.tiles):
+                raise FcnifyError(f"got {placed} of {len(plan.tiles)} tiles back", path)
+            timings = {k: sum(s.timings.get(k, 0.0) for s in shares)
+                       for k in ("load_image", "preprocess", "forward")}
+            rgb = load_image(path)  # the pictures are drawn over the original
+            dm = DenseMap(probs, model.geometry, rgb.shape[:2], tuple(plan.fed), model.card,
+                          model.labels, Path(path), "tiled", len(plan.tiles), plan.tile_size,
+                          timings, rgb, model.source, model.output_blob,
+                          stride_plan=model.stride_plan.to_dict() if model.stride_plan else None)
+            seconds = plan.seconds + sum(s.seconds for s in shares) + time.perf_counter() - t0
+            workers = tuple(dict.fromkeys([plan.worker, *(s.worker for s in shares), _here()]))
+            return _save(job, path, dm, seconds, workers)
+    except FcnifyError as exc:
+        return _failure(path, exc)

@@ -1,0 +1,126 @@
+"""The engine contract and the one table of engines, looked up by name.
+
+An engine runs Caffe nets: `caffe` (pycaffe in fcnify's worker process,
+runner.py), `torch` (PyTorch, torch_engine.py) and `onnx` (the net exported
+to ONNX and run by ONNX Runtime, onnx_engine.py). Every caller (the CLI's
+--engine choices, DenseModel, convert, verify, Dask workers) picks one from
+`ENGINES` by name, so adding an engine is one module plus one row here.
+
+The table names each engine's module and class as text and imports it on
+first use: the optional engines' packages (torch, onnxruntime) are only
+needed by whoever chooses them.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import InputError
+from ..caffe.planner import MemoryEstimate
+
+ParamDigests = dict[str, list[tuple[tuple[int, ...], str]]]
+
+
+@runtime_checkable
+class LoadedNet(Protocol):
+    """One net loaded by an engine, with its weights; close() frees it (also as `with`)."""
+
+    def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run on `inputs` (blob name -> N x C x H x W float32, any size the net takes);
+        copies of the named blobs."""
+
+    def timed_forward(self, inputs: dict[str, np.ndarray], outputs: list[str],
+                      repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
+        """forward(), then `repeats` more passes timed inside the engine (benchmarks)."""
+
+    def params(self) -> dict[str, list[np.ndarray]]:
+        """Every parameterised layer's blobs as the engine holds them."""
+
+    def param_digests(self) -> ParamDigests:
+        """(shape, verify.digest) of every parameter blob: checked without copying them out."""
+
+    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every blob at the last input size."""
+
+    def close(self) -> None:
+        """Free the net (memory, worker handles); the handle is unusable afterwards."""
+
+    def __enter__(self) -> "LoadedNet": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What fcnify needs of an engine (see the module docstring)."""
+
+    name: str
+
+    def load(self, model_def: str | Path, weights: str | Path | None = None) -> LoadedNet:
+        """Load a net definition with its caffemodel (None: a net without parameters)."""
+
+    def layer_types(self) -> frozenset[str]:
+        """Caffe layer types this engine runs; others are refused before loading."""
+
+    def memory(self, net, height: int, width: int) -> MemoryEstimate:
+        """Predicted memory for one forward pass of the (fully-convolutional) NetParameter
+        `net` on a height x width input: what the tile planner budgets with."""
+
+    def close(self) -> None:
+        """Release what the engine itself holds (not the nets it loaded)."""
+
+
+class NetHandle:
+    """Mixin: a LoadedNet's `with` support, closing it on every path."""
+
+    def close(self) -> None:  # pragma: no cover - every handle defines its own
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One row of the table: where the engine lives and what it needs."""
+
+    name: str
+    module: str
+    cls: str
+    summary: str
+
+    def create(self, gpu: int | None = None, verbose: bool = False) -> Engine:
+        """The engine, on the CPU or CUDA device `gpu` (SetupError if its package is missing)."""
+        factory = getattr(importlib.import_module(self.module), self.cls)
+        return factory(gpu=gpu, verbose=verbose)
+
+
+ENGINES: dict[str, EngineEntry] = {e.name: e for e in (
+    EngineEntry("caffe", "fcnify.engines.caffe_engine", "CaffeRunner", "pycaffe, in fcnify's worker process"),
+    EngineEntry("torch", "fcnify.engines.torch_engine", "TorchRunner",
+                "PyTorch, without pycaffe (pip install 'fcnify[torch]')"),
+    EngineEntry("onnx", "fcnify.engines.onnx_engine", "OnnxRunner",
+                "the net exported to ONNX, run by ONNX Runtime (pip install 'fcnify[onnx]')"),
+)}
+
+DEFAULT_ENGINE = "caffe"
+
+
+def engine_names() -> list[str]:
+    """The names --engine accepts, in the table's order."""
+    return list(ENGINES)
+
+
+def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, verbose: bool = False) -> Engine:
+    """The engine called `name` from ENGINES."""
+    entry = ENGINES.get(name)
+    if entry is None:
+        raise InputError(f"unknown engine '{name}' (one of: {', '.join(ENGINES)})")
+    return entry.create(gpu, verbose)

@@ -1,0 +1,297 @@
+"""The onnx engine: Caffe nets exported to ONNX (onnx_export.py) and run by ONNX Runtime.
+
+`OnnxRunner` follows the engine contract (engines.Engine): `load` reads the
+prototxt and caffemodel with fcnify's own readers, builds the ONNX graph in
+memory with free input height and width, and opens one ONNX Runtime session
+on it; the session is rebuilt only when a caller asks for a blob that is not
+yet a graph output. Runs on the CPU, or with --gpu on ONNX Runtime's CUDA
+execution provider (TF32 off, so results match Caffe's to float rounding;
+TensorRT when FCNIFY_ORT_TENSORRT=1, whose TF32 default does not).
+
+Memory for the tile planner is modelled on what ONNX Runtime holds, with
+factors measured by scripts/bench_dense.py against the process's peak RSS:
+the weights and ONNX Runtime's reordered copies of them, and the activations
+alive at the same time (its allocation planner frees a tensor after its last
+reader) with the largest im2col buffer.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import NetHandle
+from ..errors import DeviceError, FcnifyError, InputError, ResourceError, SetupError
+from ..caffe.geometry import output_blobs, score_blob
+from ..caffe.netdef import read_netdef
+from .onnx_export import EXPORTABLE, check_exportable, net_params, to_onnx
+from ..caffe.planner import FLOAT, MemoryEstimate
+from ..caffe.shapes import conv_geometry, count, infer, input_shapes
+from ..surgery.verify import digest
+
+try:
+    import onnxruntime as ort
+except ImportError:  # the optional extra (pip install 'fcnify[onnx]') is not installed
+    ort = None
+
+# ONNX Runtime's memory is in this process, whose base is already spent when the
+# planner asks: only the net's own memory counts.
+ORT_BASE = 0
+# Measured (scripts/bench_dense.py, section (f), a fresh process per size, CaffeNet's
+# 233 MB of weights): after loading, 2.3-2.4x the weights stay resident (fcnify's arrays,
+# which ONNX Runtime reads in place, and its own reordered NCHWc/prepacked copies);
+# loading peaks at 4.6-4.8x, which `total` models as held weights twice.
+ORT_WEIGHT_COPIES = 2.4
+# Peak RSS growth of a pass over the modelled live activations: 0.40 at 899 px,
+# 0.49 at 1795 px (the allocation planner shares buffers more than liveness alone
+# shows); 0.6 keeps a margin.
+ORT_SLACK = 0.6
+
+
+class OnnxRunner:
+    """Runs Caffe nets in ONNX Runtime, on the CPU or CUDA device `gpu`."""
+
+    name = "onnx"
+
+    def __init__(self, gpu: int | None = None, verbose: bool = False) -> None:
+        if ort is None:
+            raise SetupError("the onnx engine needs ONNX Runtime: pip install 'fcnify[onnx]'")
+        self.gpu = gpu
+        self.verbose = verbose
+        self.providers = execution_providers(gpu)
+
+    def load(self, model_def: str | Path, weights: str | Path | None = None) -> "OnnxNet":
+        return OnnxNet(Path(model_def), Path(weights) if weights else None, self)
+
+    def layer_types(self) -> frozenset[str]:
+        return EXPORTABLE
+
+    def memory(self, net, height: int, width: int) -> MemoryEstimate:
+        return onnx_memory(net, height, width)
+
+    def close(self) -> None:
+        """Sessions belong to the nets, which close themselves."""
+
+
+def execution_providers(gpu: int | None) -> list:
+    """ONNX Runtime's providers for the CPU or CUDA device `gpu`, or DeviceError saying why not."""
+    if gpu is None:
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise DeviceError(f"--gpu {gpu}: this ONNX Runtime ({ort.__version__}) has no CUDA execution "
+                          f"provider (it has {', '.join(available)}); install onnxruntime-gpu, or leave "
+                          "out --gpu to run on the CPU")
+    chosen: list = []
+    if os.environ.get("FCNIFY_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in available:
+        chosen.append(("TensorrtExecutionProvider", {"device_id": gpu}))
+    chosen.append(("CUDAExecutionProvider", {"device_id": gpu, "use_tf32": 0}))
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxNet(NetHandle):
+    """One net in ONNX Runtime: its session, the Caffe blobs it returns, its weights' digests."""
+
+    def __init__(self, model_def: Path, weights: Path | None, runner: OnnxRunner) -> None:
+        self.model_def, self.runner = model_def, runner
+        self.net = read_netdef(model_def).param
+        check_exportable(self.net, model_def)
+        self.inputs = input_shapes(self.net)
+        self._blob_shapes = infer(self.net, path=model_def).blobs
+        self._shapes_key: tuple | None = None
+        self._params = net_params(self.net, weights, model_def)
+        self._values: list = []
+        self._outputs: tuple[str, ...] = ()
+        self.session = None
+        self._open(tuple(dict.fromkeys([*output_blobs(self.net), score_blob(self.net)])))
+
+    def _open(self, outputs: tuple[str, ...]) -> None:
+        """(Re)build the graph with `outputs` and start a session on it.
+
+        The weights reach ONNX Runtime as this object's own arrays (external
+        initializers), not through protobuf: no copies of them while loading.
+        """
+        model = to_onnx(self.net, self._params, list(outputs), self.model_def, external=True)
+        names, values = [], []
+        for init in model.graph.initializer:
+            layer, _, index = init.name.rpartition("/")
+            if init.data_location == init.EXTERNAL and layer in self._params:
+                names.append(init.name)
+                values.append(ort.OrtValue.ortvalue_from_numpy(self._params[layer][int(index)]))
+        data = model.SerializeToString()
+        del model
+        options = ort.SessionOptions()
+        options.log_severity_level = 0 if self.runner.verbose else 3
+        options.add_external_initializers(names, values)
+        self.session = None  # the old session's memory goes before the new one's arrives
+        try:
+            self.session = ort.InferenceSession(data, options, providers=self.runner.providers)
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            raise FcnifyError(f"ONNX Runtime could not load the exported net: {_first_line(exc)}",
+                              self.model_def) from None
+        self._values = values  # ONNX Runtime reads these arrays: they live as long as the session
+        if self.runner.gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise DeviceError(f"--gpu {self.runner.gpu}: ONNX Runtime's CUDA execution provider did "
+                              "not start (no NVIDIA GPU or driver, or no such device?)")
+        self._outputs = outputs
+
+    # -- the engine contract (engines.LoadedNet)
+
+    def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run on `inputs` (any size the net accepts) and return the blobs `outputs`."""
+        self._check_inputs(inputs, outputs)
+        missing = [o for o in outputs if o not in self._outputs]
+        if missing:
+            self._open(tuple(dict.fromkeys([*self._outputs, *missing])))
+        feeds = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in inputs.items()}
+        try:
+            got = self.session.run(list(outputs), feeds)
+        except MemoryError:
+            raise ResourceError("ONNX Runtime ran out of memory; map in tiles with --tile N, or use "
+                                "a smaller --max-memory", self.model_def) from None
+        except Exception as exc:
+            text = _first_line(exc)
+            kind = ResourceError if "alloc" in text.lower() else FcnifyError
+            raise kind(f"ONNX Runtime failed running {self.model_def.name}: {text}",
+                       self.model_def) from None
+        return dict(zip(outputs, got))
+
+    def timed_forward(self, inputs: dict[str, np.ndarray], outputs: list[str],
+                      repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
+        out = self.forward(inputs, outputs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.forward(inputs, outputs)
+            times.append(time.perf_counter() - t0)
+        return out, times
+
+    def params(self) -> dict[str, list[np.ndarray]]:
+        return {name: [a.copy() for a in arrays] for name, arrays in self._params.items()}
+
+    def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+        """(shape, BLAKE2b-128) of each parameter array that ONNX Runtime was handed."""
+        return {name: [(tuple(a.shape), digest(a)) for a in arrays] for name, arrays in self._params.items()}
+
+    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._blob_shapes)
+
+    def close(self) -> None:
+        self.session = None
+        self._params, self._values = {}, []
+
+    # -- checks
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> None:
+        unknown = [n for n in inputs if n not in self.inputs]
+        missing = [n for n in self.inputs if n not in inputs]
+        if unknown or missing:
+            raise InputError(f"{self.model_def.name} takes input blob(s) {', '.join(self.inputs)}; "
+                             + (f"got unknown {', '.join(unknown)}" if unknown else
+                                f"missing {', '.join(missing)}"))
+        key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.inputs)
+        if key != self._shapes_key:  # Caffe's Reshape checks, with the layer's name on failure
+            self._blob_shapes = infer(self.net, dict(key), path=self.model_def).blobs
+            self._shapes_key = key
+        absent = [n for n in outputs if n not in self._blob_shapes]
+        if absent:
+            raise InputError(f"{self.model_def.name} has no blob named {', '.join(map(repr, absent))}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def onnx_memory(net, height: int, width: int) -> MemoryEstimate:
+    """ONNX Runtime's memory for one pass of height x width: the weights, the activations
+    alive together (each freed after its last reader) and the largest im2col buffer."""
+    name, declared = next(iter(input_shapes(net).items()))
+    try:
+        shapes = infer(net, {name: (1, declared[1], height, width)})
+    except FcnifyError as exc:
+        raise ResourceError(f"an input of {width}x{height} px cannot be run: {exc.message}") from None
+    size: dict[tuple[str, int], int] = {}  # (blob, layer that wrote it) -> bytes
+    end: dict[tuple[str, int], int] = {}  # -> index of the last layer that reads it
+    current: dict[str, tuple[str, int]] = {}
+    im2col = 0
+    for i, (layer, ls) in enumerate(zip(net.layer, shapes.layers)):
+        for b in layer.bottom:
+            end[current[b]] = i
+        for top, shape in zip(layer.top, ls.tops):
+            current[top] = (top, i)
+            size[(top, i)], end[(top, i)] = count(shape) * FLOAT, i
+        if ls.type == "Convolution" and ls.bottoms:
+            p = layer.convolution_param
+            kernel = conv_geometry(p, len(ls.bottoms[0]) - 2)[0]
+            if count(tuple(kernel)) > 1:
+                rows = ls.bottoms[0][1] // max(1, p.group) * count(tuple(kernel))
+                im2col = max(im2col, rows * count(ls.tops[0][2:]) * FLOAT)
+    for blob in output_blobs(net):  # returned to the caller: alive to the end
+        end[current[blob]] = len(net.layer)
+    peak = max((sum(n for v, n in size.items() if v[1] <= i <= end[v]) for i in range(len(net.layer))),
+               default=0)
+    params = int(sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT * ORT_WEIGHT_COPIES)
+    largest = max(shapes.blobs.items(), key=lambda kv: count(kv[1]))
+    return MemoryEstimate(blobs=peak, buffers=im2col, params=params, largest_blob=count(largest[1]),
+                          largest_blob_name=largest[0], io=0, base=ORT_BASE, slack=ORT_SLACK)
+
+
+class OnnxFileNet(NetHandle):
+    """An exported .onnx file in ONNX Runtime, as a LoadedNet: what `fcnify export` checks
+    against Caffe before the file is put in place."""
+
+    def __init__(self, path: Path, providers: list | None = None) -> None:
+        if ort is None:
+            raise SetupError("the onnx engine needs ONNX Runtime: pip install 'fcnify[onnx]'")
+        import onnx
+        from onnx import numpy_helper
+        self.path = Path(path)
+        model = onnx.load(str(self.path))
+        self._params: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for init in model.graph.initializer:
+            layer, _, index = init.name.rpartition("/")
+            if layer and index.isdigit() and not layer.startswith("const"):
+                self._params.setdefault(layer, []).append((int(index), numpy_helper.to_array(init)))
+        del model
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:
+            raise FcnifyError(f"ONNX Runtime cannot load it: {_first_line(exc)}", self.path) from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        feeds = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in inputs.items()}
+        try:
+            return dict(zip(outputs, self.session.run(list(outputs), feeds)))
+        except Exception as exc:
+            raise FcnifyError(f"ONNX Runtime failed running it: {_first_line(exc)}", self.path) from None
+
+    def timed_forward(self, inputs, outputs, repeats: int = 1):
+        out = self.forward(inputs, outputs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.forward(inputs, outputs)
+            times.append(time.perf_counter() - t0)
+        return out, times
+
+    def params(self) -> dict[str, list[np.ndarray]]:
+        return {k: [a for _, a in sorted(v, key=lambda t: t[0])] for k, v in self._params.items()}
+
+    def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+        """(shape, BLAKE2b-128) of each of the file's initializers named LAYER/INDEX."""
+        return {k: [(tuple(a.shape), digest(a)) for a in arrays] for k, arrays in self.params().items()}
+
+    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def close(self) -> None:
+        self.session = None
+        self._params = {}

@@ -1,0 +1,180 @@
+"""Run Caffe in a child process, so that its aborts cannot kill the caller.
+
+Caffe's CHECK macros call abort() on bad input, taking the whole process with
+them: a CLI dies with a core dump, a notebook kernel dies with the user's
+work. fcnify validates inputs first, but Caffe can still find something to
+refuse, so every Caffe call goes to a worker process (`python -m
+fcnify.engines.worker`). If the worker dies, its last glog line (`Check failed: ...`)
+becomes an EngineCrash that names what fcnify was doing, and a fresh worker
+is started for the next call.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+
+from ..errors import EngineCrash, FcnifyError
+
+from .worker import HEADER
+
+# glog writes "F0101 12:00:00.000000  123 file.cpp:42] ...", newer glog with the year
+# ("F20260101 ..."); both are matched.
+GLOG_PREFIX = re.compile(r"^[FEWI]\d{4}(?:\d{4})? [\d:.]+\s+\d+ (\S+:\d+)\] ")
+FATAL_LINE = re.compile(r"^F\d{4}(?:\d{4})? |Check failed|terminate called|Segmentation fault|Error")
+
+
+class Worker:
+    """One worker process and its pipes."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        env = dict(os.environ)
+        env["GLOG_minloglevel"] = env.get("GLOG_minloglevel", "0" if verbose else "2")
+        env["FCNIFY_VERBOSE"] = "1" if verbose else "0"
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.verbose = verbose
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fcnify.engines.worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            start_new_session=False)
+        self.lines: deque[str] = deque(maxlen=400)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        for raw in iter(self.proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            if self.verbose:
+                print(line, file=sys.stderr, flush=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def call(self, name: str, *args, **kwargs):
+        data = pickle.dumps((name, args, kwargs), protocol=5)
+        try:
+            self.proc.stdin.write(HEADER.pack(len(data)))
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+            head = self.proc.stdout.read(HEADER.size)
+            if len(head) < HEADER.size:
+                raise EOFError
+            size = HEADER.unpack(head)[0]
+            body = self.proc.stdout.read(size)
+            if len(body) < size:
+                raise EOFError
+        except (BrokenPipeError, EOFError, OSError):
+            raise self._death() from None
+        return pickle.loads(body)
+
+    def _death(self) -> EngineCrash:
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(timeout=5)
+        self._close_pipes()
+        return EngineCrash(describe_death(code, list(self.lines)))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                data = pickle.dumps(("exit", (), {}))
+                self.proc.stdin.write(HEADER.pack(len(data)) + data)
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """Close this side of the worker's pipes, so a dead worker leaks no file descriptors."""
+        streams = [self.proc.stdin, self.proc.stdout]
+        if not self._reader.is_alive():  # it has read stderr to its end
+            streams.append(self.proc.stderr)
+        for stream in streams:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def describe_death(code: int, lines: list[str]) -> str:
+    """One line: Caffe's fatal message when it printed one, else the signal or status."""
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    for line in reversed(lines):
+        if FATAL_LINE.search(line):
+            text = GLOG_PREFIX.sub(lambda m: f"{m.group(1)}: ", line).strip()
+            return f"Caffe aborted ({how}): {text}"
+    return f"Caffe's worker process died ({how}) without a message"
+
+
+class Sandbox:
+    """A worker that is restarted after a crash; calls raise EngineCrash with context."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self._worker: Worker | None = None
+        self.crashes = 0
+        self.generation = 0  # workers started so far: nets of an older one are gone
+
+    @property
+    def running(self) -> bool:
+        """Whether a worker is started and alive (without starting one)."""
+        return self._worker is not None and self._worker.alive()
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None or not self._worker.alive():
+            self._worker = Worker(self.verbose)
+            self.generation += 1
+        return self._worker
+
+    def call(self, name: str, *args, context: str = "", path: str | Path | None = None, **kwargs):
+        try:
+            status, payload = self.worker.call(name, *args, **kwargs)
+        except EngineCrash as exc:
+            self.crashes += 1
+            self._worker = None
+            msg = f"{exc.message} (while {context})" if context else exc.message
+            raise EngineCrash(msg, path) from None
+        if status == "ok":
+            return payload
+        kind, message, tb = payload
+        first = message.strip().splitlines()[0] if message.strip() else kind
+        err = FcnifyError(f"Caffe failed{' while ' + context if context else ''}: {kind}: {first}", path)
+        err.worker_traceback = tb
+        raise err
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+_shared: dict[bool, Sandbox] = {}
+
+
+def shared(verbose: bool = False) -> Sandbox:
+    """The process-wide sandbox (one worker, reused by every call)."""
+    box = _shared.get(verbose)
+    if box is None:
+        box = _shared[verbose] = Sandbox(verbose)
+    return box
+
+
+@atexit.register
+def _close_all() -> None:
+    for box in _shared.values():
+        box.close()
