@@ -25,7 +25,7 @@ from realdata import LENET_DEF, LENET_WEIGHTS, digit_scene, load_mnist, paste_di
 
 from fcnify.dense.dense import DenseModel  # noqa: E402
 from fcnify.dense.detect import detect, iou  # noqa: E402
-from fcnify.io.models import card_for_model_def  # noqa: E402
+from fcnify.convert import card_for_model_def  # noqa: E402
 from fcnify.io.preprocess import Preprocess  # noqa: E402
 from fcnify.dense.pyramid import map_scales  # noqa: E402
 

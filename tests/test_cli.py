@@ -150,7 +150,7 @@ def three(tmp_path_factory):
     """The THREE net with seeded weights, a photo-like image for it, and the loaded model."""
     from PIL import Image
     from fcnify.dense.dense import DenseModel
-    from fcnify.io.models import card_for_model_def
+    from fcnify.convert import card_for_model_def
     from conftest import write_model
     tmp = tmp_path_factory.mktemp("three")
     proto, weights = write_model(tmp, "three", THREE)

@@ -12,7 +12,8 @@ from fcnify.surgery.bound import factor, score_layer, within
 from fcnify.caffe.caffemodel import read_weights, write_weights
 from fcnify.convert import convert
 from fcnify.dense.dense import DenseModel
-from fcnify.io.models import card_for_model_def, find_model, read_card
+from fcnify.convert import card_for_model_def
+from fcnify.io.models import find_model, read_card
 from fcnify.caffe.netdef import parse_netdef, read_netdef
 
 from conftest import call_fcnify, run_fcnify

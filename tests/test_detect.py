@@ -10,7 +10,7 @@ import pytest
 from fcnify.dense.dense import DenseModel
 from fcnify.dense.detect import iou, nms
 from fcnify.errors import InputError
-from fcnify.io.models import card_for_model_def
+from fcnify.convert import card_for_model_def
 from fcnify.io.preprocess import Preprocess
 from fcnify.dense.pyramid import fuse, map_pyramid, parse_scales
 

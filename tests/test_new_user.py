@@ -19,7 +19,8 @@ import fcnify
 from conftest import call_fcnify, run_fcnify
 from fcnify.errors import InputError, OutputExists
 from fcnify.io.labels import imagenet_labels, resolve_class
-from fcnify.io.models import card_for_model_def, find_model
+from fcnify.convert import card_for_model_def
+from fcnify.io.models import find_model
 from nets import zoo
 from realdata import LENET_DEF, LENET_WEIGHTS, mtcnn_net
 

@@ -13,10 +13,12 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxrunti
 from fcnify.caffe.caffemodel import read_weights, write_weights  # noqa: E402
 from fcnify.convert import convert  # noqa: E402
 from fcnify.dense.dense import resolve_model  # noqa: E402
-from fcnify.io.models import card_for_model_def, find_model  # noqa: E402
+from fcnify.convert import card_for_model_def  # noqa: E402
+from fcnify.io.models import find_model  # noqa: E402
 from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.engines.onnx_engine import OnnxRunner  # noqa: E402
-from fcnify.engines.onnx_export import Unexportable, export_onnx  # noqa: E402
+from fcnify.engines.onnx_export import Unexportable  # noqa: E402
+from fcnify.export import export_onnx  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.caffe.shapes import pool_geometry  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402

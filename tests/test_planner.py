@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fcnify.dense.dense import DenseModel
-from fcnify.io.models import card_for_model_def
+from fcnify.convert import card_for_model_def
 from fcnify.caffe.planner import HEADROOM, estimate
 from fcnify.engines.caffe_engine import CaffeRunner
 from fcnify.engines.sandbox import Sandbox

@@ -16,7 +16,8 @@ import pytest
 from fcnify.convert import convert
 from fcnify.dense.dense import DenseModel
 from fcnify.errors import InputError
-from fcnify.io.models import card_for_model_def, read_card
+from fcnify.convert import card_for_model_def
+from fcnify.io.models import read_card
 from fcnify.io.preprocess import Preprocess
 
 from realdata import LENET_DEF, LENET_WEIGHTS, digit_scene

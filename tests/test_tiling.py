@@ -11,7 +11,7 @@ from fcnify.convert import convert
 from fcnify.dense.dense import DenseModel
 from fcnify.caffe.geometry import map_geometry, map_size
 from fcnify.io.images import resize
-from fcnify.io.models import card_for_model_def
+from fcnify.convert import card_for_model_def
 from fcnify.caffe.netdef import parse_netdef
 from fcnify.errors import ResourceError
 from fcnify.caffe.planner import HEADROOM, SPEED_CAP, estimate, fits, largest_square

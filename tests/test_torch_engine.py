@@ -20,7 +20,8 @@ from fcnify.convert import convert  # noqa: E402
 from fcnify.dense.dense import DenseModel  # noqa: E402
 from fcnify.errors import DeviceError, NetDefinitionError  # noqa: E402
 from fcnify.io.images import load_image, resize  # noqa: E402
-from fcnify.io.models import card_for_model_def, find_model, read_card  # noqa: E402
+from fcnify.convert import card_for_model_def  # noqa: E402
+from fcnify.io.models import find_model, read_card  # noqa: E402
 from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.paths import caffe_descriptor  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402

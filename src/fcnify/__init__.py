@@ -5,11 +5,11 @@
     dm = fcnify.classify_map("photo.jpg", model="caffenet")
     dm.save("maps/")
 
-Caffe itself runs in a worker process (see sandbox.py): a Caffe abort
+Caffe itself runs in a worker process (see engines/sandbox.py): a Caffe abort
 becomes an `fcnify.errors.EngineCrash`, never the death of your interpreter.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402, F401
 
 from .convert import ConvertResult, convert, verify_files  # noqa: E402
 from .dense.dense import DenseMap, DenseModel, classify_map  # noqa: E402

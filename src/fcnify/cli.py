@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from .version import __version__
 from .engines import DEFAULT_ENGINE, engine_names
 from .errors import FcnifyError, InputError, OutputExists
 
@@ -343,7 +343,7 @@ def export(net, weights, fmt, out_file, force, no_verify):
       fcnify export deploy.prototxt --weights net.caffemodel --out net.onnx
       fcnify export digits --out digits.onnx
     """
-    from .engines.onnx_export import export_onnx
+    from .export import export_onnx
     from .io.models import require_weights
     card = _export_card(net, weights)
     require_weights(card)

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from .surgery.bound import ScoreLayer, score_layer
 from .caffe.caffemodel import Weights, read_weights, write_weights
 from .surgery.correspond import check_correspondence
 from .errors import ConversionError, NotEquivalentError
 from .files import OutputSet
 from .caffe.geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
-from .io.models import ModelCard, card_for_model_def
-from .caffe.netdef import NetDef, check_layer_types, read_netdef, to_text
-from .engines import Engine, make_engine
+from .io.models import ModelCard, default_card, read_card, sibling_card
+from .caffe.netdef import NetDef, read_netdef, to_text
+from .engines import Engine, check_layer_types, make_engine
 from .io.preprocess import Preprocess
 from .caffe.shapes import infer, input_shapes
-from .surgery.surgery import Surgery, convert_net, keep_output_names
+from .surgery.surgery import Surgery, convert_net, keep_output_names, needs_surgery
 from .surgery.transplant import Provenance, check_weights, transplant
 from .surgery.verify import VerifyReport, verify
 
@@ -85,6 +85,25 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
     elif stem in ("deploy", "model", "net"):
         stem = model_def.parent.name or stem
     return Path.cwd() / stem
+
+
+def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
+    """A card for --model-def/--weights: the one next to the prototxt, else zoo defaults.
+
+    A net without InnerProduct layers or a pooling that collapses the map
+    counts as already fully convolutional.
+    """
+    sib = sibling_card(model_def)
+    if sib is not None:
+        return replace(read_card(sib), model_def=model_def, weights=weights)
+    netdef = read_netdef(model_def)
+    declared = input_shapes(netdef.param)
+    channels = next(iter(declared.values()))[1] if declared else 3
+    shapes = infer(netdef.param, path=model_def, allow_unmodelled=True)
+    out = shapes.blobs.get(score_blob(netdef.param))
+    classes = out[1] if out and len(out) >= 2 else None
+    card = default_card(model_def, weights, channels, classes, netdef.param.name)
+    return replace(card, fully_convolutional=not needs_surgery(netdef.param, shapes))
 
 
 def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from . import __version__
+from .version import __version__
 from .errors import FcnifyError
 from .paths import cache_dir, caffe_descriptor, caffe_source, models_dir, setup_record
 

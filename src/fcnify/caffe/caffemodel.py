@@ -9,6 +9,7 @@ offset instead of aborting Caffe.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,3 +343,9 @@ def write_weights(out: BinaryIO, net, blobs: Mapping[str, list[np.ndarray]]) -> 
         out.write(_varint_bytes((NET_LAYER << 3) | 2) + _varint_bytes(total))
         for chunk in body:
             out.write(chunk)
+
+
+def digest(array: np.ndarray) -> str:
+    """The digest engines report for a parameter blob in param_digests: BLAKE2b-128 of its float32 bytes."""
+    data = np.ascontiguousarray(array, dtype=np.float32).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()

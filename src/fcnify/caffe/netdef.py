@@ -290,36 +290,3 @@ ENGINE_PARAMS = {"Convolution": "convolution_param", "Deconvolution": "convoluti
                  "Pooling": "pooling_param", "LRN": "lrn_param", "ReLU": "relu_param",
                  "Sigmoid": "sigmoid_param", "Softmax": "softmax_param", "TanH": "tanh_param"}
 ENGINE_CUDNN = 2
-
-
-def _caffe_has_cudnn() -> bool:
-    """Whether the installed pycaffe links cuDNN (read from its libraries, without importing it)."""
-    from ..errors import FcnifyError
-    from ..engines.caffe_engine import caffe_build
-    try:
-        return any("cudnn" in lib for lib in caffe_build().libraries)
-    except FcnifyError:
-        return False
-
-
-def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | None,
-                      engine: str = "caffe") -> None:
-    """Refuse layer types the engine cannot run (this Caffe build would abort on them).
-
-    Caffe also aborts on `engine: CUDNN` when it was built without cuDNN.
-    """
-    import difflib
-    for layer in net.layer:
-        field = ENGINE_PARAMS.get(layer.type)
-        if (engine == "caffe" and field and getattr(layer, field).engine == ENGINE_CUDNN
-                and not _caffe_has_cudnn()):
-            raise NetDefinitionError(f"layer '{layer.name}' asks for engine CUDNN, and this Caffe "
-                                     "build has no cuDNN; remove the engine setting", path)
-        if layer.type not in registered and engine != "caffe":
-            raise NetDefinitionError(f"layer '{layer.name}': layer type '{layer.type}' is not "
-                                     f"supported by the {engine} engine", path)
-        if layer.type not in registered:
-            close = difflib.get_close_matches(layer.type, sorted(registered), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise NetDefinitionError(f"layer '{layer.name}': unknown layer type '{layer.type}'"
-                                     f"{hint}; this Caffe build does not register it", path)

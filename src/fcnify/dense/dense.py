@@ -21,8 +21,11 @@ from ..errors import ImageError, InputError, ResourceError
 from ..caffe.geometry import MapGeometry, hw, map_geometry, map_size, output_blobs, score_blob
 from ..io.images import load_image, resize
 from ..io.labels import Labels
-from ..io.models import ModelCard, card_for_model_def, find_model, read_card
-from ..caffe.netdef import check_layer_types, read_netdef
+from ..convert import card_for_model_def
+from ..engines import check_layer_types
+from ..io.models import ModelCard, find_model, read_card
+from ..io.outputs import head_file_name
+from ..caffe.netdef import read_netdef
 from ..caffe.planner import default_budget, estimate, fits, format_bytes, largest_square
 from ..io.preprocess import Preprocess
 from ..caffe.shapes import image_input, infer
@@ -467,12 +470,6 @@ def classifier_input(card: ModelCard) -> tuple[int, int] | None:
     if not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
         return None
     return shape[2], shape[3]
-
-
-def head_file_name(blob: str) -> str:
-    """The suffix of an output head's .npy (NAME.BLOB.npy), safe as a file name."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in blob)
-    return f"{safe}.npy"
 
 
 def pick_output(net, wanted: str | None, path: Path | None = None) -> str:

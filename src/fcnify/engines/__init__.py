@@ -1,7 +1,7 @@
 """The engine contract and the one table of engines, looked up by name.
 
 An engine runs Caffe nets: `caffe` (pycaffe in fcnify's worker process,
-runner.py), `torch` (PyTorch, torch_engine.py) and `onnx` (the net exported
+caffe_engine.py), `torch` (PyTorch, torch_engine.py) and `onnx` (the net exported
 to ONNX and run by ONNX Runtime, onnx_engine.py). Every caller (the CLI's
 --engine choices, DenseModel, convert, verify, Dask workers) picks one from
 `ENGINES` by name, so adding an engine is one module plus one row here.
@@ -19,7 +19,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import InputError
+from ..caffe.netdef import ENGINE_CUDNN, ENGINE_PARAMS
+from ..errors import FcnifyError, InputError, NetDefinitionError
 from ..caffe.planner import MemoryEstimate
 
 ParamDigests = dict[str, list[tuple[tuple[int, ...], str]]]
@@ -41,7 +42,7 @@ class LoadedNet(Protocol):
         """Every parameterised layer's blobs as the engine holds them."""
 
     def param_digests(self) -> ParamDigests:
-        """(shape, verify.digest) of every parameter blob: checked without copying them out."""
+        """(shape, caffemodel.digest) of every parameter blob: checked without copying them out."""
 
     def blob_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of every blob at the last input size."""
@@ -124,3 +125,35 @@ def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, verbose: boo
     if entry is None:
         raise InputError(f"unknown engine '{name}' (one of: {', '.join(ENGINES)})")
     return entry.create(gpu, verbose)
+
+
+def _caffe_has_cudnn() -> bool:
+    """Whether the installed pycaffe links cuDNN (read from its libraries, without importing it)."""
+    from .caffe_engine import caffe_build
+    try:
+        return any("cudnn" in lib for lib in caffe_build().libraries)
+    except FcnifyError:
+        return False
+
+
+def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | None,
+                      engine: str = "caffe") -> None:
+    """Refuse layer types the engine cannot run (this Caffe build would abort on them).
+
+    Caffe also aborts on `engine: CUDNN` when it was built without cuDNN.
+    """
+    import difflib
+    for layer in net.layer:
+        field = ENGINE_PARAMS.get(layer.type)
+        if (engine == "caffe" and field and getattr(layer, field).engine == ENGINE_CUDNN
+                and not _caffe_has_cudnn()):
+            raise NetDefinitionError(f"layer '{layer.name}' asks for engine CUDNN, and this Caffe "
+                                     "build has no cuDNN; remove the engine setting", path)
+        if layer.type not in registered and engine != "caffe":
+            raise NetDefinitionError(f"layer '{layer.name}': layer type '{layer.type}' is not "
+                                     f"supported by the {engine} engine", path)
+        if layer.type not in registered:
+            close = difflib.get_close_matches(layer.type, sorted(registered), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise NetDefinitionError(f"layer '{layer.name}': unknown layer type '{layer.type}'"
+                                     f"{hint}; this Caffe build does not register it", path)

@@ -25,11 +25,11 @@ import numpy as np
 from . import NetHandle
 from ..errors import DeviceError, FcnifyError, InputError, ResourceError, SetupError
 from ..caffe.geometry import output_blobs, score_blob
+from ..caffe.caffemodel import digest
 from ..caffe.netdef import read_netdef
 from .onnx_export import EXPORTABLE, check_exportable, net_params, to_onnx
 from ..caffe.planner import FLOAT, MemoryEstimate
 from ..caffe.shapes import conv_geometry, count, infer, input_shapes
-from ..surgery.verify import digest
 
 try:
     import onnxruntime as ort

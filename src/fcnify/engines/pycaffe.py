@@ -102,10 +102,9 @@ def params(handle: int) -> dict[str, list[np.ndarray]]:
 
 def param_digests(handle: int) -> dict[str, list[tuple[tuple[int, ...], str]]]:
     """(shape, BLAKE2b of the float32 bytes) of every parameter blob: checks without copying."""
-    import hashlib
+    from ..caffe.caffemodel import digest
     net = _nets[handle]
-    return {name: [(tuple(p.data.shape), hashlib.blake2b(p.data.tobytes(), digest_size=16).hexdigest())
-                   for p in blobs] for name, blobs in net.params.items()}
+    return {name: [(tuple(p.data.shape), digest(p.data)) for p in blobs] for name, blobs in net.params.items()}
 
 
 def forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:

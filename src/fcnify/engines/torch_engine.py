@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..caffe.caffemodel import read_weights
+from ..caffe.caffemodel import digest, read_weights
 from . import NetHandle
 from ..errors import DeviceError, FcnifyError, InputError, NetDefinitionError, ResourceError, SetupError, \
     WeightsError
@@ -39,7 +39,6 @@ from ..caffe.planner import MemoryEstimate, estimate
 from ..caffe.shapes import Shape, canonical_axis, conv_geometry, count, infer, input_shapes, layer_shapes, \
     pool_geometry, pooled_size
 from ..surgery.transplant import check_weights
-from ..surgery.verify import digest
 
 try:
     import torch
@@ -164,7 +163,7 @@ class TorchNet(NetHandle):
         return {name: [t.cpu().numpy().copy() for t in ts] for name, ts in self._params.items()}
 
     def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
-        """(shape, BLAKE2b-128) of every parameter as held on the device (verify.digest)."""
+        """(shape, BLAKE2b-128) of every parameter as held on the device (caffemodel.digest)."""
         return {name: [(tuple(t.shape), digest(t.cpu().numpy())) for t in ts]
                 for name, ts in self._params.items()}
 

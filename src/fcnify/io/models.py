@@ -162,29 +162,6 @@ def sibling_card(model_def: Path) -> Path | None:
     return None
 
 
-def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
-    """A card for --model-def/--weights: the one next to the prototxt, else zoo defaults.
-
-    A net without InnerProduct layers or a pooling that collapses the map
-    counts as already fully convolutional.
-    """
-    from ..caffe.netdef import read_netdef
-    from ..caffe.shapes import infer, input_shapes
-    from ..caffe.geometry import score_blob
-    sib = sibling_card(model_def)
-    if sib is not None:
-        return replace(read_card(sib), model_def=model_def, weights=weights)
-    netdef = read_netdef(model_def)
-    declared = input_shapes(netdef.param)
-    channels = next(iter(declared.values()))[1] if declared else 3
-    from ..surgery.surgery import needs_surgery
-    shapes = infer(netdef.param, path=model_def, allow_unmodelled=True)
-    out = shapes.blobs.get(score_blob(netdef.param))
-    classes = out[1] if out and len(out) >= 2 else None
-    card = default_card(model_def, weights, channels, classes, netdef.param.name)
-    return replace(card, fully_convolutional=not needs_surgery(netdef.param, shapes))
-
-
 def require_weights(card: ModelCard) -> Path:
     """The card's weights file, or one line saying how to get it."""
     from .fetch import MODELS

@@ -223,9 +223,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def head_file_name(blob: str) -> str:
+    """The suffix of an output head's .npy (NAME.BLOB.npy), safe as a file name."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in blob)
+    return f"{safe}.npy"
+
+
 def output_names(out_dir: Path, name: str, heads: tuple[str, ...] = ()) -> dict[str, Path]:
     """The files of one image; each other output head of the net adds NAME.BLOB.npy."""
-    from ..dense.dense import head_file_name
     names = {"scores": out_dir / f"{name}.scores.npy", "json": out_dir / f"{name}.map.json",
              "heatmap": out_dir / f"{name}.heatmap.png", "argmax": out_dir / f"{name}.argmax.png"}
     for blob in heads:
