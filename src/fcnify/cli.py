@@ -1,7 +1,8 @@
 """The `fcnify` command: options in, library calls, one line out on error.
 
 Library errors (fcnify.errors) become one line on stderr and their exit code
-(2 bad input, 1 failed work); --debug shows the traceback instead. Ctrl-C and
+(2 bad input, 1 failed work, 3 a bug); --debug also shows the traceback, and
+the worker's when Caffe's worker process raised the error. Ctrl-C and
 SIGTERM unwind normally, so staged outputs are removed.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import click
 
 from .version import __version__
 from .engines import DEFAULT_ENGINE, engine_names
-from .errors import FcnifyError, InputError, OutputExists
+from .errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputExists
 
 
 # click's own readability check would print a usage block; fcnify's checks say it in one line.
@@ -250,8 +251,8 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
         result = do_convert(card.model_def, card.weights, out_prefix, _size(input_size, "--input-size"),
                             force, not no_verify, gpu, card, runner,
                             keep_output_names=keep_output_names)
-    except FcnifyError as exc:
-        if getattr(exc, "result", None) is not None:
+    except NotEquivalentError as exc:
+        if exc.result is not None:
             click.echo(json.dumps(conversion_document(exc.result, time.perf_counter() - t0))
                        if fmt == "json" else conversion_report(exc.result))
         raise
@@ -692,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     except FcnifyError as exc:
         if debug:
             traceback.print_exc()
+            if exc.worker_traceback:
+                _err("Caffe's worker process raised it:\n" + exc.worker_traceback.rstrip())
         _err(f"fcnify: error: {_one_line(_worded(exc))}")
         return exc.exit_code
     except click.exceptions.Abort:
@@ -711,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         _err(f"fcnify: error: {_one_line(where)}{_one_line(exc.strerror or exc)}")
         return 2
+    except Exception as exc:  # a bug: its own exit status, the traceback under --debug
+        if debug:
+            traceback.print_exc()
+        _err(f"fcnify: internal error (a bug in fcnify; --debug shows where): "
+             f"{_one_line(type(exc).__name__ + ': ' + str(exc))}")
+        return InternalError.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -245,10 +245,8 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
                                                            names["caffemodel"]), indent=2) + "\n")
     result.outputs = names
     if result.report is not None and not result.report.equivalent:
-        err = NotEquivalentError("the converted net does NOT reproduce the original's outputs "
-                                 f"(files kept for inspection: {names['prototxt']})")
-        err.result = result
-        raise err
+        raise NotEquivalentError("the converted net does NOT reproduce the original's outputs "
+                                 f"(files kept for inspection: {names['prototxt']})", result=result)
     return result
 
 

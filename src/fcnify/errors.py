@@ -2,7 +2,8 @@
 
 The CLI turns `FcnifyError` into one line on stderr. `exit_code` follows the
 project's contract: 2 for bad usage or bad input, 1 for work that failed
-(e.g. a conversion that is not equivalent).
+(e.g. a conversion that is not equivalent), 3 for a bug (InternalError).
+What an error carries is declared on its class, as click's exceptions do.
 """
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from pathlib import Path
 
 
 class FcnifyError(Exception):
-    """Base class. `path` names the file the problem is in, when there is one."""
+    """Base class. `path` names the file the problem is in, when there is one.
 
-    exit_code = 2
+    `worker_traceback` is the traceback of Caffe's worker process when the
+    error was raised there (the CLI prints it under --debug).
+    """
+
+    exit_code: int = 2
+    path: str | None
+    message: str
+    worker_traceback: str | None = None
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else str(path)
@@ -94,6 +102,24 @@ class DownloadError(FetchError):
 
 
 class NotEquivalentError(FcnifyError):
-    """The converted net does not reproduce the original's outputs."""
+    """The converted net does not reproduce the original's outputs.
+
+    `result` is the conversion (convert.ConvertResult, with its verify report)
+    when there is one to report.
+    """
 
     exit_code = 1
+    result: object | None
+
+    def __init__(self, message: str, path: str | Path | None = None, result: object | None = None) -> None:
+        super().__init__(message, path)
+        self.result = result
+
+
+class InternalError(FcnifyError):
+    """A bug: an exception fcnify did not expect (in Caffe's worker or in fcnify itself).
+
+    Its own exit status, so that scripts can tell it from bad input (2) and failed work (1).
+    """
+
+    exit_code = 3

@@ -170,3 +170,13 @@ def crash_for_test(kind: str) -> None:
 
 
 CALLS["crash_for_test"] = crash_for_test
+
+
+def raise_for_test(kind: str, message: str = "") -> None:
+    """Let the tests make the worker raise (a MemoryError, a bug, one of fcnify's errors)."""
+    from .. import errors
+    import builtins
+    raise (getattr(errors, kind, None) or getattr(builtins, kind))(message)
+
+
+CALLS["raise_for_test"] = raise_for_test

@@ -21,7 +21,8 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from ..errors import EngineCrash, FcnifyError
+from .. import errors
+from ..errors import EngineCrash, FcnifyError, InternalError, OutputExists, ResourceError
 
 from .worker import HEADER
 
@@ -120,6 +121,18 @@ def describe_death(code: int, lines: list[str]) -> str:
     return f"Caffe's worker process died ({how}) without a message"
 
 
+def worker_error(kind: str) -> type[FcnifyError]:
+    """The error class for an exception the worker raised, by its class name: fcnify's own
+    errors keep their class, running out of memory is a ResourceError, anything else is a
+    bug (InternalError, its own exit status)."""
+    if kind == "MemoryError":
+        return ResourceError
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, FcnifyError) and cls is not OutputExists:
+        return cls
+    return InternalError
+
+
 class Sandbox:
     """A worker that is restarted after a crash; calls raise EngineCrash with context."""
 
@@ -153,7 +166,7 @@ class Sandbox:
             return payload
         kind, message, tb = payload
         first = message.strip().splitlines()[0] if message.strip() else kind
-        err = FcnifyError(f"Caffe failed{' while ' + context if context else ''}: {kind}: {first}", path)
+        err = worker_error(kind)(f"Caffe failed{' while ' + context if context else ''}: {kind}: {first}", path)
         err.worker_traceback = tb
         raise err
 
