@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import NetDefinitionError
-from .shapes import ELEMENTWISE, conv_geometry, infer, input_shapes, pool_geometry
+from .layers import MERGE, PASS_THROUGH
+from .shapes import conv_geometry, infer, input_shapes, pool_geometry
 
 def hw(height: int | float, width: int | float) -> str:
     """A size as fcnify writes every size: height x width, the order of --size and of numpy."""
@@ -33,9 +34,6 @@ def hw(height: int | float, width: int | float) -> str:
         else f"{height}x{width}"
 
 
-# Layers that keep the spatial layout of their (first) bottom.
-PASS_THROUGH = ELEMENTWISE | {"Split", "BatchNorm", "Scale", "Bias", "PReLU", "Silence"}
-MERGE = {"Concat", "Eltwise"}
 
 
 @dataclass(frozen=True)

@@ -289,4 +289,3 @@ def to_text(net) -> str:
 ENGINE_PARAMS = {"Convolution": "convolution_param", "Deconvolution": "convolution_param",
                  "Pooling": "pooling_param", "LRN": "lrn_param", "ReLU": "relu_param",
                  "Sigmoid": "sigmoid_param", "Softmax": "softmax_param", "TanH": "tanh_param"}
-ENGINE_CUDNN = 2

@@ -72,7 +72,7 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
                 col = ls.bottoms[0][1] * count(tuple(kernel)) * count(ls.tops[0][2:])
                 buffers += col * FLOAT
                 largest_buffer = max(largest_buffer, col)
-        elif ls.type == "Pooling" and layer.pooling_param.pool == 0 and len(ls.tops) == 1:
+        elif ls.type == "Pooling" and layer.pooling_param.pool == layer.pooling_param.MAX and len(ls.tops) == 1:
             buffers += count(ls.tops[0]) * FLOAT  # max indices
         elif ls.type == "LRN":
             buffers += 2 * count(ls.bottoms[0]) * FLOAT  # scale_ and a padded square

@@ -14,21 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NetDefinitionError
+from .layers import DATA_LAYERS, ELEMENTWISE, LOSS_LAYERS  # noqa: F401 - ELEMENTWISE: shapes.ELEMENTWISE
 
 Shape = tuple[int, ...]
 
 INT_MAX = 2**31 - 1
 
-# Types whose top has the bottom's shape and that carry no parameters.
-ELEMENTWISE = {
-    "ReLU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Dropout",
-    "ELU", "Threshold", "Clip", "Swish", "Softmax", "LRN", "MVN",
-}
-DATA_LAYERS = {"Data", "ImageData", "HDF5Data", "MemoryData", "WindowData", "DummyData"}
-LOSS_LAYERS = {
-    "SoftmaxWithLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss",
-    "MultinomialLogisticLoss", "SigmoidCrossEntropyLoss", "ContrastiveLoss", "Accuracy",
-}
 
 
 @dataclass
@@ -165,7 +156,7 @@ def _check_param_specs(layer, params: list[Shape], shared: dict[str, list], path
             shared[spec.name] = [shape, layer.name, {f: getattr(spec, f) for f in
                                                      ("lr_mult", "decay_mult") if spec.HasField(f)}]
             continue
-        permissive = spec.share_mode == 1  # DimCheckMode PERMISSIVE: sizes only
+        permissive = spec.share_mode == spec.PERMISSIVE  # sizes only
         if (count(shape) != count(owner[0])) if permissive else (tuple(shape) != tuple(owner[0])):
             raise NetDefinitionError(f"{where}: shares param '{spec.name}' of shape {shape} with "
                                      f"layer '{owner[1]}', where it has shape {owner[0]}", path)
@@ -390,15 +381,21 @@ def pool_geometry(p, shape: Shape):
         raise ValueError(f"stride must be positive, is {stride}")
     if p.global_pooling and (any(pad) or any(s != 1 for s in stride)):
         raise ValueError("global pooling needs pad 0 and stride 1")
-    if p.pool == 2:  # STOCHASTIC: PoolingLayer::Forward_cpu is NOT_IMPLEMENTED, an abort
+    if p.pool == p.STOCHASTIC:  # PoolingLayer::Forward_cpu is NOT_IMPLEMENTED, an abort
         raise ValueError("STOCHASTIC pooling has no CPU implementation in Caffe (it aborts "
                          "when run); use MAX or AVE")
     if any(pad):
-        if p.pool not in (0, 1):  # MAX, AVE
+        if p.pool not in (p.MAX, p.AVE):
             raise ValueError("padding is implemented only for MAX and AVE pooling")
         if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
             raise ValueError(f"pad {pad} must be smaller than the kernel {kernel}")
     return kernel, stride, pad
+
+
+def rounds_up(p) -> bool:
+    """Whether a PoolingParameter rounds its output size up (CEIL, Caffe's default) rather than
+    down (round_mode FLOOR; a caffe.proto without round_mode always rounds up)."""
+    return not (hasattr(p, "round_mode") and p.round_mode == p.FLOOR)
 
 
 def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True,
@@ -419,11 +416,11 @@ def _pooling(layer, bottoms):
     if len(shape) != 4:
         raise ValueError(f"needs a 4-axis input, got {shape}")
     kernel, stride, pad = pool_geometry(layer.pooling_param, shape)
-    ceil = getattr(layer.pooling_param, "round_mode", 0) != 1  # RoundMode FLOOR = 1
+    ceil = rounds_up(layer.pooling_param)
     padded = any(pad)  # PoolingLayer::Reshape: `if (pad_h_ || pad_w_)` clips both axes
     out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0], ceil, padded)
     out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1], ceil, padded)
-    if len(layer.top) > 1 and layer.pooling_param.pool != 0:
+    if len(layer.top) > 1 and layer.pooling_param.pool != layer.pooling_param.MAX:
         raise ValueError("only MAX pooling can have a second (mask) top")
     top = (shape[0], shape[1], out_h, out_w)
     return [top] * len(layer.top), []
@@ -465,7 +462,7 @@ def _eltwise(layer, bottoms):
     _need_bottoms(layer, bottoms, minimum=2)
     if any(b != bottoms[0] for b in bottoms):
         raise ValueError(f"all bottoms must have the same shape, got {bottoms}")
-    if len(p.coeff) and (p.operation != 1 or len(p.coeff) != len(bottoms)):
+    if len(p.coeff) and (p.operation != p.SUM or len(p.coeff) != len(bottoms)):
         raise ValueError("coeff needs SUM and one coefficient per bottom")
     return [bottoms[0]], []
 

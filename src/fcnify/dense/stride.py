@@ -33,11 +33,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..caffe.geometry import PASS_THROUGH, MERGE, AxisGeometry, MapGeometry
+from ..caffe.geometry import AxisGeometry, MapGeometry
+from ..caffe.layers import CHANNEL_WISE
 from ..caffe.shapes import conv_geometry
 
-# Layers that work per position (or across channels only): à trous leaves them alone.
-CHANNEL_WISE = PASS_THROUGH | MERGE | {"Softmax", "Dropout"}
 
 
 @dataclass(frozen=True)

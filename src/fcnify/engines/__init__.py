@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..caffe.netdef import ENGINE_CUDNN, ENGINE_PARAMS
+from ..caffe.netdef import ENGINE_PARAMS
 from ..errors import FcnifyError, InputError, NetDefinitionError
 from ..caffe.planner import MemoryEstimate
 
@@ -144,8 +144,8 @@ def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | N
     """
     import difflib
     for layer in net.layer:
-        field = ENGINE_PARAMS.get(layer.type)
-        if (engine == "caffe" and field and getattr(layer, field).engine == ENGINE_CUDNN
+        param = getattr(layer, ENGINE_PARAMS[layer.type]) if layer.type in ENGINE_PARAMS else None
+        if (engine == "caffe" and param is not None and param.engine == param.CUDNN
                 and not _caffe_has_cudnn()):
             raise NetDefinitionError(f"layer '{layer.name}' asks for engine CUDNN, and this Caffe "
                                      "build has no cuDNN; remove the engine setting", path)

@@ -38,7 +38,7 @@ import numpy as np
 from ..version import __version__
 from ..caffe.caffemodel import read_weights
 from ..errors import FcnifyError, NetDefinitionError, SetupError, WeightsError
-from ..caffe.shapes import Shape, canonical_axis, conv_geometry, infer, input_shapes, pool_geometry
+from ..caffe.shapes import Shape, canonical_axis, conv_geometry, infer, input_shapes, pool_geometry, rounds_up
 from ..surgery.transplant import check_weights
 
 try:
@@ -54,11 +54,6 @@ EXPORTABLE = frozenset({
     "Eltwise", "BatchNorm", "Scale",
 })
 
-# Caffe's enum values (caffe.proto)
-POOL_MAX, POOL_AVE = 0, 1
-ROUND_FLOOR = 1
-ELTWISE_PROD, ELTWISE_SUM, ELTWISE_MAX = 0, 1, 2
-LRN_ACROSS = 0
 
 INT64 = np.int64
 
@@ -261,11 +256,11 @@ def _pooling(g: Graph, layer, xs: list[str]) -> list[str]:
         kernel, stride, pad = pool_geometry(p, g.shapes[bottom])
     except ValueError as exc:
         raise NetDefinitionError(f"layer '{layer.name}': {exc}", g.path) from None
-    is_max = p.pool == POOL_MAX
+    is_max = p.pool == p.MAX
     x = xs[0]
     if p.global_pooling:
         return [g.op("GlobalMaxPool" if is_max else "GlobalAveragePool", [x], layer.name)]
-    ceil = getattr(p, "round_mode", 0) != ROUND_FLOOR
+    ceil = rounds_up(p)
     if all(s == 1 for s in stride):  # every window starts inside and Caffe's divisor is k*k
         if is_max:
             return [g.op("MaxPool", [x], layer.name, kernel_shape=kernel, pads=pad + pad)]
@@ -333,7 +328,7 @@ def _lrn(g: Graph, layer, xs: list[str]) -> list[str]:
     x = xs[0]
     if p.local_size % 2 == 0:
         raise g.refuse(layer, "an even local_size (Caffe refuses it too)")
-    if p.norm_region == LRN_ACROSS:
+    if p.norm_region == p.ACROSS_CHANNELS:
         return [g.op("LRN", [x], layer.name, size=p.local_size, alpha=p.alpha, beta=p.beta, bias=p.k)]
     pre = (p.local_size - 1) // 2
     sq = g.op("Mul", [x, x], f"{layer.name}/square")
@@ -405,9 +400,9 @@ def _concat(g: Graph, layer, xs: list[str]) -> list[str]:
 
 def _eltwise(g: Graph, layer, xs: list[str]) -> list[str]:
     p = layer.eltwise_param
-    if p.operation == ELTWISE_MAX:
+    if p.operation == p.MAX:
         return [g.op("Max", xs, layer.name)]
-    if p.operation == ELTWISE_PROD:
+    if p.operation == p.PROD:
         out = xs[0]
         for x in xs[1:]:
             out = g.op("Mul", [out, x], layer.name)

@@ -37,7 +37,7 @@ from ..errors import DeviceError, FcnifyError, InputError, NetDefinitionError, R
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import MemoryEstimate, estimate
 from ..caffe.shapes import Shape, canonical_axis, conv_geometry, count, infer, input_shapes, layer_shapes, \
-    pool_geometry, pooled_size
+    pool_geometry, pooled_size, rounds_up
 from ..surgery.transplant import check_weights
 
 try:
@@ -51,12 +51,6 @@ SUPPORTED = frozenset({
     "InnerProduct", "Softmax", "Concat", "Eltwise", "BatchNorm", "Scale", "Flatten",
     "Reshape", "Split", "PReLU",
 })
-
-# Caffe's enum values (caffe.proto).
-POOL_MAX, POOL_AVE = 0, 1
-ROUND_FLOOR = 1
-ELTWISE_PROD, ELTWISE_SUM, ELTWISE_MAX = 0, 1, 2
-LRN_ACROSS, LRN_WITHIN = 0, 1
 
 Op = Callable[[list], list]
 
@@ -301,19 +295,19 @@ def _convolution(layer, params) -> Op:
 
 def _pooling(layer, params) -> Op:
     p = layer.pooling_param
-    if p.pool not in (POOL_MAX, POOL_AVE):
+    if p.pool not in (p.MAX, p.AVE):
         raise NetDefinitionError(f"layer '{layer.name}': the torch engine runs MAX and AVE pooling, "
                                  "not STOCHASTIC (which Caffe itself does not run on the CPU)")
     if len(layer.top) > 1:
         raise NetDefinitionError(f"layer '{layer.name}': the torch engine does not produce MAX "
                                  "pooling's second (mask) top")
-    ceil = getattr(p, "round_mode", 0) != ROUND_FLOOR
+    ceil = rounds_up(p)
 
     def run(xs):
         x = xs[0]
         if x.ndim != 4:
             raise ValueError(f"needs a 4-axis input, got {tuple(x.shape)}")
-        return [caffe_pool(x, p.pool == POOL_MAX, *pool_geometry(p, tuple(x.shape)), ceil)]
+        return [caffe_pool(x, p.pool == p.MAX, *pool_geometry(p, tuple(x.shape)), ceil)]
     return run
 
 
@@ -347,7 +341,7 @@ def _lrn(layer, params) -> Op:
     p = layer.lrn_param
     size, alpha, beta, k = p.local_size, p.alpha, p.beta, p.k
     pre = (size - 1) // 2
-    if p.norm_region == LRN_ACROSS:
+    if p.norm_region == p.ACROSS_CHANNELS:
         def run(xs):
             x = xs[0]
             sums = F.avg_pool3d((x * x).unsqueeze(1), (size, 1, 1), stride=1, padding=(pre, 0, 0),
@@ -395,11 +389,11 @@ def _eltwise(layer, params) -> Op:
     coeffs = list(p.coeff)
 
     def run(xs):
-        if op == ELTWISE_PROD:
+        if op == p.PROD:
             out = xs[0]
             for x in xs[1:]:
                 out = out * x
-        elif op == ELTWISE_MAX:
+        elif op == p.MAX:
             out = xs[0]
             for x in xs[1:]:
                 out = torch.maximum(out, x)

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..caffe.shapes import conv_geometry, count, infer, pool_geometry, pooled_size
+from ..caffe.layers import SCORE_PATH
+from ..caffe.shapes import conv_geometry, count, infer, pool_geometry, pooled_size, rounds_up
 
 U = 2.0 ** -24
 LAMBDA = 6.0
 
-POOL_AVE = 1
-LRN_WITHIN = 1
 
 
 def layer_terms(layer, bottoms: list[tuple[int, ...]], params: list[tuple[int, ...]]) -> int:
@@ -50,12 +49,12 @@ def layer_terms(layer, bottoms: list[tuple[int, ...]], params: list[tuple[int, .
     if t == "InnerProduct" and params:
         w = params[0]
         return (w[0] if layer.inner_product_param.transpose else count(w[1:])) + 1
-    if t == "Pooling" and layer.pooling_param.pool == POOL_AVE and len(bottoms[0]) == 4:
+    if t == "Pooling" and layer.pooling_param.pool == layer.pooling_param.AVE and len(bottoms[0]) == 4:
         kernel, _, _ = pool_geometry(layer.pooling_param, bottoms[0])
         return count(tuple(kernel)) + 1
     if t == "LRN":
         n = layer.lrn_param.local_size
-        if layer.lrn_param.norm_region == LRN_WITHIN:
+        if layer.lrn_param.norm_region == layer.lrn_param.WITHIN_CHANNEL:
             return n * n + 3
         # Caffe slides its window sum over the channels (add the head, subtract the tail),
         # so the sum it divides by carries 2 roundings per channel on top of the window's n
@@ -63,7 +62,7 @@ def layer_terms(layer, bottoms: list[tuple[int, ...]], params: list[tuple[int, .
     if t == "Eltwise":
         return len(bottoms) + 1
     if t in ("ReLU", "Dropout", "Split", "Flatten", "Reshape", "Input", "Concat", "Silence") or \
-            (t == "Pooling" and layer.pooling_param.pool != POOL_AVE):
+            (t == "Pooling" and layer.pooling_param.pool != layer.pooling_param.AVE):
         return 0  # exact: copies, comparisons, sign tests
     return 4  # one elementwise formula: a few roundings (BatchNorm, Scale, Sigmoid, TanH, ...)
 
@@ -139,14 +138,13 @@ def _abs_conv(p, w: np.ndarray, bias: np.ndarray | None, x: np.ndarray) -> np.nd
     return out
 
 
-PASS_THROUGH = ("ReLU", "Dropout", "Pooling", "Flatten", "Reshape", "Split")
 
 
 def _pool_max(p, a: np.ndarray) -> np.ndarray:
     """Window maximum of non-negative A with Caffe's pooled sizes (bounds MAX and AVE pooling:
     the error of a maximum or of an average is at most the largest error in the window)."""
     kernel, stride, pad = pool_geometry(p, a.shape)
-    ceil = getattr(p, "round_mode", 0) != 1
+    ceil = rounds_up(p)
     out = [pooled_size(a.shape[2 + i], kernel[i], stride[i], pad[i], ceil, any(pad)) for i in (0, 1)]
     after = [max(0, (out[i] - 1) * stride[i] + kernel[i] - a.shape[2 + i] - pad[i]) for i in (0, 1)]
     padded = np.pad(a, ((0, 0), (0, 0), (pad[0], after[0]), (pad[1], after[1])))
@@ -208,10 +206,10 @@ def _producer_chain(net, blob: str) -> tuple[object, list]:
             continue
         if layer.type in ("InnerProduct", "Convolution"):
             return layer, chain[::-1]
-        if layer.type not in PASS_THROUGH or len(layer.bottom) != 1:
+        if layer.type not in SCORE_PATH or len(layer.bottom) != 1:
             raise ValueError(f"the scores '{blob}' come from layer '{layer.name}' ({layer.type}); "
                              "the equivalence bound follows only "
-                             f"{', '.join(PASS_THROUGH)} back to an InnerProduct or Convolution")
+                             f"{', '.join(SCORE_PATH)} back to an InnerProduct or Convolution")
         chain.append(layer)
         want = layer.bottom[0]
     raise ValueError(f"no InnerProduct or Convolution computes the scores '{blob}'")

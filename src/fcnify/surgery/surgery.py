@@ -17,16 +17,11 @@ from pathlib import Path
 
 from ..errors import ConversionError, NetDefinitionError
 from ..caffe.netdef import NetDef
-from ..caffe.shapes import (ELEMENTWISE, LayerShapes, NetShapes, Shape, canonical_axis, count, infer,
+from ..caffe.layers import AXIS_PARAM, CELLWISE, VIEWS
+from ..caffe.shapes import (LayerShapes, NetShapes, Shape, canonical_axis, count, infer,
                      layer_shapes, pool_geometry)
 
 SUFFIX = "-conv"
-# Layers that may read a converted (now spatial) blob and stay correct cell by cell.
-CELLWISE = ELEMENTWISE - {"LRN", "MVN"} | {"Split", "Eltwise", "Concat", "BatchNorm",
-                                           "Scale", "Bias", "PReLU", "Silence", "InnerProduct"}
-# Their axis parameter must then be made explicit: on the old 2-axis blob, -1 meant 1.
-AXIS_PARAM = {"Softmax": "softmax_param", "Concat": "concat_param", "Scale": "scale_param",
-              "Bias": "bias_param"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ def _frozen_globals(net, shapes: NetShapes) -> set[str]:
                 if src.type == "Pooling" and src.pooling_param.global_pooling:
                     found.add(src.name)
                     break
-                if src.type in ("Flatten", "Reshape", "Dropout", "ReLU", "Split") and len(src.bottom) == 1:
+                if src.type in VIEWS and len(src.bottom) == 1:
                     blob = src.bottom[0]
                     continue
                 break
