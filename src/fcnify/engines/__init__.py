@@ -13,6 +13,7 @@ needed by whoever chooses them.
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -22,6 +23,7 @@ import numpy as np
 from ..caffe.netdef import ENGINE_PARAMS
 from ..errors import FcnifyError, InputError, NetDefinitionError
 from ..caffe.planner import MemoryEstimate
+from ..caffe.shapes import infer
 
 ParamDigests = dict[str, list[tuple[tuple[int, ...], str]]]
 
@@ -86,6 +88,40 @@ class NetHandle:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def timed_forward(self, inputs: dict[str, np.ndarray], outputs: list[str],
+                      repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
+        """forward(), then `repeats` more passes timed from the call to the outputs in hand."""
+        out = self.forward(inputs, outputs)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.forward(inputs, outputs)
+            times.append(time.perf_counter() - t0)
+        return out, times
+
+
+class ShapeCheckedHandle(NetHandle):
+    """Mixin for engines that run a parsed net without Caffe: Caffe's input and Reshape checks.
+
+    Needs `net`, `model_def`, `inputs` (the input blob names), `_shapes_key` (None at first)
+    and `_blob_shapes`; the shapes are inferred again only when the input shapes change.
+    """
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> None:
+        unknown = [n for n in inputs if n not in self.inputs]
+        missing = [n for n in self.inputs if n not in inputs]
+        if unknown or missing:
+            raise InputError(f"{self.model_def.name} takes input blob(s) {', '.join(self.inputs)}; "
+                             + (f"got unknown {', '.join(unknown)}" if unknown else
+                                f"missing {', '.join(missing)}"))
+        key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.inputs)
+        if key != self._shapes_key:  # Caffe's Reshape checks, with the layer's name on failure
+            self._blob_shapes = infer(self.net, dict(key), path=self.model_def).blobs
+            self._shapes_key = key
+        absent = [n for n in outputs if n not in self._blob_shapes]
+        if absent:
+            raise InputError(f"{self.model_def.name} has no blob named {', '.join(map(repr, absent))}")
 
 
 @dataclass(frozen=True)

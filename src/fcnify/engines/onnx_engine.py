@@ -17,13 +17,12 @@ reader) with the largest im2col buffer.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
-from . import NetHandle
-from ..errors import DeviceError, FcnifyError, InputError, ResourceError, SetupError
+from . import NetHandle, ShapeCheckedHandle
+from ..errors import DeviceError, FcnifyError, ResourceError, SetupError
 from ..caffe.geometry import output_blobs, score_blob
 from ..caffe.caffemodel import digest
 from ..caffe.netdef import read_netdef
@@ -92,7 +91,7 @@ def execution_providers(gpu: int | None) -> list:
     return chosen
 
 
-class OnnxNet(NetHandle):
+class OnnxNet(ShapeCheckedHandle):
     """One net in ONNX Runtime: its session, the Caffe blobs it returns, its weights' digests."""
 
     def __init__(self, model_def: Path, weights: Path | None, runner: OnnxRunner) -> None:
@@ -159,16 +158,6 @@ class OnnxNet(NetHandle):
                        self.model_def) from None
         return dict(zip(outputs, got))
 
-    def timed_forward(self, inputs: dict[str, np.ndarray], outputs: list[str],
-                      repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
-        out = self.forward(inputs, outputs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.forward(inputs, outputs)
-            times.append(time.perf_counter() - t0)
-        return out, times
-
     def params(self) -> dict[str, list[np.ndarray]]:
         return {name: [a.copy() for a in arrays] for name, arrays in self._params.items()}
 
@@ -185,20 +174,6 @@ class OnnxNet(NetHandle):
 
     # -- checks
 
-    def _check_inputs(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> None:
-        unknown = [n for n in inputs if n not in self.inputs]
-        missing = [n for n in self.inputs if n not in inputs]
-        if unknown or missing:
-            raise InputError(f"{self.model_def.name} takes input blob(s) {', '.join(self.inputs)}; "
-                             + (f"got unknown {', '.join(unknown)}" if unknown else
-                                f"missing {', '.join(missing)}"))
-        key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.inputs)
-        if key != self._shapes_key:  # Caffe's Reshape checks, with the layer's name on failure
-            self._blob_shapes = infer(self.net, dict(key), path=self.model_def).blobs
-            self._shapes_key = key
-        absent = [n for n in outputs if n not in self._blob_shapes]
-        if absent:
-            raise InputError(f"{self.model_def.name} has no blob named {', '.join(map(repr, absent))}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -272,15 +247,6 @@ class OnnxFileNet(NetHandle):
             return dict(zip(outputs, self.session.run(list(outputs), feeds)))
         except Exception as exc:
             raise FcnifyError(f"ONNX Runtime failed running it: {_first_line(exc)}", self.path) from None
-
-    def timed_forward(self, inputs, outputs, repeats: int = 1):
-        out = self.forward(inputs, outputs)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.forward(inputs, outputs)
-            times.append(time.perf_counter() - t0)
-        return out, times
 
     def params(self) -> dict[str, list[np.ndarray]]:
         return {k: [a for _, a in sorted(v, key=lambda t: t[0])] for k, v in self._params.items()}

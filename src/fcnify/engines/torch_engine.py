@@ -31,8 +31,8 @@ from typing import Callable
 import numpy as np
 
 from ..caffe.caffemodel import digest, read_weights
-from . import NetHandle
-from ..errors import DeviceError, FcnifyError, InputError, NetDefinitionError, ResourceError, SetupError, \
+from . import ShapeCheckedHandle
+from ..errors import DeviceError, FcnifyError, NetDefinitionError, ResourceError, SetupError, \
     WeightsError
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import MemoryEstimate, estimate
@@ -112,7 +112,7 @@ def exact_float32(device: "torch.device"):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-class TorchNet(NetHandle):
+class TorchNet(ShapeCheckedHandle):
     """One loaded net: its layers as torch ops, its parameters on the device."""
 
     def __init__(self, model_def: Path, weights: Path | None, device: "torch.device") -> None:
@@ -171,20 +171,6 @@ class TorchNet(NetHandle):
 
     # -- running
 
-    def _check_inputs(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> None:
-        unknown = [n for n in inputs if n not in self.inputs]
-        missing = [n for n in self.inputs if n not in inputs]
-        if unknown or missing:
-            raise InputError(f"{self.model_def.name} takes input blob(s) {', '.join(self.inputs)}; "
-                             + (f"got unknown {', '.join(unknown)}" if unknown else
-                                f"missing {', '.join(missing)}"))
-        key = tuple((n, tuple(np.shape(inputs[n]))) for n in self.inputs)
-        if key != self._shapes_key:  # Caffe's Reshape checks, with the layer's name on failure
-            self._blob_shapes = infer(self.net, dict(key), path=self.model_def).blobs
-            self._shapes_key = key
-        absent = [n for n in outputs if n not in self._blob_shapes]
-        if absent:
-            raise InputError(f"{self.model_def.name} has no blob named {', '.join(map(repr, absent))}")
 
     def _run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, "torch.Tensor"]:
         self._check_inputs(inputs, outputs)
