@@ -158,3 +158,25 @@ def caffe_shapes(prototxt: Path, size: tuple[int, int] | None = None, weights: P
     blobs = {name: tuple(b.data.shape) for name, b in net.blobs.items()}
     params = {name: [tuple(p.data.shape) for p in ps] for name, ps in net.params.items()}
     return blobs, params
+
+# Caffe's pooling edge rules, one case each (name -> pooling_param): padding, ceil rounding,
+# dropped last windows, overhang, floor rounding, rectangles, global; the torch and onnx
+# engines are both held to Caffe on these.
+POOL_EDGE_CASES = {
+    "max_pad": "pool: MAX kernel_size: 3 stride: 2 pad: 1",
+    "ave_pad": "pool: AVE kernel_size: 3 stride: 2 pad: 1",
+    "max_drop_last": "pool: MAX kernel_size: 2 stride: 2 pad: 1",  # last window starts in the padding
+    "ave_drop_last": "pool: AVE kernel_size: 2 stride: 2 pad: 1",
+    "ave_ceil_overhang": "pool: AVE kernel_size: 3 stride: 2",  # last window hangs past the edge
+    "max_ceil_overhang": "pool: MAX kernel_size: 3 stride: 2",
+    "ave_big_pad": "pool: AVE kernel_size: 5 stride: 3 pad: 2",
+    "max_rect": "pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
+    "ave_rect": "pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
+    # padded along x only: Caffe still drops a last row window that starts past the image
+    "max_pad_w_only": "pool: MAX kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
+    "ave_pad_w_only": "pool: AVE kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
+    "ave_floor": "pool: AVE kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR",
+    "max_floor": "pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR",
+    "ave_global": "pool: AVE global_pooling: true",
+    "max_global": "pool: MAX global_pooling: true",
+}

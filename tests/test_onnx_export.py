@@ -24,7 +24,7 @@ from fcnify.caffe.shapes import pool_geometry  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
 
 from conftest import call_fcnify  # noqa: E402
-from nets import vgg16  # noqa: E402
+from nets import POOL_EDGE_CASES, vgg16  # noqa: E402
 from fcnify.surgery.bound import factor, score_layer, within  # noqa: E402
 from realdata import LENET_DEF, LENET_WEIGHTS, mtcnn_net  # noqa: E402
 
@@ -77,25 +77,9 @@ def _check(name: str, caffe: np.ndarray, onnx_out: np.ndarray, bound: np.ndarray
 
 # ------------------------------------------------------------------ pooling, exactly Caffe's
 
-POOLS = {  # name -> pooling_param: one of Caffe's edge rules each
-    "max_pad": "pool: MAX kernel_size: 3 stride: 2 pad: 1",
-    "ave_pad": "pool: AVE kernel_size: 3 stride: 2 pad: 1",
-    "max_drop_last": "pool: MAX kernel_size: 2 stride: 2 pad: 1",  # last window starts in the padding
-    "ave_drop_last": "pool: AVE kernel_size: 2 stride: 2 pad: 1",
-    "ave_ceil_overhang": "pool: AVE kernel_size: 3 stride: 2",  # last window hangs past the edge
-    "max_ceil_overhang": "pool: MAX kernel_size: 3 stride: 2",
-    "ave_big_pad": "pool: AVE kernel_size: 5 stride: 3 pad: 2",
-    "max_rect": "pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
-    "ave_rect": "pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
-    "max_pad_w_only": "pool: MAX kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
-    "ave_pad_w_only": "pool: AVE kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
-    "ave_floor": "pool: AVE kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR",
-    "max_floor": "pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR",
-    "ave_stride1_pad": "pool: AVE kernel_size: 3 stride: 1 pad: 1",
-    "max_stride1_pad": "pool: MAX kernel_size: 3 stride: 1 pad: 1",
-    "ave_global": "pool: AVE global_pooling: true",
-    "max_global": "pool: MAX global_pooling: true",
-}
+POOLS = {**POOL_EDGE_CASES,  # and stride-1 windows over padding
+         "ave_stride1_pad": "pool: AVE kernel_size: 3 stride: 1 pad: 1",
+         "max_stride1_pad": "pool: MAX kernel_size: 3 stride: 1 pad: 1"}
 
 
 def test_pooling_matches_caffe_at_every_edge(tmp_path):

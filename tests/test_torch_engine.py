@@ -24,6 +24,7 @@ from fcnify.convert import card_for_model_def  # noqa: E402
 from fcnify.io.models import find_model, read_card  # noqa: E402
 from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.paths import caffe_descriptor  # noqa: E402
+from nets import POOL_EDGE_CASES  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
 from fcnify.engines.torch_engine import TorchRunner  # noqa: E402
@@ -147,24 +148,7 @@ def _input(*dims: int) -> str:
                   "input_param { shape { " + " ".join(f"dim: {d}" for d in dims) + " } }")
 
 
-POOLS = {  # name -> pooling_param: Caffe's edge rules, one case each
-    "max_pad": "pool: MAX kernel_size: 3 stride: 2 pad: 1",
-    "ave_pad": "pool: AVE kernel_size: 3 stride: 2 pad: 1",
-    "max_drop_last": "pool: MAX kernel_size: 2 stride: 2 pad: 1",  # last window starts in the padding
-    "ave_drop_last": "pool: AVE kernel_size: 2 stride: 2 pad: 1",
-    "ave_ceil_overhang": "pool: AVE kernel_size: 3 stride: 2",  # last window hangs past the edge
-    "max_ceil_overhang": "pool: MAX kernel_size: 3 stride: 2",
-    "ave_big_pad": "pool: AVE kernel_size: 5 stride: 3 pad: 2",
-    "max_rect": "pool: MAX kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
-    "ave_rect": "pool: AVE kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 pad_w: 1",
-    # padded along x only: Caffe still drops a last row window that starts past the image
-    "max_pad_w_only": "pool: MAX kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
-    "ave_pad_w_only": "pool: AVE kernel_h: 1 kernel_w: 3 stride_h: 2 stride_w: 2 pad_h: 0 pad_w: 1",
-    "ave_floor": "pool: AVE kernel_size: 3 stride: 2 pad: 1 round_mode: FLOOR",
-    "max_floor": "pool: MAX kernel_size: 3 stride: 2 round_mode: FLOOR",
-    "ave_global": "pool: AVE global_pooling: true",
-    "max_global": "pool: MAX global_pooling: true",
-}
+POOLS = POOL_EDGE_CASES
 
 
 @pytest.mark.parametrize("size", [(5, 5), (6, 7), (8, 9), (13, 11), (16, 16)])
