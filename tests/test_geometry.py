@@ -261,9 +261,11 @@ def test_reach_bounds_the_pixels_that_change_a_cell(tmp_path):
         x[0, :, 32, col] += 500.0
         return float(np.abs(forward(fcn, x, "fc7-conv")[0, :, 4, 4] - base).max())
 
-    scale = float(np.abs(base).max())
-    assert poked(x0 - 2) > 1e-3 * scale and poked(x0 + 34) > 1e-3 * scale
-    assert poked(x0 - 3) <= 1e-6 * scale and poked(x0 + 35) <= 1e-6 * scale
+    # A pixel outside a cell's field takes no part in any sum that makes the cell, so the
+    # cell is bit-for-bit the same (the kernels' summation order depends on shapes, not
+    # values): outside, exactly zero change; inside, any change at all.
+    assert poked(x0 - 2) > 0 and poked(x0 + 34) > 0
+    assert poked(x0 - 3) == 0 and poked(x0 + 35) == 0
 
 
 # ------------------------------------------------------------------ outputs and refusals
