@@ -21,7 +21,8 @@ import click
 
 from .version import __version__
 from .engines import DEFAULT_ENGINE, engine_names
-from .errors import FcnifyError, InputError, InternalError, NotEquivalentError, OutputExists
+from .errors import (ArgumentError, FcnifyError, InputError, InternalError, NotEquivalentError,
+                     OutputExists)
 
 
 # click's own readability check would print a usage block; fcnify's checks say it in one line.
@@ -87,8 +88,15 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+# the Python API's argument -> the option that gives it (ArgumentError.for_options)
+OPTION_NAMES = {"model": "--model", "card": "--card", "model_def": "--model-def",
+                "weights": "--weights", "labels": "--labels"}
+
+
 def _worded(exc: FcnifyError) -> FcnifyError:
     """The error as the command line says it: its own option names, not the API's arguments."""
+    if isinstance(exc, ArgumentError):
+        return exc.for_options(OPTION_NAMES)
     return exc.for_option("--force") if isinstance(exc, OutputExists) else exc
 
 
@@ -185,28 +193,11 @@ def _preprocess_options(f):
     return f
 
 
-def _with_preprocess(card, channels, raw_scale, input_scale, mean, transpose):
-    """The card with the preprocessing options given on the command line applied over its own."""
-    from dataclasses import replace
-    from .io.preprocess import resolve_preprocess
-    pre = resolve_preprocess(card.preprocess, channels=channels, raw_scale=raw_scale,
-                             input_scale=input_scale, mean=mean, transpose=transpose)
-    return replace(card, preprocess=pre)
-
-
-def _card(model_name, model_def, weights):
-    from .dense.dense import resolve_model
-    from .io.models import find_model, require_weights
-    if model_def is None and weights is not None and model_name is None:
-        card = find_model("caffenet")
-        from dataclasses import replace
-        return replace(card, weights=Path(weights))
-    if model_def is not None and model_name is not None:
-        raise click.UsageError("give either --model or --model-def/--weights, not both")
-    card = resolve_model(model_name, model_def, weights)
-    if model_def is None and weights is not None:
-        from dataclasses import replace
-        card = replace(card, weights=Path(weights))
+def _model_card(model_name, **options):
+    """The run's model card (resolve.resolve_card: options over the card, the card over defaults), weights checked."""
+    from .io.models import require_weights
+    from .resolve import resolve_card
+    card = resolve_card(model_name, **options)
     require_weights(card)
     return card
 
@@ -242,14 +233,15 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     """
     from .convert import convert as do_convert
     from .surgery.report import conversion_document, conversion_report
-    card = _with_preprocess(_card(model_name, model_def, weights), channels, raw_scale, input_scale,
-                            mean, transpose)
+    card = _model_card(model_name, model_def=model_def, weights=weights, channels=channels,
+                       raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose)
     from .engines import make_engine
-    runner = None if no_verify else make_engine(engine, gpu, obj.verbose)
+    runner = None if no_verify else make_engine(engine, gpu, verbose=obj.verbose)
     t0 = time.perf_counter()
     try:
-        result = do_convert(card.model_def, card.weights, out_prefix, _size(input_size, "--input-size"),
-                            force, not no_verify, gpu, card, runner,
+        result = do_convert(card.model_def, card.weights, out_prefix,
+                            input_size=_size(input_size, "--input-size"), force=force,
+                            check=not no_verify, gpu=gpu, card=card, runner=runner,
                             keep_output_names=keep_output_names)
     except NotEquivalentError as exc:
         if exc.result is not None:
@@ -293,8 +285,8 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt):
     """
     from .surgery.report import verify_document, verify_report
     from .convert import verify_files
-    report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples, gpu, obj.verbose,
-                          engine)
+    report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples=samples, gpu=gpu,
+                          verbose=obj.verbose, engine=engine)
     click.echo(json.dumps(verify_document(report, Path(original), Path(fcn))) if fmt == "json"
                else verify_report(report))
     if not report.equivalent:
@@ -354,19 +346,16 @@ def export(net, weights, fmt, out_file, force, no_verify):
 
 def _export_card(net: str, weights: str | None):
     """The model card for `fcnify export NET`: a card file, a shipped model, or a prototxt."""
-    from dataclasses import replace
-    from .dense.dense import resolve_model
     from .io.models import shipped_models
+    from .resolve import resolve_card
     path = Path(net)
     if not path.exists() and net in shipped_models():
-        card = resolve_model(model=net)
-    elif path.suffix == ".json":
-        card = resolve_model(card=path)
-    else:
-        if weights is None:
-            raise click.UsageError("a prototxt NET needs --weights")
-        return resolve_model(model_def=path, weights=weights)
-    return replace(card, weights=Path(weights)) if weights else card
+        return resolve_card(net, weights=weights)
+    if path.suffix == ".json":
+        return resolve_card(card=path, weights=weights)
+    if weights is None:
+        raise click.UsageError("a prototxt NET needs --weights")
+    return resolve_card(model_def=path, weights=weights)
 
 
 # ------------------------------------------------------------------ classify-map
@@ -435,10 +424,9 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
       fcnify classify-map /shared/scans/ --card /shared/mynet_full_conv.json --out /shared/maps \\
           --scheduler tcp://10.0.0.5:8786
     """
-    from dataclasses import replace
-    from .dense.dense import DenseModel, resolve_model
+    from .dense.dense import DenseModel
     from .io.images import image_size, list_images, side_scale
-    from .io.labels import read_labels, resolve_class
+    from .io.labels import resolve_class
     from .io.outputs import (check_outputs, failure_document, map_document, renamed_note, text_summary,
                           unique_names)
     if sum(v is not None for v in (size, scale, long_side, short_side)) > 1:
@@ -457,14 +445,9 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
     names = unique_names(paths) if out_dir else {}
     for line in renamed_note(names):
         _err(f"fcnify: {line}")
-    if card:
-        the_card = resolve_model(card=card)
-    else:
-        the_card = _card(model_name, model_def, weights)
-    the_card = _with_preprocess(the_card, channels, raw_scale, input_scale, mean, transpose)
-    if labels_file:
-        read_labels(labels_file)
-        the_card = replace(the_card, labels=str(labels_file))
+    the_card = _model_card(model_name, model_def=model_def, weights=weights, card=card,
+                           channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
+                           transpose=transpose, labels=labels_file)
     if out_dir:
         out = Path(out_dir)
         if out.exists() and not out.is_dir():
@@ -655,7 +638,7 @@ def fetch(name, dest):
 def doctor(obj):
     """Check the installation: pycaffe, its build, Caffe's source tree and cache."""
     from .doctor import diagnose
-    ok, lines = diagnose(obj.verbose)
+    ok, lines = diagnose(verbose=obj.verbose)
     for line in lines:
         click.echo(line)
     if not ok:

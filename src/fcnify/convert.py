@@ -19,12 +19,13 @@ from .surgery.correspond import check_correspondence
 from .errors import ConversionError, NotEquivalentError
 from .files import OutputSet
 from .caffe.geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
-from .io.models import ModelCard, default_card, read_card, sibling_card
+from .io.models import ModelCard
 from .caffe.netdef import NetDef, read_netdef, to_text
 from .engines import Engine, check_layer_types, make_engine
 from .io.preprocess import Preprocess
+from .resolve import card_for_model_def, resolve_card  # noqa: F401 (card_for_model_def: re-exported)
 from .caffe.shapes import infer, input_shapes
-from .surgery.surgery import Surgery, convert_net, keep_output_names, needs_surgery
+from .surgery.surgery import Surgery, convert_net, keep_output_names
 from .surgery.transplant import Provenance, check_weights, transplant
 from .surgery.verify import VerifyReport, verify
 
@@ -56,15 +57,18 @@ class ConvertResult:
         return None if self.report is None else self.report.equivalent
 
 
-def card_for(model_def: Path, weights: Path | None, netdef: NetDef, card: ModelCard | None = None) -> ModelCard:
-    """The model's card: given, next to the prototxt, or Caffe zoo defaults.
+def card_for(model_def: Path, weights: Path | None, card: ModelCard | None = None,
+             preprocess: Preprocess | None = None) -> ModelCard:
+    """The card of the net being converted (resolve.resolve_card): given, next to the prototxt, or defaults.
 
-    The weights being converted are the card's weights: verification runs the
-    original with them (a shipped card may have none, or point elsewhere).
+    The net is `model_def`; a given card describes it. The weights being
+    converted are the card's weights: verification runs the original with
+    them (a shipped card may have none, or point elsewhere).
     """
     if card is not None:
-        return card if weights is None else replace(card, weights=Path(weights))
-    return replace(card_for_model_def(model_def, weights), fully_convolutional=False)
+        return resolve_card(card=card, weights=weights, preprocess=preprocess)
+    found = resolve_card(model_def=model_def, weights=weights, preprocess=preprocess)
+    return replace(found, fully_convolutional=False)
 
 
 def check_channels(netdef: NetDef, card: ModelCard) -> None:
@@ -87,25 +91,6 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
     return Path.cwd() / stem
 
 
-def card_for_model_def(model_def: Path, weights: Path) -> ModelCard:
-    """A card for --model-def/--weights: the one next to the prototxt, else zoo defaults.
-
-    A net without InnerProduct layers or a pooling that collapses the map
-    counts as already fully convolutional.
-    """
-    sib = sibling_card(model_def)
-    if sib is not None:
-        return replace(read_card(sib), model_def=model_def, weights=weights)
-    netdef = read_netdef(model_def)
-    declared = input_shapes(netdef.param)
-    channels = next(iter(declared.values()))[1] if declared else 3
-    shapes = infer(netdef.param, path=model_def, allow_unmodelled=True)
-    out = shapes.blobs.get(score_blob(netdef.param))
-    classes = out[1] if out and len(out) >= 2 else None
-    card = default_card(model_def, weights, channels, classes, netdef.param.name)
-    return replace(card, fully_convolutional=not needs_surgery(netdef.param, shapes))
-
-
 def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,
             card: ModelCard | None = None, layer_types: frozenset[str] | None = None,
             engine: str = "caffe", keep_names: bool = False) -> tuple[ConvertResult, Weights]:
@@ -124,7 +109,7 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
     if keep_names:
         surgery = keep_output_names(surgery)
     w = read_weights(weights)
-    the_card = card_for(model_def, weights, netdef, card)
+    the_card = card_for(model_def, weights, card)
     check_channels(netdef, the_card)
     result = ConvertResult(surgery, the_card)
     checked = check_weights(surgery.original_shapes, w, model_def)
@@ -204,7 +189,7 @@ def write_net(out: OutputSet, surgery: Surgery, blobs: dict, prototxt: Path, caf
     return tmp_proto, tmp_model
 
 
-def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path | None = None,
+def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path | None = None, *,
             input_size: tuple[int, int] | None = None, force: bool = False, check: bool = True,
             gpu: int | None = None, card: ModelCard | None = None, runner: Engine | None = None,
             samples: int = 3, keep_output_names: bool = False,
@@ -222,8 +207,7 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     replacing the given card's or the defaults.
     """
     if preprocess is not None:
-        card = replace(card or card_for(Path(model_def), Path(weights), read_netdef(model_def)),
-                       preprocess=preprocess)
+        card = card_for(Path(model_def), Path(weights), card, preprocess)
     runner = runner if (runner is not None or not check) else make_engine("caffe", gpu)
     result, _ = prepare(model_def, weights, input_size, card,
                         runner.layer_types() if runner is not None else None,
@@ -273,7 +257,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCar
 
 
 def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
-                 fcn_weights: str | Path | None = None, samples: int = 3, gpu: int | None = None,
+                 fcn_weights: str | Path | None = None, *, samples: int = 3, gpu: int | None = None,
                  verbose: bool = False, engine: str = "caffe") -> VerifyReport:
     """`fcnify verify`: compare any fully-convolutional net with its original.
 
@@ -296,13 +280,13 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_input_file(fcn_weights, "weights (caffemodel)")
     original_def = read_netdef(original)
     fcn_def = read_netdef(fcn)
-    runner = make_engine(engine, gpu, verbose)
+    runner = make_engine(engine, gpu, verbose=verbose)
     registered = runner.layer_types()
     check_layer_types(original_def.param, registered, original, runner.name)
     check_layer_types(fcn_def.param, registered, fcn, runner.name)
     surgery = convert_net(original_def)
     check_correspondence(original_def, fcn_def, surgery)
-    card = card_for(original, Path(weights), original_def)
+    card = card_for(original, Path(weights))
     w = read_weights(weights)
     checked = check_weights(infer(original_def.param, path=original), w, original)
     fw = read_weights(fcn_weights)

@@ -9,7 +9,7 @@ from .errors import FcnifyError
 from .paths import cache_dir, caffe_descriptor, caffe_source, models_dir, setup_record
 
 
-def diagnose(verbose: bool = False) -> tuple[bool, list[str]]:
+def diagnose(*, verbose: bool = False) -> tuple[bool, list[str]]:
     """(healthy, report lines). Unhealthy when pycaffe is missing or does not import."""
     from .engines.caffe_engine import caffe_build
     from .engines.sandbox import Sandbox

@@ -32,6 +32,27 @@ class InputError(FcnifyError):
     """A file is missing, unreadable, empty or not what it claims to be."""
 
 
+class ArgumentError(InputError):
+    """Arguments that do not go together: two that each name the net, a net without its weights.
+
+    `names` are the arguments the message is about, as the Python API spells
+    them (model_def=); the command line words the same refusal with its own
+    options (for_options), as OutputExists does with its hint.
+    """
+
+    template: str
+    names: tuple[str, ...]
+
+    def __init__(self, template: str, *names: str, spelling: dict[str, str] | None = None) -> None:
+        self.template, self.names = template, names
+        spelling = spelling or {}
+        super().__init__(template.format(**{n: spelling.get(n, f"{n}=") for n in names}))
+
+    def for_options(self, spelling: dict[str, str]) -> "ArgumentError":
+        """The same refusal with each argument named as `spelling` says (model_def -> --model-def)."""
+        return ArgumentError(self.template, *self.names, spelling=spelling)
+
+
 class NetDefinitionError(FcnifyError):
     """A prototxt that does not parse or describes an impossible net."""
 

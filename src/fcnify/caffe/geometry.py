@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import NetDefinitionError
 from .layers import MERGE, PASS_THROUGH
-from .shapes import conv_geometry, infer, input_shapes, pool_geometry
+from .shapes import conv_geometry, infer, infer_any_size, infer_partial, input_shapes, pool_geometry
 
 def hw(height: int | float, width: int | float) -> str:
     """A size as fcnify writes every size: height x width, the order of --size and of numpy."""
@@ -153,7 +153,7 @@ def blob_geometry(net, input_blob: str | None = None, path: Path | None = None) 
         if not declared:
             raise NetDefinitionError("has no Input layer to measure geometry from", path)
         input_blob = next(iter(declared))
-    shapes = infer(net, path=path, allow_unmodelled=True).blobs
+    shapes = infer_partial(net, path=path).blobs
     geo: dict[str, tuple[AxisGeometry, AxisGeometry]] = {input_blob: (IDENTITY, IDENTITY)}
     for layer in net.layer:
         if layer.type == "Input":
@@ -314,5 +314,5 @@ def map_size(net, height: int, width: int, blob: str | None = None) -> tuple[int
     declared = input_shapes(net)
     name = next(iter(declared))
     blob = blob or output_blobs(net)[-1]
-    shape = infer(net, {name: declared[name][:-2] + (height, width)}, check_limits=False).blobs[blob]
+    shape = infer_any_size(net, {name: declared[name][:-2] + (height, width)}).blobs[blob]
     return shape[-2], shape[-1]

@@ -90,17 +90,37 @@ def image_input(net, path: Path | None = None) -> tuple[str, Shape]:
     return name, shape
 
 
-def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
-          allow_unmodelled: bool = False, check_limits: bool = True) -> NetShapes:
+def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None) -> NetShapes:
     """Propagate shapes through `net` (a NetParameter), with Caffe's checks.
 
     `inputs` overrides the Input layers' declared shapes (e.g. a larger image).
-    Raises NetDefinitionError naming the layer on anything Caffe would reject.
-    With `allow_unmodelled`, layers of unknown type stop the propagation of
-    their tops (their shapes are unknown) instead of failing. Without
-    `check_limits`, blobs past INT_MAX are allowed (for sizing a map that
-    will be computed in tiles).
+    Raises NetDefinitionError naming the layer on anything Caffe would reject,
+    and on a layer type fcnify cannot compute shapes for.
     """
+    return _propagate(net, inputs, path, partial=False, limits=True)
+
+
+def infer_partial(net, inputs: dict[str, Shape] | None = None, path: Path | None = None) -> NetShapes:
+    """The shapes fcnify can compute, for questions about part of a net (its classes, its heads).
+
+    A layer of a type fcnify does not model stops the propagation of its tops
+    (listed in NetShapes.unmodelled) instead of failing; everything else is
+    checked as infer() checks it.
+    """
+    return _propagate(net, inputs, path, partial=True, limits=True)
+
+
+def infer_any_size(net, inputs: dict[str, Shape] | None = None, path: Path | None = None) -> NetShapes:
+    """Shapes at an input too large for one pass: blobs past INT_MAX are allowed.
+
+    For sizing a map that will be computed in tiles; anything else is checked
+    as infer() checks it.
+    """
+    return _propagate(net, inputs, path, partial=False, limits=False)
+
+
+def _propagate(net, inputs: dict[str, Shape] | None, path: Path | None, *, partial: bool,
+               limits: bool) -> NetShapes:
     blobs: dict[str, Shape] = {}
     layers: list[LayerShapes] = []
     unmodelled: list[str] = []
@@ -115,7 +135,7 @@ def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
         try:
             tops, params = layer_shapes(layer, bottoms, inputs)
         except UnmodelledLayer:
-            if not allow_unmodelled:
+            if not partial:
                 raise NetDefinitionError(f"layer '{layer.name}': fcnify cannot compute shapes "
                                          f"for layer type '{layer.type}'", path) from None
             unknown_blobs.update(layer.top)
@@ -128,7 +148,7 @@ def infer(net, inputs: dict[str, Shape] | None = None, path: Path | None = None,
             if any(d < 0 for d in shape):
                 raise NetDefinitionError(f"layer '{layer.name}' ({layer.type}): output shape "
                                          f"{shape} is negative (input too small)", path)
-            if check_limits and count(shape) > INT_MAX:
+            if limits and count(shape) > INT_MAX:
                 raise NetDefinitionError(f"layer '{layer.name}' ({layer.type}): blob '{top}' "
                                          f"would hold {count(shape):,} values, over Caffe's "
                                          f"limit of {INT_MAX:,} (INT_MAX)", path)

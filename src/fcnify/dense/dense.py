@@ -21,14 +21,14 @@ from ..errors import ImageError, InputError, ResourceError
 from ..caffe.geometry import MapGeometry, hw, map_geometry, map_size, output_blobs, score_blob
 from ..io.images import load_image, resize
 from ..io.labels import Labels
-from ..convert import card_for_model_def
 from ..engines import check_layer_types
-from ..io.models import ModelCard, find_model, read_card
+from ..io.models import ModelCard
 from ..io.outputs import head_file_name
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import default_budget, estimate, fits, format_bytes, largest_square
 from ..io.preprocess import Preprocess
-from ..caffe.shapes import image_input, infer
+from ..resolve import resolve_card
+from ..caffe.shapes import image_input, infer, infer_partial
 from .tiling import Tile, min_tile, overlap_warning, plan
 from ..surgery.transplant import check_weights
 
@@ -190,10 +190,10 @@ def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
 class DenseModel:
     """A fully-convolutional net loaded once and reshaped per image or tile."""
 
-    def __init__(self, card: ModelCard, runner=None, engine: str = "caffe", gpu: int | None = None,
+    def __init__(self, card: ModelCard, *, runner=None, engine: str = "caffe", gpu: int | None = None,
                  verbose: bool = False, check: bool = True, output: str | None = None,
                  stride: int | None = None, atrous: bool = True) -> None:
-        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose)
+        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
@@ -498,7 +498,7 @@ def other_heads(net, output: str, path: Path | None = None) -> tuple[dict[str, i
     """
     from ..caffe.geometry import blob_geometry
     geos = blob_geometry(net, path=path)
-    shapes = infer(net, path=path, allow_unmodelled=True).blobs
+    shapes = infer_partial(net, path=path).blobs
     geometry = geos[output]
     mapped, unmapped = {}, []
     for blob in output_blobs(net):
@@ -513,49 +513,36 @@ def other_heads(net, output: str, path: Path | None = None) -> tuple[dict[str, i
     return mapped, unmapped
 
 
-def make_runner(engine: str = "caffe", gpu: int | None = None, verbose: bool = False):
+def make_runner(engine: str = "caffe", gpu: int | None = None, *, verbose: bool = False):
     """The engine called `engine` (engines.ENGINES)."""
     from ..engines import make_engine
-    return make_engine(engine, gpu, verbose)
+    return make_engine(engine, gpu, verbose=verbose)
 
 
 def resolve_model(model: str | None = None, model_def: str | Path | None = None,
                   weights: str | Path | None = None, card: str | Path | None = None) -> ModelCard:
-    """A model card from --model NAME, a card file, or --model-def/--weights.
-
-    A card's path is accepted wherever a model name is (model="x_full_conv.json").
-    """
-    if card is not None:
-        return read_card(card)
-    if model is not None and is_card_path(model):
-        return read_card(model)
-    if model_def is not None:
-        if weights is None:
-            raise InputError("--model-def needs --weights")
-        return card_for_model_def(Path(model_def), Path(weights))
-    return find_model(model or "caffenet")
+    """Kept for callers of fcnify 0.x: resolve.resolve_card with these arguments."""
+    return resolve_card(model, model_def=model_def, weights=weights, card=card)
 
 
-def is_card_path(model: str | Path) -> bool:
-    """Whether --model/model= names a card file rather than a shipped model."""
-    return str(model).endswith(".json") or Path(model).is_file()
-
-
-def classify_map(image: str | Path | np.ndarray, model: str | ModelCard | None = None,
+def classify_map(image: str | Path | np.ndarray, model: str | Path | ModelCard | None = None, *,
                  model_def: str | Path | None = None, weights: str | Path | None = None,
+                 card: str | Path | ModelCard | None = None,
                  size: tuple[int, int] | None = None, scale: float | None = None,
                  gpu: int | None = None, engine: str = "caffe", budget: int | None = None,
                  tile: int | None = None, preprocess: Preprocess | None = None,
-                 output: str | None = None) -> DenseMap:
+                 labels: str | Path | None = None, output: str | None = None) -> DenseMap:
     """Dense classification map of one image (converting the net in memory if needed).
 
-    `preprocess` replaces the card's; `output` names the class-map head, and
-    the net's other heads come back in DenseMap.heads.
+    The model is resolved as everywhere (resolve.resolve_card): `model` (a
+    name, a card's path or a ModelCard), `card` or `model_def` with
+    `weights`; `weights`, `preprocess` and `labels` given beside it replace
+    its card's. `output` names the class-map head, and the net's other heads
+    come back in DenseMap.heads.
     """
-    card = model if isinstance(model, ModelCard) else resolve_model(model, model_def, weights)
-    if preprocess is not None:
-        card = replace(card, preprocess=preprocess)
-    dm = DenseModel(card, engine=engine, gpu=gpu, output=output)
+    the_card = resolve_card(model, model_def=model_def, weights=weights, card=card,
+                            preprocess=preprocess, labels=labels)
+    dm = DenseModel(the_card, engine=engine, gpu=gpu, output=output)
     try:
         return dm.classify(image, size, scale, budget, tile)
     finally:

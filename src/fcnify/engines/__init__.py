@@ -155,7 +155,7 @@ def engine_names() -> list[str]:
     return list(ENGINES)
 
 
-def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, verbose: bool = False) -> Engine:
+def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose: bool = False) -> Engine:
     """The engine called `name` from ENGINES."""
     entry = ENGINES.get(name)
     if entry is None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..caffe.layers import SCORE_PATH
-from ..caffe.shapes import conv_geometry, count, infer, pool_geometry, pooled_size, rounds_up
+from ..caffe.shapes import conv_geometry, count, infer_partial, pool_geometry, pooled_size, rounds_up
 
 U = 2.0 ** -24
 LAMBDA = 6.0
@@ -72,7 +72,7 @@ def accumulation_length(net, blob: str, inputs: dict[str, tuple[int, ...]] | Non
 
     The input itself counts 1 (preprocessing rounds it once).
     """
-    shapes = infer(net, inputs, allow_unmodelled=True)
+    shapes = infer_partial(net, inputs)
     by_name = {ls.name: ls for ls in shapes.layers}
     length: dict[str, int] = {}
     for layer in net.layer:
@@ -222,7 +222,7 @@ def score_layer(net, blob: str, weights) -> ScoreLayer:
     read_weights, transplant and the engines' params() give them.
     """
     producer, chain = _producer_chain(net, blob)
-    shapes = infer(net, allow_unmodelled=True)
+    shapes = infer_partial(net)
     by_name = {ls.name: ls for ls in shapes.layers}
     declared = by_name[producer.name].params if producer.name in by_name else []
     raw = weights[producer.name]

@@ -8,7 +8,7 @@ from ..caffe.geometry import blob_geometry, hw, map_geometry, map_size, output_b
 from .bound import LAMBDA
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import estimate, format_bytes
-from ..caffe.shapes import image_input, infer, input_shapes
+from ..caffe.shapes import image_input, infer, infer_partial, input_shapes
 from .surgery import convert_net, needs_surgery
 
 
@@ -116,7 +116,7 @@ def net_info(path: Path, size: tuple[int, int] | None) -> str:
     net = netdef.param
     name, declared = image_input(net, path)
     h, w = size or (declared[2], declared[3])
-    has_ip = needs_surgery(net, infer(net, path=path, allow_unmodelled=True))
+    has_ip = needs_surgery(net, infer_partial(net, path=path))
     surgery = convert_net(netdef) if has_ip else None
     fcn = surgery.net if surgery is not None else net
     shown = fcn if size else net

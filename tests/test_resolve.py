@@ -1,0 +1,182 @@
+"""resolve.resolve_card: explicit arguments over the model's card, the card over defaults; one net source."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fcnify
+from conftest import call_fcnify
+from fcnify.errors import ArgumentError, InputError
+from fcnify.io.models import fetched_weights, find_model
+from fcnify.io.preprocess import Preprocess
+from fcnify.resolve import resolve_card
+
+DIGITS = find_model("digits")
+SCENE = DIGITS.model_def.parent / "scene.png"
+NAMES = [f"digit {i}" for i in range(10)] + ["paper"]
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    """The digits net as a bare prototxt (no card beside it), a card for it, other weights and labels."""
+    plain = tmp_path / "bare" / "lenet.prototxt"
+    plain.parent.mkdir()
+    shutil.copy(DIGITS.model_def, plain)
+    shutil.copy(DIGITS.weights, tmp_path / "card.caffemodel")
+    shutil.copy(DIGITS.weights, tmp_path / "other.caffemodel")
+    (tmp_path / "card_labels.txt").write_text("\n".join(f"card {i}" for i in range(11)) + "\n")
+    (tmp_path / "other_labels.txt").write_text("\n".join(NAMES) + "\n")
+    card = tmp_path / "mine.json"
+    card.write_text(json.dumps({
+        "name": "mine", "model_def": "bare/lenet.prototxt", "weights": "card.caffemodel",
+        "preprocess": {"channels": "gray", "raw_scale": 2.0, "mean": [3.0], "input_scale": 4.0},
+        "labels": "card_labels.txt"}))
+    return {"plain": plain, "card": card, "weights": tmp_path / "other.caffemodel",
+            "labels": tmp_path / "other_labels.txt", "card_weights": tmp_path / "card.caffemodel",
+            "card_labels": tmp_path / "card_labels.txt"}
+
+
+# field -> (explicit argument, its value, how the card reads it back)
+FIELDS = {
+    "weights": lambda f: ({"weights": f["weights"]}, f["weights"], f["card_weights"], None),
+    "labels": lambda f: ({"labels": f["labels"]}, str(f["labels"]), str(f["card_labels"]), None),
+    "channels": lambda f: ({"channels": "rgb", "mean": "5,6,7"}, "RGB", "gray", "gray"),
+    "raw_scale": lambda f: ({"raw_scale": 7.0}, 7.0, 2.0, 255.0),
+    "mean": lambda f: ({"mean": "9"}, (9.0,), (3.0,), None),
+    "input_scale": lambda f: ({"input_scale": 0.5}, 0.5, 4.0, 1.0),
+    "transpose": lambda f: ({"transpose": True}, True, False, False),
+}
+
+
+def field(card, name: str):
+    if name in ("weights", "labels"):
+        value = getattr(card, name)
+        return None if value is None else (Path(value) if name == "weights" else str(value))
+    return getattr(card.preprocess, name)
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_explicit_over_card_over_default_field_by_field(files, name):
+    """Each field: the explicit argument when given, else the card's, else Caffe's zoo default."""
+    explicit, wanted, on_card, default = FIELDS[name](files)
+    if name != "weights":  # a prototxt's weights are always given: their default is CaffeNet's (below)
+        assert field(resolve_card(model_def=files["plain"], weights=files["weights"]), name) == default
+    assert field(resolve_card(card=files["card"]), name) == on_card
+    got = resolve_card(card=files["card"], **explicit)
+    assert field(got, name) == wanted
+    others = [n for n in FIELDS if n not in explicit and n != name]
+    card = resolve_card(card=files["card"])
+    assert [field(got, n) for n in others] == [field(card, n) for n in others]  # the rest: the card's
+
+
+def test_no_model_means_caffenet_where_fetch_puts_it():
+    """Nothing named: CaffeNet, its weights where `fcnify fetch caffenet` puts them."""
+    card = resolve_card()
+    assert card.name == "caffenet" and card.weights == fetched_weights("caffenet")
+
+
+def test_a_preprocess_object_sits_between_its_terms_and_the_card(files):
+    """preprocess= replaces the card's description; single terms given beside it win over it."""
+    pre = Preprocess(channels="gray", raw_scale=10.0, mean=(11.0,), input_scale=12.0)
+    got = resolve_card(card=files["card"], preprocess=pre, input_scale=0.25).preprocess
+    assert (got.raw_scale, got.mean, got.input_scale) == (10.0, (11.0,), 0.25)
+
+
+def test_the_card_beside_a_prototxt_is_its_card(files):
+    """A prototxt with a card beside it takes that card's settings, with the weights given."""
+    beside = files["plain"].with_suffix(".json")
+    beside.write_text(json.dumps({"model_def": "lenet.prototxt", "preprocess": {"channels": "gray",
+                                                                                 "input_scale": 8.0}}))
+    card = resolve_card(model_def=files["plain"], weights=files["weights"])
+    assert card.preprocess.input_scale == 8.0 and card.weights == files["weights"]
+
+
+@pytest.mark.parametrize("given, names", [
+    ({"card": "card", "model_def": "plain"}, ("card", "model_def")),
+    ({"model": "digits", "card": "card"}, ("model", "card")),
+    ({"model": "card", "model_def": "plain"}, ("model", "model_def")),
+    ({"model": "digits", "model_def": "plain"}, ("model", "model_def")),
+])
+def test_naming_the_net_twice_is_refused(files, given, names):
+    """Two sources for the net are refused naming both, not settled silently (exit 2)."""
+    args = {k: (files[v] if v in files else v) for k, v in given.items()}
+    with pytest.raises(ArgumentError) as info:
+        resolve_card(weights=files["weights"], **args)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith(f"{names[0]}= and {names[1]}= both name the net")
+
+
+def test_a_prototxt_needs_weights(files):
+    """model_def without weights: one line naming both arguments."""
+    with pytest.raises(ArgumentError, match=r"^model_def= needs weights=$"):
+        resolve_card(model_def=files["plain"])
+
+
+def test_a_bad_labels_file_is_refused_when_resolving(files, tmp_path):
+    """labels= naming a missing file fails before any net is loaded."""
+    with pytest.raises(InputError, match="labels file does not exist"):
+        resolve_card(card=files["card"], labels=tmp_path / "missing.txt")
+
+
+def test_classify_map_api_refuses_two_nets_before_loading(files):
+    """fcnify.classify_map resolves as the CLI does: a card and a prototxt together are refused."""
+    with pytest.raises(ArgumentError, match="card= and model_def= both name the net"):
+        fcnify.classify_map(SCENE, card=files["card"], model_def=files["plain"], weights=files["weights"])
+
+
+def test_cli_refuses_card_with_model_def(files, tmp_path):
+    """--card with --model-def was silently ignored: now one line, exit 2, nothing written."""
+    out = tmp_path / "maps"
+    run = call_fcnify("classify-map", SCENE, "--card", files["card"], "--model-def", files["plain"],
+                      "--weights", files["weights"], "--out", out)
+    assert run.code == 2
+    assert run.err.strip().splitlines() == [
+        "fcnify: error: --card and --model-def both name the net: give one (weights, labels and "
+        "preprocessing given beside it override its card's)"]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_convert_refuses_model_with_model_def(files, tmp_path):
+    """convert --model NAME --model-def FILE: one line naming both options, exit 2."""
+    run = call_fcnify("convert", "--model", "digits", "--model-def", files["plain"], "--weights",
+                      files["weights"], "--out", tmp_path / "x", "--no-verify")
+    assert run.code == 2 and len(run.err.strip().splitlines()) == 1
+    assert "--model and --model-def both name the net" in run.err
+    assert not list(tmp_path.glob("x_full_conv.*"))
+
+
+@pytest.fixture(scope="module")
+def digits_card(tmp_path_factory) -> Path:
+    """The digits net converted (unchecked: resolution, not conversion, is under test here)."""
+    tmp = tmp_path_factory.mktemp("resolve_digits")
+    return fcnify.convert(DIGITS.model_def, DIGITS.weights, tmp / "digits", card=DIGITS,
+                          check=False).outputs["card"]
+
+
+def test_cli_options_override_the_card_field_by_field(digits_card, files, tmp_path):
+    """classify-map --card: --weights, --labels and --input-scale replace the card's; the rest stays.
+
+    The map document reports the card the run used; the map itself changes with
+    the input scale (the net sees other numbers) and not with identical weights.
+    """
+    card = fcnify.read_card(digits_card)
+    weights = shutil.copy(card.weights, tmp_path / "copy.caffemodel")
+    docs, maps = {}, {}
+    for name, extra in (("card", []),
+                        ("explicit", ["--weights", weights, "--labels", files["labels"],
+                                      "--input-scale", "-0.25"])):
+        run = call_fcnify("classify-map", SCENE, "--card", digits_card, "--format", "json",
+                          "--out", tmp_path / name, "--quiet", *extra)
+        assert run.code == 0, run.err
+        docs[name] = json.loads(run.out.splitlines()[0])["model"]
+        maps[name] = np.load(tmp_path / name / "scene.scores.npy")
+    assert docs["card"]["weights"] == str(card.weights) and docs["card"]["labels"] == card.labels
+    assert docs["card"]["preprocess"] == card.preprocess.to_dict()
+    assert docs["explicit"]["weights"] == str(weights)
+    assert docs["explicit"]["labels"] == str(files["labels"])
+    assert docs["explicit"]["preprocess"] == {**card.preprocess.to_dict(), "input_scale": -0.25}
+    assert not np.allclose(maps["card"], maps["explicit"], atol=1e-3)
