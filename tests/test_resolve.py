@@ -11,7 +11,9 @@ import pytest
 import fcnify
 from conftest import call_fcnify
 from fcnify.errors import ArgumentError, InputError
-from fcnify.io.models import fetched_weights, find_model
+from fcnify.io.fetch import MODELS
+from fcnify.io.models import find_model
+from fcnify.paths import models_dir
 from fcnify.io.preprocess import Preprocess
 from fcnify.resolve import resolve_card
 
@@ -76,7 +78,8 @@ def test_explicit_over_card_over_default_field_by_field(files, name):
 def test_no_model_means_caffenet_where_fetch_puts_it():
     """Nothing named: CaffeNet, its weights where `fcnify fetch caffenet` puts them."""
     card = resolve_card()
-    assert card.name == "caffenet" and card.weights == fetched_weights("caffenet")
+    folder = MODELS["caffenet"]
+    assert card.name == "caffenet" and card.weights == models_dir() / folder / f"{folder}.caffemodel"
 
 
 def test_a_preprocess_object_sits_between_its_terms_and_the_card(files):
