@@ -2,7 +2,11 @@
 
 A cell's box is its window (the crop the classifier saw) in original-image
 pixels, clipped to the image, so cells from every scale of a pyramid land in
-the same coordinates and compete in one suppression per class. The
+the same coordinates and compete in one suppression per class. When the
+model card names a box-regression output (`box_head`, 4 values per cell:
+the offsets of x0, y0, x1, y1 as fractions of the window's width and
+height, as MTCNN's nets give them), each window is moved by its cell's
+offsets first. The
 suppression is the usual greedy one (highest score first, drop boxes that
 overlap a kept one by more than the IoU limit), vectorised over the
 remaining boxes at each step.
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -30,12 +36,37 @@ class Detection:
                 "box": [round(v, 3) for v in self.box], "scale": self.scale}
 
 
+def box_head_blob(card, heads: dict, path=None) -> str | None:
+    """The output that regresses the boxes, as the engine names it, or None when the card names none.
+
+    The card may use the original net's name (conv5-2 for conv5-2-conv). The
+    head must be mapped beside the class map (same cells) with 4 values per
+    cell; `heads` is {blob: channels} (DenseModel.heads) or {blob: map}.
+    """
+    from ..surgery.surgery import SUFFIX
+    wanted = card.box_head
+    if wanted is None:
+        return None
+    for name in (wanted, wanted + SUFFIX):
+        if name in heads:
+            channels = heads[name] if isinstance(heads[name], int) else heads[name].shape[0]
+            if channels != 4:
+                raise InputError(f"box_head {wanted!r} has {channels} values per cell; a box "
+                                 "regression has 4 (x0, y0, x1, y1 offsets)", card.card_path or path)
+            return name
+    beside = ", ".join(heads) or "none"
+    raise InputError(f"box_head {wanted!r} is not an output mapped beside the class map "
+                     f"(outputs beside it: {beside})", card.card_path or path)
+
+
 def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(boxes N x 4, probabilities N, log-odds N, classes N) of the cells whose probability
     reaches `threshold`.
 
-    The background class (if the card names one) never makes a box. Boxes
+    A box is the cell's window, moved by the card's box-regression head when
+    it names one (offsets times the window's size, in the scaled image's
+    pixels, before scaling back), then clipped to the image. The background class (if the card names one) never makes a box. Boxes
     are ranked by log-odds, log p - log(sum of the other classes' p): it
     orders like p, but keeps ordering confident cells whose float32 p has
     rounded to 1.0 (a margin of 17 or more in the scores), where the
@@ -45,6 +76,8 @@ def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None
     g = dm.geometry
     sy, sx = dm.scale
     h, w = dm.image_size
+    head = box_head_blob(dm.model, dm.heads, dm.image_path)
+    size = np.array([g.x.window, g.y.window, g.x.window, g.y.window], dtype=np.float64)
     boxes, scores, odds, labels = [], [], [], []
     for c in wanted:
         if c == dm.model.background_class:
@@ -52,9 +85,12 @@ def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None
         rows, cols = np.nonzero(dm.probs[c] >= threshold)
         if not len(rows):
             continue
-        x0 = (cols * g.x.stride + g.x.box_lo) / sx
-        y0 = (rows * g.y.stride + g.y.box_lo) / sy
-        b = np.stack([x0, y0, x0 + g.x.window / sx, y0 + g.y.window / sy], axis=1)
+        x0 = cols * g.x.stride + g.x.box_lo
+        y0 = rows * g.y.stride + g.y.box_lo
+        b = np.stack([x0, y0, x0 + g.x.window, y0 + g.y.window], axis=1).astype(np.float64)
+        if head is not None:
+            b += dm.heads[head][:, rows, cols].T.astype(np.float64) * size
+        b /= [sx, sy, sx, sy]
         np.clip(b, 0, [w, h, w, h], out=b)
         boxes.append(b)
         p = dm.probs[:, rows, cols].astype(np.float64)
@@ -116,9 +152,12 @@ def detections_json(dm, detections: Sequence[Detection], params: dict, command: 
             "model": dm.model.name,
             "threshold": params.get("threshold"), "nms_iou": params.get("iou"),
             "scales": params.get("scales"),
-            "note": "box = the cell's window (the crop the classifier saw) in original-image pixels, "
-                    "x1/y1 exclusive, clipped to the image; per class, boxes overlapping a better one "
-                    "by more than nms_iou were dropped",
+            "box_head": dm.model.box_head,
+            "note": ("box = the cell's window (the crop the classifier saw)"
+                     + (" moved by the box_head output's offsets (times the window's width and height)"
+                        if dm.model.box_head else "")
+                     + " in original-image pixels, x1/y1 exclusive, clipped to the image; per class, "
+                       "boxes overlapping a better one by more than nms_iou were dropped"),
             "detections": [d.to_dict() for d in detections]}
 
 

@@ -147,7 +147,9 @@ def map_pyramid(model, image, scales: Sequence[float], budget: int | None = None
                 tile: int | None = None, detect: dict | None = None, progress=None) -> PyramidResult:
     """Map an image at each scale, fuse the maps, and find boxes when `detect` (threshold, iou,
     classes) is given."""
-    from .detect import detect as find
+    from .detect import box_head_blob, detect as find
+    if detect is not None:  # a card's bad box_head fails before the work
+        box_head_blob(model.card, model.heads)
     maps = map_scales(model, image, scales, budget, tile, progress)
     fused = fuse(maps) if len(maps) > 1 else maps[0]
     found = None

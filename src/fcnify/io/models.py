@@ -31,6 +31,10 @@ class ModelCard:
     fully_convolutional: bool = False
     card_path: Path | None = None
     extra: tuple = ()
+    # An output that regresses each cell's box: 4 values per cell, the offsets of
+    # x0, y0, x1, y1 as fractions of the window's width and height (MTCNN's
+    # encoding). --detect moves each box by them (fcnify.dense.detect).
+    box_head: str | None = None
 
     def load_labels(self, num_classes: int) -> Labels | None:
         if self.labels is None:
@@ -58,7 +62,8 @@ class ModelCard:
         return {"name": self.name, "model_def": rel(self.model_def), "weights": rel(self.weights),
                 "preprocess": self.preprocess.to_dict(), "labels": labels,
                 "background_class": self.background_class,
-                "fully_convolutional": self.fully_convolutional}
+                "fully_convolutional": self.fully_convolutional,
+                **({"box_head": self.box_head} if self.box_head else {})}
 
 
 def read_card(path: str | Path) -> ModelCard:
@@ -90,7 +95,14 @@ def read_card(path: str | Path) -> ModelCard:
         background_class=data.get("background_class"),
         fully_convolutional=bool(data.get("fully_convolutional", False)),
         card_path=path,
+        box_head=_box_head(data.get("box_head"), path),
     )
+
+
+def _box_head(value, path: Path) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise InputError(f"box_head must be the name of an output blob, not {value!r}", path)
 
 
 def shipped_models() -> dict[str, Path]:
