@@ -343,15 +343,17 @@ def test_rnet_box_head_moves_cell_boxes_onto_the_faces(rnet_card):
         assert fit["conv5-2"] > fit[None] + 0.03, fit
 
 
-def test_rnet_detect_one_box_per_face(rnet_card, tmp_path):
-    """classify-map --scales (9 scales) --detect with a card naming the background class and the
-    box head: one box per face, inside the hand-drawn face, and no other box, on both photos."""
-    card = json.loads(rnet_card.read_text())
-    card.update(background_class=0, box_head="conv5-2")
-    for key in ("model_def", "weights"):
-        card[key] = str((rnet_card.parent / card[key]).resolve())
-    detector = tmp_path / "rnet_detector.json"
-    detector.write_text(json.dumps(card))
+def test_rnet_detect_one_box_per_face(tmp_path):
+    """convert --background-class 0 --box-head conv5-2 writes both into the card; classify-map
+    --scales (9 scales) --detect with it: one box per face, inside the hand-drawn face, and no
+    other box, on both photos."""
+    proto, weights = mtcnn_net(2)
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "det2",
+                      *MTCNN_OPTIONS, "--background-class", "0", "--box-head", "conv5-2")
+    assert run.code == 0, run.err
+    detector = tmp_path / "det2_full_conv.json"
+    card = json.loads(detector.read_text())
+    assert (card["background_class"], card["box_head"]) == (0, "conv5-2")
     for photo in MTCNN_PHOTOS:
         out = tmp_path / photo.stem
         run = call_fcnify("classify-map", photo, "--card", detector, "--output", "prob1",
@@ -368,6 +370,22 @@ def test_rnet_detect_one_box_per_face(rnet_card, tmp_path):
             assert len(inside) == 1, (face, found)
             area = (inside[0][2] - inside[0][0]) * (inside[0][3] - inside[0][1])
             assert area >= 0.3 * (face[2] - face[0]) * (face[3] - face[1]), (face, inside)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--box-head", "conv4"], "box head 'conv4' is not an output of the net; its outputs are "
+                              "conv5-2-conv, prob1"),
+    (["--box-head", "prob1"], "box head 'prob1' has 2 values per cell; a box regression has 4"),
+    (["--background-class", "2"], "background class 2 is not one of the net's 2 classes"),
+])
+def test_convert_refuses_a_bad_detector(tmp_path, args, message):
+    """convert checks --box-head and --background-class against the net: one line, exit 2, nothing written."""
+    proto, weights = mtcnn_net(2)
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "det2",
+                      *MTCNN_OPTIONS, *args)
+    assert run.code == 2 and run.err.count("\n") == 1, run.err
+    assert message in run.err and "det2.prototxt" in run.err
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("head,message", [

@@ -36,7 +36,7 @@ def files(tmp_path) -> dict[str, Path]:
     card.write_text(json.dumps({
         "name": "mine", "model_def": "bare/lenet.prototxt", "weights": "card.caffemodel",
         "preprocess": {"channels": "gray", "raw_scale": 2.0, "mean": [3.0], "input_scale": 4.0},
-        "labels": "card_labels.txt"}))
+        "labels": "card_labels.txt", "background_class": 10, "box_head": "card_head"}))
     return {"plain": plain, "card": card, "weights": tmp_path / "other.caffemodel",
             "labels": tmp_path / "other_labels.txt", "card_weights": tmp_path / "card.caffemodel",
             "card_labels": tmp_path / "card_labels.txt"}
@@ -51,6 +51,8 @@ FIELDS = {
     "mean": lambda f: ({"mean": "9"}, (9.0,), (3.0,), None),
     "input_scale": lambda f: ({"input_scale": 0.5}, 0.5, 4.0, 1.0),
     "transpose": lambda f: ({"transpose": True}, True, False, False),
+    "background_class": lambda f: ({"background_class": 2}, 2, 10, None),
+    "box_head": lambda f: ({"box_head": "mine"}, "mine", "card_head", None),
 }
 
 
@@ -58,6 +60,8 @@ def field(card, name: str):
     if name in ("weights", "labels"):
         value = getattr(card, name)
         return None if value is None else (Path(value) if name == "weights" else str(value))
+    if name in ("background_class", "box_head"):
+        return getattr(card, name)
     return getattr(card.preprocess, name)
 
 

@@ -193,6 +193,16 @@ def _preprocess_options(f):
     return f
 
 
+def _detector_options(f):
+    """What --detect reads from the model card; each one given wins over the card."""
+    f = click.option("--box-head", metavar="BLOB",
+                     help="Output that regresses each cell's box (4 values: x0, y0, x1, y1 offsets "
+                          "in window widths/heights, as MTCNN's conv4-2/conv5-2/conv6-2).")(f)
+    f = click.option("--background-class", type=click.IntRange(min=0), metavar="N",
+                     help="The class that means 'nothing here' (never a box; shaded grey in pictures).")(f)
+    return f
+
+
 def _model_card(model_name, **options):
     """The run's model card (resolve.resolve_card: options over the card, the card over defaults), weights checked."""
     from .io.models import require_weights
@@ -219,9 +229,11 @@ def _model_card(model_name, **options):
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @_preprocess_options
+@_detector_options
 @click.pass_obj
 def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
-            keep_output_names, gpu, engine, fmt, channels, raw_scale, input_scale, mean, transpose):
+            keep_output_names, gpu, engine, fmt, channels, raw_scale, input_scale, mean, transpose,
+            background_class, box_head):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -230,11 +242,14 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
       fcnify convert --model digits --out /tmp/digits
       fcnify convert --model-def deploy.prototxt --weights net.caffemodel --out mynet
       fcnify convert --model-def lenet.prototxt --weights lenet.caffemodel --input-scale 0.00390625
+      fcnify convert --model-def det2.prototxt --weights det2.caffemodel --channels rgb --mean 127.5 \\
+          --input-scale 0.0078125 --transpose --background-class 0 --box-head conv5-2
     """
     from .convert import convert as do_convert
     from .surgery.report import conversion_document, conversion_report
     card = _model_card(model_name, model_def=model_def, weights=weights, channels=channels,
-                       raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose)
+                       raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose,
+                       background_class=background_class, box_head=box_head)
     from .engines import make_engine
     runner = None if no_verify else make_engine(engine, gpu, verbose=obj.verbose)
     t0 = time.perf_counter()

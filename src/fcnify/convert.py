@@ -71,6 +71,29 @@ def card_for(model_def: Path, weights: Path | None, card: ModelCard | None = Non
     return replace(found, fully_convolutional=False)
 
 
+def check_detector(surgery: Surgery, card: ModelCard, path: Path) -> None:
+    """The card's background class must be one of the net's classes and its box head one of
+    the net's outputs with 4 values per cell, before anything is written."""
+    from .surgery.surgery import SUFFIX
+    outs = output_blobs(surgery.net)
+    scores = surgery.shapes.blobs.get(score_blob(surgery.net), ())
+    bg = card.background_class
+    if bg is not None and len(scores) >= 2 and bg >= scores[1]:
+        raise ConversionError(f"background class {bg} is not one of the net's {scores[1]} classes", path)
+    head = card.box_head
+    if head is None:
+        return
+    name = next((n for n in (head, surgery.blob_map.get(head, head), head + SUFFIX) if n in outs), None)
+    if name is None:
+        raise ConversionError(f"box head {head!r} is not an output of the net; its outputs are "
+                              f"{', '.join(surgery.blob_map.get(o, o) for o in output_blobs(surgery.original.param))}",
+                              path)
+    shape = surgery.shapes.blobs.get(name, ())
+    if len(shape) < 2 or shape[1] != 4:
+        raise ConversionError(f"box head {head!r} has {shape[1] if len(shape) >= 2 else '?'} values per "
+                              "cell; a box regression has 4 (x0, y0, x1, y1 offsets)", path)
+
+
 def check_channels(netdef: NetDef, card: ModelCard) -> None:
     """The preprocessing must give the channels the net takes, before any Caffe run."""
     from .errors import InputError
@@ -111,6 +134,7 @@ def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, i
     w = read_weights(weights)
     the_card = card_for(model_def, weights, card)
     check_channels(netdef, the_card)
+    check_detector(surgery, the_card, model_def)
     result = ConvertResult(surgery, the_card)
     checked = check_weights(surgery.original_shapes, w, model_def)
     result.unused_source_layers = checked.unused

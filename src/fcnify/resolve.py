@@ -15,7 +15,7 @@ resolve_pretrained_cfg / resolve_data_config do for its models):
 3. Explicit arguments win field by field: `weights`, `preprocess` (a whole
    Preprocess), then each preprocessing term (`channels`, `raw_scale`,
    `input_scale`, `mean`, `transpose`; see io.preprocess.resolve_preprocess),
-   and `labels`.
+   and `labels`; for detection, `background_class` and `box_head`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from .caffe.netdef import read_netdef
 from .caffe.shapes import infer_partial, input_shapes
 from .errors import ArgumentError
 from .io.labels import read_labels
-from .io.models import IMAGENET, ModelCard, default_card, find_model, read_card, sibling_card
+from .io.models import (IMAGENET, ModelCard, check_background_class, default_card, find_model,
+                        read_card, sibling_card)
 from .io.preprocess import Preprocess, resolve_preprocess
 from .surgery.surgery import needs_surgery
 
@@ -40,13 +41,16 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
                  preprocess: Preprocess | None = None, channels: str | None = None,
                  raw_scale: float | None = None, input_scale: float | None = None,
                  mean: str | Path | tuple[float, ...] | None = None, transpose: bool | None = None,
-                 labels: str | Path | None = None) -> ModelCard:
+                 labels: str | Path | None = None, background_class: int | None = None,
+                 box_head: str | None = None) -> ModelCard:
     """The card to run: the net from one source, its card's settings, explicit arguments over them.
 
     `model` is a shipped model's name, a card's path, or a ModelCard; `card`
     a card's path or a ModelCard; `model_def` a prototxt, which needs
     `weights`. Giving more than one of them raises ArgumentError (exit 2).
-    `labels` is a labels file (checked here) or "imagenet". Files named are
+    `labels` is a labels file (checked here) or "imagenet". `background_class`
+    (the class that means "nothing here") and `box_head` (an output that
+    regresses each cell's box) are what --detect reads. Files named are
     not read beyond what choosing needs: the weights are checked by
     io.models.require_weights, where a command needs them.
     """
@@ -60,6 +64,10 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
         if str(labels) != IMAGENET:
             read_labels(labels)  # a bad file is refused now, not after the net is loaded
         found = replace(found, labels=str(labels))
+    if background_class is not None:
+        found = replace(found, background_class=check_background_class(background_class))
+    if box_head is not None:
+        found = replace(found, box_head=box_head)
     return found
 
 

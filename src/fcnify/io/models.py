@@ -92,11 +92,18 @@ def read_card(path: str | Path) -> ModelCard:
         weights=resolve(data.get("weights")),
         preprocess=Preprocess.from_dict(data.get("preprocess", {}), path),
         labels=labels,
-        background_class=data.get("background_class"),
+        background_class=check_background_class(data.get("background_class"), path),
         fully_convolutional=bool(data.get("fully_convolutional", False)),
         card_path=path,
         box_head=_box_head(data.get("box_head"), path),
     )
+
+
+def check_background_class(value, path: Path | None = None) -> int | None:
+    """A class number (0 or more) or None; the net's class count is checked when it is loaded."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise InputError(f"background_class must be a class number (0 or more), not {value!r}", path)
 
 
 def _box_head(value, path: Path) -> str | None:
