@@ -453,3 +453,50 @@ def test_force_overwrites_outputs(tmp_path):
     forced = call_fcnify("classify-map", crop, "--model", "digits", "--out", out, "--force")
     assert forced.code == 0, forced.err
     assert np.load(out / "crop.scores.npy").shape == (11, 14, 19)
+
+
+def test_model_closed_when_an_image_fails(three, tmp_path, monkeypatch):
+    """The model is closed on every way out of classify-map: a bug mid-batch (exit 3), a lone bad image."""
+    from fcnify.dense.dense import DenseModel
+    from fcnify.io import outputs
+    closed = []
+    close = DenseModel.close
+    monkeypatch.setattr(DenseModel, "close", lambda self: (closed.append(self), close(self))[1])
+    summary = outputs.text_summary
+    calls = []
+
+    def broken_second(dm, *args, **kwargs):
+        calls.append(dm.image_path)
+        if len(calls) == 2:
+            raise RuntimeError("a bug while printing the second image")
+        return summary(dm, *args, **kwargs)
+    monkeypatch.setattr(outputs, "text_summary", broken_second)
+    model = ("--model-def", three["proto"], "--weights", three["weights"])
+    images = [tmp_path / f"photo{i}.png" for i in range(3)]
+    for image in images:
+        image.write_bytes(three["image"].read_bytes())
+    run = call_fcnify("classify-map", *images, *model)
+    assert run.code == 3 and "a bug while printing the second image" in run.err, run.err
+    assert len(calls) == 2 and len(closed) == 1
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a nonsense")
+    run = call_fcnify("classify-map", bad, *model)
+    assert run.code == 2 and "bad.png" in run.err and len(closed) == 2, run.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "0"], "--size '0' is not N or HxW with positive numbers"),
+    (["--size", "4x5x6"], "--size '4x5x6' is not N or HxW"),
+    (["--max-memory", "lots"], "--max-memory:"),
+    (["--top-k", "0"], "--top-k 0: must be at least 1"),
+    (["--tile", "0"], "--tile 0: must be positive"),
+    (["--scale", "-1"], "--scale -1: must be positive"),
+    (["--workers", "0"], "--workers 0: need at least one worker"),
+])
+def test_bad_option_values_one_line(three, tmp_path, args, message):
+    """Option values click's types refuse: one line naming the option and value, exit 2, nothing written."""
+    out = tmp_path / "out"
+    run = call_fcnify("classify-map", three["image"], "--model-def", three["proto"], "--weights",
+                      three["weights"], "--out", out, *args)
+    assert run.code == 2 and message in run.err and len(run.err.strip().splitlines()) == 1, run.err
+    assert not out.exists()

@@ -9,6 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,15 +17,16 @@ distributed = pytest.importorskip("distributed")
 
 from fcnify.dense.dense import DenseModel  # noqa: E402
 from fcnify.dense.distributed import map_images  # noqa: E402
+from fcnify.dense.pipeline import MapJob, map_paths  # noqa: E402
 from fcnify.errors import InputError  # noqa: E402
 from fcnify.files import TMP_MARK  # noqa: E402
 from fcnify.io.models import find_model  # noqa: E402
-from fcnify.io.outputs import output_names  # noqa: E402
+from fcnify.io.outputs import output_names, unique_names  # noqa: E402
 from fcnify.paths import prototxt_dir  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.engines.sandbox import Sandbox  # noqa: E402
 
-from conftest import call_fcnify  # noqa: E402
+from conftest import call_fcnify, write_model  # noqa: E402
 
 RUN_TIMEOUT = 120  # s; every wait on the cluster is bounded, so a broken run fails instead of hanging
 CROPS = [(0, 0), (96, 40), (200, 120), (310, 200), (40, 300), (420, 10), (250, 330), (500, 250)]
@@ -251,3 +253,128 @@ def test_cli_workers_json_is_the_single_process_schema(crops, tmp_path):
                                                                   single["exit_code"])
     assert [d["ok"] for d in lines["dask"]] == [True, False] and "bad.png" in lines["dask"][1]["error"]
     assert lines["dask"][0]["map"] == lines["single"][0]["map"]
+
+
+# ------------------------------------------------------------------ the options of one process, on Dask
+
+# Two outputs on one grid: `prob` (3 classes) and `box` (4 values per cell), for --output.
+TWO_HEADS = """
+name: "two_heads"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_param { num_output: 4 kernel_size: 3 } }
+"""
+
+
+@pytest.fixture
+def one_thread():
+    """DenseModels whose Caffe process has one BLAS thread, as Dask's workers do (see `single`)."""
+    made = []
+
+    def load(card, **options) -> DenseModel:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OPENBLAS_NUM_THREADS", "1")
+            mp.setenv("OMP_NUM_THREADS", "1")
+            box = Sandbox()
+            made.append(box)
+            model = DenseModel(card, runner=CaffeRunner(box=box), **options)
+        made.append(model)
+        return model
+    yield load
+    for thing in reversed(made):
+        thing.close()
+
+
+def _pipeline_run(model: DenseModel, paths, out: Path, **settings) -> None:
+    """What `classify-map PATHS --out OUT` with these options writes in one process (pipeline.map_paths)."""
+    out.mkdir()
+    job = MapJob(**settings).for_model(model)
+    results = list(map_paths(model, [Path(p) for p in paths], job, out, unique_names([Path(p) for p in paths])))
+    assert all(r.ok for r in results), [str(r.error) for r in results]
+
+
+def _assert_same_folders(got: Path, want: Path) -> None:
+    """The same files; .npy and .png byte for byte, JSON equal but for timings and temporary model files."""
+    names = sorted(os.listdir(want))
+    assert names and sorted(os.listdir(got)) == names
+    for name in names:
+        a, b = got / name, want / name
+        if name.endswith(".json"):
+            docs = [json.loads(a.read_text()), json.loads(b.read_text())]
+            for doc in docs:
+                if "run" in doc:
+                    del doc["run"]["seconds"], doc["model"]["model_def"], doc["model"]["weights"]
+            assert docs[0] == docs[1], name
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_stride_on_dask_matches_one_process(client, card, crops, one_thread, tmp_path):
+    """--stride 2 (à trous) under Dask, with a forced-tile image spread over both workers: same files."""
+    big = tmp_path / "big.png"
+    Image.open(prototxt_dir() / "digits" / "scene.png").crop((60, 40, 380, 280)).save(big)
+    paths = [crops[0], big]
+    settings = {"scale": 0.8, "tile": 64}
+    (tmp_path / "dask").mkdir()
+    report = map_images(paths, card, tmp_path / "dask", client, stride=2, timeout=RUN_TIMEOUT, **settings)
+    assert not report.failed, [r.error for r in report.failed]
+    tiled = report.results[1]
+    assert tiled.mode == "tiled" and tiled.tiles > 4, tiled  # planned once, its tiles run as tasks
+    _pipeline_run(one_thread(card, stride=2), paths, tmp_path / "single", **settings)
+    _assert_same_folders(tmp_path / "dask", tmp_path / "single")
+    doc = json.loads((tmp_path / "dask" / "big.map.json").read_text())
+    assert doc["map"]["stride_px"] == [2, 2] and doc["stride"]["stride"] == 2
+
+
+def test_scales_and_detect_on_dask_match_one_process(client, card, crops, one_thread, tmp_path):
+    """--scales 1,0.8 --detect --class 7 under Dask: fused and per-scale maps and detections as in one process."""
+    paths = crops[1:3]
+    settings = {"scales": (1.0, 0.8), "detect": True, "threshold": 0.5, "cls": "7"}
+    (tmp_path / "dask").mkdir()
+    report = map_images(paths, card, tmp_path / "dask", client, timeout=RUN_TIMEOUT, **settings)
+    assert not report.failed, [r.error for r in report.failed]
+    _pipeline_run(one_thread(card), paths, tmp_path / "single", **settings)
+    _assert_same_folders(tmp_path / "dask", tmp_path / "single")
+    for p in paths:
+        assert (tmp_path / "dask" / f"{p.stem}.x0.8.scores.npy").is_file()
+        found = json.loads((tmp_path / "dask" / f"{p.stem}.detections.json").read_text())
+        assert found["scales"] == [1.0, 0.8] and {d["class"] for d in found["detections"]} <= {7}
+
+
+def test_long_side_and_output_on_dask_match_one_process(client, one_thread, tmp_path):
+    """--long-side 100 --output box under Dask, tiled: the class map and the other head as in one process."""
+    from fcnify.convert import card_for_model_def
+    proto, weights = write_model(tmp_path, "two_heads", TWO_HEADS, seed=5)
+    two = card_for_model_def(proto, weights)
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(8)
+    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(photo)
+    settings = {"long_side": 100, "tile": 40}
+    (tmp_path / "dask").mkdir()
+    report = map_images([photo], two, tmp_path / "dask", client, output="box", timeout=RUN_TIMEOUT, **settings)
+    (result,) = report.results
+    assert result.ok and result.mode == "tiled" and result.tiles > 1, result
+    _pipeline_run(one_thread(two, output="box"), [photo], tmp_path / "single", **settings)
+    _assert_same_folders(tmp_path / "dask", tmp_path / "single")
+    doc = json.loads((tmp_path / "dask" / "photo.map.json").read_text())
+    assert doc["input_size"] == {"height": 75, "width": 100} and doc["map"]["output"] == "box"
+    prob = np.load(tmp_path / "dask" / "photo.prob.npy")
+    assert prob.shape[0] == 3 and np.allclose(prob.sum(axis=0), 1, atol=1e-5)
+
+
+def test_cli_dask_detect_and_refused_outputs(client, crops, tmp_path):
+    """`classify-map --scheduler --scales --detect --out`: the detection files; a second run refuses them."""
+    out = tmp_path / "maps"
+    args = ("classify-map", crops[4], "--model", "digits", "--out", out, "--scheduler",
+            client.scheduler.address, "--scales", "1,0.8", "--detect", "--threshold", "0.5", "--quiet")
+    run = call_fcnify(*args)
+    assert run.code == 0, run.err
+    assert (out / "crop4.detections.png").read_bytes()[:4] == b"\x89PNG"
+    assert "crop4.x0.8.map.json" in run.out
+    again = call_fcnify(*args)
+    assert again.code == 2 and "crop4" in again.err and "already exists" in again.err, again.err

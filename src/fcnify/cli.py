@@ -16,6 +16,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Sequence
 
 import click
 
@@ -50,30 +51,97 @@ class Context:
         self.verbose, self.debug = verbose, debug
 
 
-def _size(text: str | None, option: str) -> tuple[int, int] | None:
+class OptionValueError(click.BadParameter):
+    """A bad option value, worded '--opt VALUE: why' as fcnify's other one-line errors are."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _option(param: click.Parameter | None) -> str:
+    return param.opts[0] if param is not None and param.opts else "value"
+
+
+class _Worded:
+    """Mixin for click's range types: a value out of range reads '--opt VALUE: why'."""
+
+    why = ""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            raise OptionValueError(f"{_option(param)} {value}: {self.why}", ctx, param) from None
+
+
+class IntIn(_Worded, click.IntRange):
+    """click.IntRange whose refusal says why in fcnify's words."""
+
+    def __init__(self, why: str, **bounds) -> None:
+        super().__init__(**bounds)
+        self.why = why
+
+
+class FloatIn(_Worded, click.FloatRange):
+    """click.FloatRange whose refusal says why in fcnify's words."""
+
+    def __init__(self, why: str, **bounds) -> None:
+        super().__init__(**bounds)
+        self.why = why
+
+
+class SizeType(click.ParamType):
     """'451' -> (451, 451); '480x640' -> (480, 640) as (height, width)."""
-    if text is None:
-        return None
-    parts = text.lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not N or HxW", param_hint=option) from None
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) <= 0:
-        raise click.BadParameter(f"{text!r} is not N or HxW with positive numbers", param_hint=option)
-    return values[0], values[1]
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).lower().split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise OptionValueError(f"{_option(param)} {value!r} is not N or HxW", ctx, param) from None
+        if len(values) == 1:
+            values *= 2
+        if len(values) != 2 or min(values) <= 0:
+            raise OptionValueError(f"{_option(param)} {value!r} is not N or HxW with positive numbers",
+                                   ctx, param)
+        return values[0], values[1]
 
 
-def _memory(text: str | None) -> int | None:
-    if text is None:
-        return None
-    from .caffe.planner import parse_size
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-memory") from None
+class MemoryType(click.ParamType):
+    """A number of bytes: 2GiB, 500MB, 123456 (planner.parse_size)."""
+
+    name = "memory"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from .caffe.planner import parse_size
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise OptionValueError(f"{_option(param)}: {exc}", ctx, param) from None
+
+
+class ScalesType(click.ParamType):
+    """'1,0.75,0.5' -> (1.0, 0.75, 0.5): an image pyramid's factors (pyramid.parse_scales)."""
+
+    name = "scales"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from .dense.pyramid import parse_scales
+        try:
+            return tuple(parse_scales(value))
+        except InputError as exc:
+            raise OptionValueError(str(exc), ctx, param) from None
+
+
+SIZE, MEMORY, SCALES = SizeType(), MemoryType(), ScalesType()
 
 
 _argv: list[str] = []
@@ -218,7 +286,7 @@ def _model_card(model_name, **options):
 @_model_options
 @click.option("--out", "out_prefix", metavar="PREFIX",
               help="Output prefix: writes PREFIX_full_conv.{prototxt,caffemodel,json}.")
-@click.option("--input-size", metavar="H[xW]", help="Input size written into the new net.")
+@click.option("--input-size", type=SIZE, metavar="H[xW]", help="Input size written into the new net.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the equivalence check (not recommended).")
 @click.option("--keep-output-names", is_flag=True,
@@ -255,7 +323,7 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     t0 = time.perf_counter()
     try:
         result = do_convert(card.model_def, card.weights, out_prefix,
-                            input_size=_size(input_size, "--input-size"), force=force,
+                            input_size=input_size, force=force,
                             check=not no_verify, gpu=gpu, card=card, runner=runner,
                             keep_output_names=keep_output_names)
     except NotEquivalentError as exc:
@@ -310,7 +378,7 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt):
 
 @cli.command()
 @click.argument("net", type=PATH)
-@click.option("--input-size", metavar="H[xW]", help="Input size to report shapes at.")
+@click.option("--input-size", type=SIZE, metavar="H[xW]", help="Input size to report shapes at.")
 @click.pass_obj
 def info(obj, net, input_size):
     """Per-layer shapes and the dense map's geometry, computed from the layers.
@@ -323,7 +391,7 @@ def info(obj, net, input_size):
       fcnify info deploy.prototxt --input-size 451
     """
     from .surgery.report import net_info
-    click.echo(net_info(Path(net), _size(input_size, "--input-size")))
+    click.echo(net_info(Path(net), input_size))
 
 
 @cli.command()
@@ -379,13 +447,15 @@ def _export_card(net: str, weights: str | None):
 @click.argument("images", nargs=-1, required=True)
 @_model_options
 @click.option("--card", type=PATH, help="A model card (.json) written by convert.")
-@click.option("--size", metavar="N|HxW", help="Resize to N x N (or H x W) before mapping.")
-@click.option("--scale", type=float, help="Resize by this factor before mapping.")
+@click.option("--size", type=SIZE, metavar="N|HxW", help="Resize to N x N (or H x W) before mapping.")
+@click.option("--scale", type=FloatIn("must be positive", min=0, min_open=True),
+              help="Resize by this factor before mapping.")
 @click.option("--long-side", type=click.IntRange(min=1), metavar="N",
               help="Resize so the longer side is N px, keeping the aspect ratio.")
 @click.option("--short-side", type=click.IntRange(min=1), metavar="N",
               help="Resize so the shorter side is N px, keeping the aspect ratio.")
-@click.option("--top-k", default=5, show_default=True, help="Classes listed per cell and overall.")
+@click.option("--top-k", type=IntIn("must be at least 1", min=1), default=5, show_default=True,
+              help="Classes listed per cell and overall.")
 @click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
 @click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
@@ -393,8 +463,9 @@ def _export_card(net: str, weights: str | None):
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
 @click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
               help="Run the net with Caffe, PyTorch or ONNX Runtime.")
-@click.option("--max-memory", metavar="SIZE", help="Memory budget, e.g. 2GiB (default: half of free RAM).")
-@click.option("--tile", type=int, metavar="N", help="Force tiles of N x N px.")
+@click.option("--max-memory", type=MEMORY, metavar="SIZE",
+              help="Memory budget, e.g. 2GiB (default: half of free RAM).")
+@click.option("--tile", type=IntIn("must be positive", min=1), metavar="N", help="Force tiles of N x N px.")
 @click.option("--labels", "labels_file", type=PATH, help="Override the labels file.")
 @click.option("--output", "output", metavar="BLOB",
               help="Output blob that is the class map (default: the net's last); the net's other "
@@ -405,19 +476,21 @@ def _export_card(net: str, weights: str | None):
               help="Heatmap colours over the class's own range (map) or 0-1 (unit).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
-@click.option("--workers", type=int, metavar="N",
+@click.option("--workers", type=IntIn("need at least one worker", min=1), metavar="N",
               help="Spread the images over N local Dask worker processes; needs --out.")
-@click.option("--stride", type=int, metavar="S",
+@click.option("--stride", type=IntIn("must be a positive divisor of the net's stride", min=1), metavar="S",
               help="Map every S px, S a divisor of the net's stride (à trous / shift-and-stitch).")
-@click.option("--scales", metavar="LIST", help="Image pyramid, e.g. 1,0.75,0.5: a map per scale, fused.")
+@click.option("--scales", type=SCALES, metavar="LIST",
+              help="Image pyramid, e.g. 1,0.75,0.5: a map per scale, fused.")
 @click.option("--detect", is_flag=True, help="Boxes from cells above --threshold, merged by NMS.")
-@click.option("--threshold", type=float, default=0.9, show_default=True, metavar="P",
-              help="Probability a cell needs to become a box (--detect).")
-@click.option("--nms-iou", type=float, default=0.3, show_default=True, metavar="IOU",
+@click.option("--threshold", type=FloatIn("not a probability in [0, 1]", min=0, max=1), default=0.9,
+              show_default=True, metavar="P", help="Probability a cell needs to become a box (--detect).")
+@click.option("--nms-iou", type=FloatIn("not an overlap in (0, 1]", min=0, max=1, min_open=True),
+              default=0.3, show_default=True, metavar="IOU",
               help="Boxes of a class overlapping a better one by more than this are dropped.")
 @_preprocess_options
-@click.pass_obj
-def classify_map(obj, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
+@click.pass_context
+def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  top_k, cls, out_dir,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
@@ -439,23 +512,17 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
       fcnify classify-map /shared/scans/ --card /shared/mynet_full_conv.json --out /shared/maps \\
           --scheduler tcp://10.0.0.5:8786
     """
-    from .dense.dense import DenseModel
-    from .io.images import image_size, list_images, side_scale
-    from .io.labels import resolve_class
-    from .io.outputs import (check_outputs, failure_document, map_document, renamed_note, text_summary,
-                          unique_names)
+    from .dense.pipeline import MapJob, ModelSpec
+    from .io.images import list_images
+    from .io.outputs import renamed_note, unique_names
     if sum(v is not None for v in (size, scale, long_side, short_side)) > 1:
         raise click.UsageError("give one of --size, --scale, --long-side, --short-side")
-    if scale is not None and scale <= 0:
-        raise click.BadParameter("must be positive", param_hint="--scale")
-    if top_k < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--top-k")
-    if tile is not None and tile <= 0:
-        raise click.BadParameter("must be positive", param_hint="--tile")
-    the_size = _size(size, "--size")
-    budget = _memory(max_memory)
-    pyramid = _pyramid_options(size, scale, stride, scales, detect, threshold, nms_iou,
-                               scheduler is not None or workers is not None)
+    dask = scheduler is not None or workers is not None
+    if dask:
+        _dask_usage(scheduler, workers, out_dir)
+    job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
+                 tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
+                 top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale)
     paths = list_images(images)
     names = unique_names(paths) if out_dir else {}
     for line in renamed_note(names):
@@ -464,133 +531,100 @@ def classify_map(obj, images, model_name, model_def, weights, card, size, scale,
                            channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
                            transpose=transpose, labels=labels_file)
     if out_dir:
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise InputError("--out exists and is not a folder", out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise InputError("--out folder is not writable", out)
-    if scheduler is not None or workers is not None:
-        if long_side or short_side:
-            raise click.UsageError("--long-side/--short-side are not yet spread over Dask workers")
-        if output is not None:
-            raise click.UsageError("--output is not available with --scheduler/--workers yet")
-        _map_on_dask(obj, paths, the_card, out_dir, scheduler, workers, fmt, quiet, size=the_size,
-                     scale=scale, budget=budget, tile=tile, cls=cls, top_k=top_k,
-                     command=_command_line(), force=force, engine=engine, gpu=gpu, stride=stride)
-        return
-    model = DenseModel(the_card, engine=engine, gpu=gpu, verbose=obj.verbose, output=output,
-                       stride=stride)
-    model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
-    if model.unmapped_heads:
-        _err(f"fcnify: not saved: output(s) {', '.join(model.unmapped_heads)} (their cells do not "
+        _out_folder(Path(out_dir))
+    spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
+                     stride=stride)
+    if dask:
+        _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet)
+    else:
+        _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet)
+
+
+def _out_folder(out: Path) -> None:
+    """--out: made if missing, refused before any work if it cannot hold the outputs."""
+    if out.exists() and not out.is_dir():
+        raise InputError("--out exists and is not a folder", out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise InputError("--out folder is not writable", out)
+
+
+def _not_saved(unmapped: Sequence[str]) -> None:
+    if unmapped:
+        _err(f"fcnify: not saved: output(s) {', '.join(unmapped)} (their cells do not "
              "line up with the class map's)")
-    class_id = None
-    if cls is not None and model.labels:
-        class_id = resolve_class(model.labels, cls)
-    elif cls is not None:
-        try:
-            class_id = int(cls)
-        except ValueError:
-            raise InputError(f"--class {cls}: this model has no labels; give a class number "
-                             "(or a labels file with --labels)") from None
-    if class_id is not None and not 0 <= class_id < model.num_classes:
-        raise InputError(f"--class {cls}: the net has classes 0..{model.num_classes - 1}")
+
+
+def _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet) -> None:
+    """classify-map in this process: one model, closed on every path out (ctx.with_resource)."""
+    from .dense.pipeline import map_paths
+    model = ctx.with_resource(spec.load())
+    model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
+    _not_saved(model.unmapped_heads)
+    job = job.for_model(model)
     show_bar = not quiet and sys.stderr.isatty()
     failed = 0
-    command = _command_line()
-    for i, path in enumerate(paths):
-        try:
-            if out_dir:  # an output that would be refused is refused before the work
-                check_outputs(Path(out_dir), names[path], force, path, tuple(model.heads))
-                if pyramid:
-                    from .dense.pyramid import check_names
-                    check_names(Path(out_dir), names[path], pyramid["scales"], detect, force, path)
-            factor = scale
-            if long_side or short_side:
-                factor = side_scale(image_size(path), long_side, short_side)
-            if show_bar:
-                with click.progressbar(length=1, label=f"[{i + 1}/{len(paths)}] {path.name}",
-                                       file=sys.stderr) as bar:
-                    def progress(done, total, bar=bar):
-                        bar.length = total
-                        bar.update(done - bar.pos)
-                    dm, found = _map_image(model, path, the_size, factor, budget, tile, progress,
-                                           pyramid, class_id)
-            else:
-                dm, found = _map_image(model, path, the_size, factor, budget, tile, None, pyramid,
-                                       class_id)
-            if fmt == "text":
-                click.echo(text_summary(dm, top_k))
-                if found is not None and found.detections is not None:
-                    from .dense.detect import summary
-                    click.echo(summary(found.detections, dm))
-            written = []
-            if out_dir:
-                written = (found.save(out_dir, names[path], class_id, top_k, command, force, heatmap_scale)
-                           if found is not None else
-                           dm.save(out_dir, names[path], class_id, top_k, command, force, heatmap_scale))
-                if fmt == "text":
-                    click.echo("wrote " + ", ".join(str(p) for p in written))
-            if fmt == "json":
-                click.echo(json.dumps(map_document(dm.to_json(top_k, command), written)))
-            if fmt == "text":
-                t = dm.timings
-                click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
-                           f"image {t['load_image']:.2f} s\n")
-        except FcnifyError as exc:
-            if fmt == "json":
-                click.echo(json.dumps(failure_document(path, _worded(exc))))
-            if len(paths) == 1:
-                raise
-            failed += 1
-            _err(f"fcnify: skipped {_one_line(_worded(exc))}")
-    model.close()
+    for result in map_paths(model, paths, job, Path(out_dir) if out_dir else None, names,
+                            _bar(len(paths)) if show_bar else None):
+        if result.ok:
+            _print_map(result, fmt, bool(out_dir), job)
+            continue
+        exc = _worded(result.error)
+        if fmt == "json":
+            from .io.outputs import failure_document
+            click.echo(json.dumps(failure_document(result.path, exc)))
+        if len(paths) == 1:
+            raise result.error
+        failed += 1
+        _err(f"fcnify: skipped {_one_line(exc)}")
     if failed:
         _err(f"fcnify: {failed} of {len(paths)} image(s) failed")
         raise SystemExit(1)
 
 
-def _pyramid_options(size, scale, stride, scales, detect, threshold, nms_iou, dask: bool) -> dict | None:
-    """Check --stride/--scales/--detect/--threshold/--nms-iou; the settings map_pyramid takes."""
-    from .dense.pyramid import parse_scales
-    if stride is not None and stride < 1:
-        raise InputError(f"--stride {stride}: must be a positive divisor of the net's stride")
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"--threshold {threshold:g}: not a probability in [0, 1]")
-    if not 0.0 < nms_iou <= 1.0:
-        raise InputError(f"--nms-iou {nms_iou:g}: not an overlap in (0, 1]")
-    if scales is None and not detect:
-        return None
-    if size or scale:
-        raise click.UsageError("--scales and --detect resize the image themselves: drop --size/--scale")
-    if dask:
-        raise click.UsageError("--scales and --detect run in one process: drop --workers/--scheduler")
-    return {"scales": parse_scales(scales) if scales else [1.0], "threshold": threshold,
-            "iou": nms_iou, "detect": detect}
+def _bar(count: int):
+    """A progress bar per image on stderr, for pipeline.map_paths."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar_for(i: int, path: Path):
+        with click.progressbar(length=1, label=f"[{i + 1}/{count}] {path.name}", file=sys.stderr) as bar:
+            def progress(done, total):
+                bar.length = total
+                bar.update(done - bar.pos)
+            yield progress
+    return bar_for
 
 
-def _map_image(model, path, size, scale, budget, tile, progress, pyramid, class_id):
-    """One image: a DenseMap, or (with --scales/--detect) the fused map and the pyramid's result."""
-    if pyramid is None:
-        return model.classify(path, size, scale, budget, tile, progress), None
-    from .dense.pyramid import map_pyramid
-    detect = None
-    if pyramid.get("detect"):
-        detect = {**pyramid, "classes": None if class_id is None else [class_id]}
-    found = map_pyramid(model, path, pyramid["scales"], budget, tile, detect, progress)
-    return found.fused, found
+def _print_map(result, fmt: str, saved: bool, job) -> None:
+    """One mapped image on stdout: a text summary, or its --format json line."""
+    from .io.outputs import map_document, text_summary
+    dm = result.map
+    if fmt == "json":
+        click.echo(json.dumps(map_document(dm.to_json(job.top_k, job.command), result.written)))
+        return
+    click.echo(text_summary(dm, job.top_k))
+    if result.detections is not None:
+        from .dense.detect import summary
+        click.echo(summary(result.detections, dm))
+    if saved:
+        click.echo("wrote " + ", ".join(str(p) for p in result.written))
+    t = dm.timings
+    click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
+               f"image {t['load_image']:.2f} s\n")
 
 
-def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **options) -> None:
-    """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
-    from .dense.distributed import connect, map_images, result_document
+def _dask_usage(scheduler, workers, out_dir) -> None:
+    """--scheduler/--workers: the option combinations that cannot work, refused before the work."""
     if scheduler is not None and workers is not None:
         raise click.UsageError("give either --scheduler or --workers, not both")
-    if workers is not None and workers < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--workers")
     if not out_dir:
         raise click.UsageError("--scheduler/--workers write each map's files: give --out DIR")
+
+
+def _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet) -> None:
+    """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
+    from .dense.distributed import connect, map_images, result_document
     bar = (click.progressbar(length=len(paths), label="mapping", file=sys.stderr)
            if not quiet and sys.stderr.isatty() else None)
 
@@ -609,9 +643,10 @@ def _map_on_dask(obj, paths, card, out_dir, scheduler, workers, fmt, quiet, **op
         if bar is not None:
             bar.update(1)
 
-    with connect(scheduler, workers) as client, bar if bar is not None else nullcontext():
-        report = map_images(paths, card, out_dir, client, progress=progress, verbose=obj.verbose,
-                            **options)
+    client = ctx.with_resource(connect(scheduler, workers))
+    with bar if bar is not None else nullcontext():
+        report = map_images(paths, spec, out_dir, client, job=job, progress=progress,
+                            on_model=lambda info: _not_saved(info.unmapped_heads))
     _err(f"fcnify: {report.summary()}")
     if report.failed:
         raise SystemExit(report.failed[0].exit_code if len(paths) == 1 else 1)
@@ -701,6 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("fcnify: interrupted")
         return 130
+    except click.BadParameter as exc:  # a bad option value: one line, as every bad input
+        _err(f"fcnify: error: {_one_line(exc.format_message())}")
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -363,10 +363,9 @@ class DenseModel:
         heads = {name: np.empty((c, rows, cols), dtype=np.float32) for name, c in self.heads.items()}
         seconds = {"preprocess": 0.0, "forward": 0.0}
         for i, (t, part) in enumerate(self.run_tiles(rgb, tiles, scores, seconds, heads=True)):
-            cells = (slice(None), slice(t.y.first, t.y.last + 1), slice(t.x.first, t.x.last + 1))
-            probs[cells] = part[0]
+            probs[t.cells] = part[0]
             for name, block in part[1].items():
-                heads[name][cells] = block
+                heads[name][t.cells] = block
             if progress:
                 progress(i + 1, len(tiles))
         info = {"mode": "tiled" if len(tiles) > 1 else "whole", "tiles": len(tiles),
@@ -425,24 +424,40 @@ class DenseModel:
             rgb = np.asarray(image)
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ImageError(f"expected an H x W x 3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
-        original = rgb.shape[:2]
-        fed = rgb
-        if size is not None or scale is not None:
-            th, tw = size if size is not None else (max(1, round(original[0] * scale)),
-                                                    max(1, round(original[1] * scale)))
-            fed = resize(rgb, th, tw)
+        fed = resized(rgb, size, scale)
         t_load = time.perf_counter() - t0
-        mh, mw = self.minimum
-        if fed.shape[0] < mh or fed.shape[1] < mw:
-            what = f"{hw(*fed.shape[:2])} px" + (" after resizing" if fed is not rgb else "")
-            raise ImageError(f"image is {what} (height x width), smaller than one window: "
-                             f"{self.card.name} needs at least {hw(mh, mw)} px", path)
+        self.check_minimum(fed.shape[:2], fed is not rgb, path)
         probs, info = self.run(fed, budget, tile, progress)
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
-        return DenseMap(probs, self.geometry, original, fed.shape[:2], self.card, self.labels, path,
-                        info["mode"], info["tiles"], info["tile_size"], timings,
-                        rgb if keep_image else None, self.source, self.output_blob, info["heads"],
-                        self.stride_plan.to_dict() if self.stride_plan else None)
+        return self.dense_map(probs, info, image=rgb, fed=fed.shape[:2], path=path, timings=timings,
+                              keep_image=keep_image)
+
+    def check_minimum(self, fed: tuple[int, int], resized: bool, path: Path | None = None) -> None:
+        """Refuse an input smaller than one window before any work: its map would have no cell."""
+        mh, mw = self.minimum
+        if fed[0] < mh or fed[1] < mw:
+            what = f"{hw(*fed)} px" + (" after resizing" if resized else "")
+            raise ImageError(f"image is {what} (height x width), smaller than one window: "
+                             f"{self.card.name} needs at least {hw(mh, mw)} px", path)
+
+    def dense_map(self, probs: np.ndarray, info: dict, *, image: np.ndarray, fed: tuple[int, int],
+                  path: Path | None, timings: dict[str, float], keep_image: bool = True) -> DenseMap:
+        """The DenseMap of stitched cells, for one process's run and for Dask's stitch alike.
+
+        `info` is run()'s: mode, tiles, tile_size and the other heads' cells.
+        """
+        return DenseMap(probs=probs, geometry=self.geometry, image_size=image.shape[:2],
+                        input_size=tuple(fed), model=self.card, labels=self.labels, image_path=path,
+                        mode=info["mode"], tiles=info["tiles"], tile_size=info["tile_size"],
+                        timings=timings, image=image if keep_image else None, source=self.source,
+                        output=self.output_blob, heads=info.get("heads") or {},
+                        stride_plan=self.stride_plan.to_dict() if self.stride_plan else None)
+
+    def __enter__(self) -> "DenseModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.net.close()
@@ -452,6 +467,24 @@ class DenseModel:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+
+def fed_size(original: tuple[int, int], size: tuple[int, int] | None = None,
+             scale: float | None = None) -> tuple[int, int]:
+    """(height, width) the net is fed for an image of `original` size under --size or --scale."""
+    if size is not None:
+        return tuple(size)
+    if scale is not None:
+        return max(1, round(original[0] * scale)), max(1, round(original[1] * scale))
+    return tuple(original)
+
+
+def resized(rgb: np.ndarray, size: tuple[int, int] | None = None,
+            scale: float | None = None) -> np.ndarray:
+    """The pixels the net is fed: `rgb` itself, or resized when --size or --scale is given."""
+    if size is None and scale is None:
+        return rgb
+    return resize(rgb, *fed_size(rgb.shape[:2], size, scale))
 
 
 def classifier_input(card: ModelCard) -> tuple[int, int] | None:

@@ -2,9 +2,10 @@
 
 The client does nothing heavy. It checks the output names, asks one worker to
 load the model (so a model that cannot load fails once, not once per image),
-then submits one task per image. A worker maps the image whole and writes its
-four files with DenseMap.save, exactly as `classify-map` does in one process;
-when the image needs tiling, the worker answers with its tile plan instead,
+then submits one task per image. A worker maps the image and writes its
+files with the batch pipeline (pipeline.map_image and save), exactly as
+`classify-map` does in one process, every option included; when a
+single-scale image needs tiling, the worker answers with its tile plan instead,
 the client spreads the tiles over the workers, and one worker stitches their
 cells into the map and writes the files.
 
@@ -36,7 +37,8 @@ import numpy as np
 from ..errors import EngineCrash, FcnifyError, ImageError, InputError, OutputError, ResourceError, SetupError
 from ..files import TMP_MARK
 from ..io.models import ModelCard
-from ..io.outputs import check_outputs, output_names, unique_names
+from ..io.outputs import unique_names
+from .pipeline import MapJob, MapResult, ModelSpec, check_outputs, class_id, output_paths
 from .tiling import Tile
 
 if TYPE_CHECKING:
@@ -48,26 +50,17 @@ if TYPE_CHECKING:
 WORKER_WAIT_S = 60.0  # how long a run waits for a cluster without workers to get one
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
-    """What every task of a run needs: the model, how to feed it, where outputs go."""
+    """What every task of a run needs: the model, how to map each image (the pipeline's), where outputs go."""
 
     key: str  # names the model in each worker's cache
-    card: ModelCard
+    model: ModelSpec
+    map: MapJob  # --class already an index (checked on one worker)
     out_dir: str
-    engine: str = "caffe"
-    gpu: int | None = None
-    verbose: bool = False
-    size: tuple[int, int] | None = None
-    scale: float | None = None
-    budget: int | None = None
-    tile: int | None = None
-    cls: int | None = None
-    top_k: int = 5
-    command: str | None = None
+    heads: tuple[str, ...] = ()  # the net's other outputs saved beside the map
     workers_per_host: tuple[tuple[str, int], ...] = ()
     names: tuple[tuple[str, str], ...] = ()  # image path -> output name (outputs.unique_names)
-    stride: int | None = None  # --stride: a finer map (stride.py)
 
     def name_for(self, path: str) -> str:
         """The output name the client chose for `path`, unique among the run's images."""
@@ -78,7 +71,8 @@ class Job:
 class TilePlan:
     """A worker's answer for an image that needs tiling: the plan, made once for all workers."""
 
-    fed: tuple[int, int]  # (height, width) the net sees, after --size/--scale
+    fed: tuple[int, int]  # (height, width) the net sees, after --size/--scale/--long-side
+    feed: tuple[tuple[int, int] | None, float | None]  # (size, scale) that resizes the image to it
     tiles: tuple[Tile, ...]
     tile_size: tuple[int, int] | None
     seconds: float
@@ -90,7 +84,7 @@ class TileCells:
     """What one worker computed for a share of a plan's tiles."""
 
     tiles: tuple[Tile, ...]
-    cells: tuple[np.ndarray, ...]
+    cells: tuple[tuple[np.ndarray, dict[str, np.ndarray]], ...]  # class block, other outputs' blocks
     timings: dict
     seconds: float
     worker: str
@@ -115,6 +109,16 @@ class ImageResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the client learns from loading the model once on a worker."""
+
+    num_classes: int
+    labels: "Labels | None"
+    heads: tuple[str, ...]  # other outputs saved beside the class map
+    unmapped_heads: tuple[str, ...]  # outputs that cannot be (cells that do not line up)
 
 
 @dataclass
@@ -186,39 +190,44 @@ def connect(scheduler: str | None = None, workers: int | None = None,
         yield client
 
 
-def model_key(card: ModelCard, engine: str, gpu: int | None, verbose: bool,
-              stride: int | None = None) -> str:
-    """Names a model in the workers' caches; changes when the card or its files change."""
+def model_key(spec: ModelSpec) -> str:
+    """Names a model in the workers' caches; changes when the card, its files or the options change."""
     stats = []
-    for p in (card.model_def, card.weights):
+    for p in (spec.card.model_def, spec.card.weights):
         try:
             st = os.stat(p) if p is not None else None
             stats.append((st.st_size, st.st_mtime_ns) if st else None)
         except OSError:
             stats.append(None)
-    data = pickle.dumps((card, engine, gpu, verbose, stats) + ((stride,) if stride else ()))
+    data = pickle.dumps((spec, stats))
     return "fcnify-" + hashlib.sha1(data).hexdigest()[:16]
 
 
-def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path, client: "Client", *,
-               size: tuple[int, int] | None = None, scale: float | None = None,
-               budget: int | None = None, tile: int | None = None, cls: int | str | None = None,
-               top_k: int = 5, command: str | None = None, force: bool = False,
-               engine: str = "caffe", gpu: int | None = None, verbose: bool = False,
-               stride: int | None = None, progress: Callable[[ImageResult, int, int], None] | None = None,
-               timeout: float | None = None) -> MapReport:
+def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir: str | Path,
+               client: "Client", *, job: MapJob | None = None, engine: str = "caffe",
+               gpu: int | None = None, verbose: bool = False, stride: int | None = None,
+               output: str | None = None, progress: Callable[[ImageResult, int, int], None] | None = None,
+               on_model: Callable[[ModelInfo], None] | None = None, timeout: float | None = None,
+               **settings) -> MapReport:
     """Map images on the Dask cluster behind `client`, writing each image's files into `out_dir`.
 
-    The files are those of DenseMap.save, and the maps are those a single
-    process gives (byte for byte under the same BLAS threading: Dask's nanny
+    `card` with engine/gpu/verbose/stride/output, or a pipeline.ModelSpec,
+    says which model; `job` (or its fields as keywords: size, scale,
+    long_side, scales, detect, cls, top_k, force, ...) how each image is
+    mapped, exactly as pipeline.map_paths maps it in one process: the files
+    are the same (byte for byte under the same BLAS threading: Dask's nanny
     runs workers with one BLAS thread). A bad image becomes a failed
     ImageResult and the rest go on; `progress(result, done, total)` is called
-    here, on the client, as each image finishes. Paths must mean the same
-    files on the workers (a shared file system). Raises what loading the model
-    raises, InputError for a bad `cls`, and TimeoutError after `timeout` s.
+    here, on the client, as each image finishes, `on_model(info)` once the
+    model has loaded. Paths must mean the same files on the workers (a
+    shared file system). Raises what loading the model raises, InputError
+    for a bad `cls`, and TimeoutError after `timeout` s.
     """
     started = time.perf_counter()
     distributed = _dask()
+    spec = card if isinstance(card, ModelSpec) else ModelSpec(card=card, engine=engine, gpu=gpu,
+                                                              verbose=verbose, output=output, stride=stride)
+    job_map = job if job is not None else MapJob(**settings)
     out = Path(out_dir)
     if not out.is_dir():
         raise OutputError("output folder does not exist or is not a folder", out)
@@ -230,26 +239,28 @@ def map_images(paths: Sequence[str | Path], card: ModelCard, out_dir: str | Path
         raise ResourceError(f"the Dask cluster has no workers (waited {WORKER_WAIT_S:.0f} s)") from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
     hosts = Counter(w.get("host", a) for a, w in workers.items())
-    job = Job(model_key(card, engine, gpu, verbose, stride), card, str(out), engine, gpu, verbose, size,
-              scale, budget, tile, None, top_k, command, tuple(sorted(hosts.items())),
-              tuple((str(p), n) for p, n in names.items()), stride)
+    run = Job(key=model_key(spec), model=spec, map=job_map, out_dir=str(out),
+              workers_per_host=tuple(sorted(hosts.items())),
+              names=tuple((str(p), n) for p, n in names.items()))
     owner: dict = {}  # future -> index of its image
     try:
-        answer = client.submit(_probe, job, pure=False).result(timeout=timeout)
-        if isinstance(answer, FcnifyError):
-            raise answer
-        num_classes, labels = answer
-        job = replace(job, cls=_class_id(cls, num_classes, labels))
-        results, cleaned = _run(client, distributed, job, paths, out, force, len(workers), owner,
+        info = client.submit(_probe, run, pure=False).result(timeout=timeout)
+        if isinstance(info, FcnifyError):
+            raise info
+        if on_model is not None:
+            on_model(info)
+        run = replace(run, heads=info.heads,
+                      map=replace(job_map, cls=class_id(job_map.cls, info.num_classes, info.labels)))
+        results, cleaned = _run(client, distributed, run, paths, out, len(workers), owner,
                                 progress, timeout)
     finally:
         if owner:  # interrupted or timed out: tasks already running finish on their own
             client.cancel(list(owner))
-        _release(client, job.key)
+        _release(client, run.key)
     return MapReport(results, time.perf_counter() - started, len(workers), cleaned)
 
 
-def _run(client, distributed, job: Job, paths: list[Path], out: Path, force: bool, workers: int,
+def _run(client, distributed, job: Job, paths: list[Path], out: Path, workers: int,
          owner: dict, progress, timeout: float | None) -> tuple[list[ImageResult], int]:
     """Submit every image, follow tiled ones through their tiles, collect the results in order."""
     results: list[ImageResult | None] = [None] * len(paths)
@@ -263,7 +274,7 @@ def _run(client, distributed, job: Job, paths: list[Path], out: Path, force: boo
             progress(result, done, len(paths))
 
     for i, path in enumerate(paths):
-        refused = _refuse_outputs(path, out, force, job.name_for(str(path)))
+        refused = _refuse_outputs(path, out, job)
         if refused is not None:
             finish(i, refused)
             continue
@@ -279,7 +290,7 @@ def _run(client, distributed, job: Job, paths: list[Path], out: Path, force: boo
             continue
         finish(i, value)
     # every task of this run has ended: what is still staged was left by a killed worker
-    cleaned = sum(_remove_stale(out, job.name_for(str(p))) for p in paths)
+    cleaned = sum(_remove_stale(out, job.name_for(str(p)), job) for p in paths)
     return [r for r in results if r is not None], cleaned
 
 
@@ -301,23 +312,7 @@ def result_document(result: ImageResult) -> dict:
     return map_document(doc, written) | {"dask": dask}
 
 
-def _class_id(cls: int | str | None, num_classes: int, labels: "Labels | None") -> int | None:
-    """--class as a class index, checked against the net, as the single-process command does."""
-    if cls is None:
-        return None
-    if labels is not None:
-        from ..io.labels import resolve_class
-        cls = resolve_class(labels, cls)
-    try:
-        index = int(cls)
-    except ValueError:
-        raise InputError(f"--class {cls}: the net has no labels; give a class index") from None
-    if not 0 <= index < num_classes:
-        raise InputError(f"--class {cls}: the net has classes 0..{num_classes - 1}")
-    return index
-
-
-def _refuse_outputs(path: Path, out: Path, force: bool, name: str) -> ImageResult | None:
+def _refuse_outputs(path: Path, out: Path, job: Job) -> ImageResult | None:
     """Check an image's output names here, once, so that a re-run of it may overwrite them.
 
     Without this a worker that died after renaming some files would make the
@@ -325,7 +320,7 @@ def _refuse_outputs(path: Path, out: Path, force: bool, name: str) -> ImageResul
     image (map_images chose them), so no two images race for one file.
     """
     try:
-        check_outputs(out, name, force, path)
+        check_outputs(out, job.name_for(str(path)), job.map, job.heads, path)
     except FcnifyError as exc:
         return ImageResult(str(path), False, str(exc), exc.exit_code)
     return None
@@ -345,15 +340,15 @@ def _submit_tiles(client, job: Job, path: str, plan: TilePlan, workers: int):
     """Tiles of one image in contiguous shares (grouped by size), one per worker, then a stitch."""
     shares = max(1, min(len(plan.tiles), workers))
     bounds = [round(k * len(plan.tiles) / shares) for k in range(shares + 1)]
-    parts = [client.submit(_run_tiles, job, path, plan.fed, plan.tiles[a:b], pure=False, priority=1)
+    parts = [client.submit(_run_tiles, job, path, plan, plan.tiles[a:b], pure=False, priority=1)
              for a, b in zip(bounds, bounds[1:])]
     return client.submit(_stitch, job, path, plan, *parts, pure=False, priority=1)
 
 
-def _remove_stale(out: Path, name: str) -> int:
+def _remove_stale(out: Path, name: str, job: Job) -> int:
     """Remove staged files of `name`'s outputs that a killed worker left behind."""
     removed = 0
-    for final in output_names(out, name).values():
+    for final in output_paths(out, name, job.map, job.heads):
         pattern = os.path.join(glob.escape(str(out)), glob.escape(f".{final.name}{TMP_MARK}") + "*")
         for stale in glob.glob(pattern):
             try:
@@ -383,9 +378,7 @@ def _model(job: Job) -> "DenseModel":
     """The worker's copy of the model, loaded on first use (call with _lock held)."""
     model = _models.get(job.key)
     if model is None:
-        from .dense import DenseModel
-        model = DenseModel(job.card, engine=job.engine, gpu=job.gpu, verbose=job.verbose,
-                           stride=job.stride)
+        model = job.model.load()
         _models[job.key] = model
         _loads[job.key] += 1
     return model
@@ -432,8 +425,8 @@ def _here() -> str:
 
 def _budget(job: Job) -> int:
     """The memory budget: as given, else half the free RAM shared by this host's workers."""
-    if job.budget is not None:
-        return job.budget
+    if job.map.budget is not None:
+        return job.map.budget
     from ..caffe.planner import default_budget
     from distributed.comm import get_address_host
     host = get_address_host(_here())
@@ -441,81 +434,80 @@ def _budget(job: Job) -> int:
     return max(default_budget() // share, 1)
 
 
-def _fed_size(original: tuple[int, int], size: tuple[int, int] | None,
-              scale: float | None) -> tuple[int, int]:
-    """The size DenseModel.classify feeds an image of `original` size at."""
-    if size is not None:
-        return size
-    if scale is not None:
-        return max(1, round(original[0] * scale)), max(1, round(original[1] * scale))
-    return original
-
-
-def _read(path: str, job: Job) -> tuple[np.ndarray, np.ndarray]:
-    """(original pixels, what the net sees), resized the way DenseModel.classify resizes."""
-    from ..io.images import load_image, resize
-    rgb = load_image(path)
-    if job.size is None and job.scale is None:
-        return rgb, rgb
-    return rgb, resize(rgb, *_fed_size(rgb.shape[:2], job.size, job.scale))
-
-
 def _failure(path: str, exc: FcnifyError) -> ImageResult:
     return ImageResult(path, False, str(exc), exc.exit_code, workers=(_here(),), pid=os.getpid())
 
 
-def _save(job: Job, path: str, dm: "DenseMap", seconds: float, workers: tuple[str, ...]) -> ImageResult:
+def _save(job: Job, result: MapResult, seconds: float, workers: tuple[str, ...]) -> ImageResult:
+    from .pipeline import save
     t0 = time.perf_counter()
+    path = str(result.path)
     # force: the client checked the names before the run; a re-run replaces its own files
-    written = dm.save(job.out_dir, job.name_for(path), job.cls, job.top_k, job.command, force=True)
+    written = save(result, Path(job.out_dir), job.name_for(path), job.map, force=True)
+    dm = result.map
     return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=dm.shape,
                        mode=dm.mode, tiles=dm.tiles, seconds=seconds + time.perf_counter() - t0,
                        workers=workers, pid=os.getpid(), loads=_loads[job.key])
 
 
-def _probe(job: Job) -> tuple[int, "Labels | None"] | FcnifyError:
-    """Load the model on one worker: its class count and labels, or why it cannot load.
+def _probe(job: Job) -> ModelInfo | FcnifyError:
+    """Load the model on one worker: what the client needs to know of it, or why it cannot load.
 
     The error is returned, not raised, so that the worker does not log it as a crash.
     """
     try:
         with _loaded(job) as model:
-            return model.num_classes, model.labels
+            return ModelInfo(model.num_classes, model.labels, tuple(model.heads),
+                             tuple(model.unmapped_heads))
     except FcnifyError as exc:
         return exc
 
 
 def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
-    """Map an image that fits whole; for one that needs tiles, return the plan instead."""
+    """Map an image that fits whole (or a pyramid, or a shift-and-stitched map); else return the plan.
+
+    The tiles of a plan are spread over the workers; a pyramid and
+    shift-and-stitch run a plan per scale or offset, so such an image stays
+    on one worker.
+    """
+    from .dense import fed_size
+    from .pipeline import map_image
     t0 = time.perf_counter()
     try:
         with _loaded(job) as model:
             from ..io.images import image_size
-            budget = _budget(job)
-            fed = _fed_size(image_size(path), job.size, job.scale)
-            small = fed[0] < model.minimum[0] or fed[1] < model.minimum[1]  # classify says so
-            # shift-and-stitch runs a plan per offset: such an image stays on one worker
-            stitched = model.shifts > 1
-            tiles, tile_size = (None, None) if small or stitched else model.plan(*fed, budget, job.tile)
-            if tiles is None or len(tiles) == 1:
-                dm = model.classify(path, job.size, job.scale, budget, job.tile)
-                return _save(job, path, dm, time.perf_counter() - t0, (_here(),))
-            return TilePlan(fed, tuple(tiles), tile_size, time.perf_counter() - t0, _here())
+            settings = replace(job.map, budget=_budget(job))
+            if not settings.pyramid and model.shifts == 1:
+                feed = settings.feed(Path(path))
+                fed = fed_size(image_size(path), *feed)
+                small = fed[0] < model.minimum[0] or fed[1] < model.minimum[1]  # classify says so
+                if not small:
+                    tiles, tile_size = model.plan(*fed, settings.budget, settings.tile)
+                    if len(tiles) > 1:
+                        return TilePlan(fed, feed, tuple(tiles), tile_size, time.perf_counter() - t0,
+                                        _here())
+            result = map_image(model, Path(path), settings)
+            return _save(job, result, time.perf_counter() - t0, (_here(),))
     except FcnifyError as exc:
         return _failure(path, exc)
 
 
-def _run_tiles(job: Job, path: str, fed: tuple[int, int], tiles: tuple[Tile, ...]) -> TileCells | ImageResult:
-    """The map cells of some of an image's tiles."""
+def _run_tiles(job: Job, path: str, plan: TilePlan, tiles: tuple[Tile, ...]) -> TileCells | ImageResult:
+    """The map cells of some of an image's tiles (and of the net's other outputs)."""
+    from .dense import resized
+    from ..io.images import load_image
     t0 = time.perf_counter()
     try:
         with _loaded(job) as model:
-            _, pixels = _read(path, job)
-            if pixels.shape[:2] != tuple(fed):
+            pixels = resized(load_image(path), *plan.feed)
+            if pixels.shape[:2] != tuple(plan.fed):
                 raise ImageError(f"image is now {pixels.shape[0]}x{pixels.shape[1]} px (height x width), "
-                                 f"planned at {fed[0]}x{fed[1]}; did it change during the run?", path)
+                                 f"planned at {plan.fed[0]}x{plan.fed[1]}; did it change during the run?",
+                                 path)
             timings = {"load_image": time.perf_counter() - t0}
-            cells = tuple(part.copy() for _, part in model.run_tiles(pixels, tiles, seconds=timings))
+            cells = tuple((part.copy(), {k: v.copy() for k, v in heads.items()})
+                          for _, (part, heads) in model.run_tiles(pixels, tiles, seconds=timings,
+                                                                  heads=True))
         return TileCells(tiles, cells, timings, time.perf_counter() - t0, _here())
     except FcnifyError as exc:
         return _failure(path, exc)
@@ -523,7 +515,6 @@ def _run_tiles(job: Job, path: str, fed: tuple[int, int], tiles: tuple[Tile, ...
 
 def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResult) -> ImageResult:
     """Put the tiles' cells together into the image's map and write its files."""
-    from .dense import DenseMap
     from ..io.images import load_image
     t0 = time.perf_counter()
     failed = [s for s in shares if isinstance(s, ImageResult)]
@@ -533,22 +524,23 @@ def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResul
         with _loaded(job) as model:
             rows, cols = model.cells(*plan.fed)
             probs = np.empty((model.num_classes, rows, cols), dtype=np.float32)
+            heads = {name: np.empty((c, rows, cols), dtype=np.float32) for name, c in model.heads.items()}
             placed = 0
             for share in shares:
-                for t, cells in zip(share.tiles, share.cells):
-                    probs[:, t.y.first:t.y.last + 1, t.x.first:t.x.last + 1] = cells
+                for t, (cells, blocks) in zip(share.tiles, share.cells):
+                    probs[t.cells] = cells
+                    for name, block in blocks.items():
+                        heads[name][t.cells] = block
                     placed += 1
             if placed != len(plan.tiles):
                 raise FcnifyError(f"got {placed} of {len(plan.tiles)} tiles back", path)
             timings = {k: sum(s.timings.get(k, 0.0) for s in shares)
                        for k in ("load_image", "preprocess", "forward")}
             rgb = load_image(path)  # the pictures are drawn over the original
-            dm = DenseMap(probs, model.geometry, rgb.shape[:2], tuple(plan.fed), model.card,
-                          model.labels, Path(path), "tiled", len(plan.tiles), plan.tile_size,
-                          timings, rgb, model.source, model.output_blob,
-                          stride_plan=model.stride_plan.to_dict() if model.stride_plan else None)
+            info = {"mode": "tiled", "tiles": len(plan.tiles), "tile_size": plan.tile_size, "heads": heads}
+            dm = model.dense_map(probs, info, image=rgb, fed=plan.fed, path=Path(path), timings=timings)
             seconds = plan.seconds + sum(s.seconds for s in shares) + time.perf_counter() - t0
             workers = tuple(dict.fromkeys([plan.worker, *(s.worker for s in shares), _here()]))
-            return _save(job, path, dm, seconds, workers)
+            return _save(job, MapResult(Path(path), dm), seconds, workers)
     except FcnifyError as exc:
         return _failure(path, exc)

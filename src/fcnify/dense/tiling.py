@@ -65,6 +65,11 @@ class Tile:
     def shape(self) -> tuple[int, int]:
         return self.y.size, self.x.size
 
+    @property
+    def cells(self) -> tuple[slice, slice, slice]:
+        """Where the tile's block goes in the whole map (channels x rows x cols): the one stitch."""
+        return slice(None), slice(self.y.first, self.y.last + 1), slice(self.x.first, self.x.last + 1)
+
 
 def margins(axis: AxisGeometry) -> tuple[int, int]:
     """Pixels of context a kept cell needs before its box start and after it, from the reach."""

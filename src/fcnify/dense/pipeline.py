@@ -1,0 +1,211 @@
+"""One batch pipeline: what every image goes through, in one process or on a Dask worker.
+
+An image's run is always the same steps: refuse outputs that are in the way,
+work out the size the net is fed (--size, --scale, --long-side/--short-side),
+map it at one scale or as a pyramid with detections, and write its files.
+`classify-map` runs `map_paths` in its own process; the Dask workers
+(distributed.py) call `map_image` and `save` on theirs, so a feature added
+here works in both, and each check exists once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, ContextManager, Iterator, Sequence
+
+from ..errors import FcnifyError, InputError, OutputExists
+from ..io.labels import Labels
+from ..io.models import ModelCard
+from .dense import DenseMap, DenseModel, Progress
+
+# (index, path) -> a context giving the image's progress callback (or None): the CLI's bar
+ProgressFor = Callable[[int, Path], ContextManager["Progress | None"]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Which net to load and how: all a Dask worker needs to load the same model as the client."""
+
+    card: ModelCard
+    engine: str = "caffe"
+    gpu: int | None = None
+    verbose: bool = False
+    output: str | None = None  # --output: the blob that is the class map
+    stride: int | None = None  # --stride: a finer map (stride.py)
+
+    def load(self) -> DenseModel:
+        """The loaded model; close it (or use it in a `with` block) when done."""
+        return DenseModel(self.card, engine=self.engine, gpu=self.gpu, verbose=self.verbose,
+                          output=self.output, stride=self.stride)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapJob:
+    """How every image of a run is mapped and saved (the options of classify-map).
+
+    At most one of size, scale, long_side and short_side; `scales` (a pyramid)
+    and `detect` resize the image themselves, so they take none of them.
+    `cls` is a class index or name as given; `for_model` checks it.
+    """
+
+    size: tuple[int, int] | None = None
+    scale: float | None = None
+    long_side: int | None = None
+    short_side: int | None = None
+    budget: int | None = None  # bytes; None: half the free memory
+    tile: int | None = None
+    scales: tuple[float, ...] | None = None
+    detect: bool = False
+    threshold: float = 0.9
+    nms_iou: float = 0.3
+    cls: int | str | None = None
+    top_k: int = 5
+    command: str | None = None  # recorded in the JSON outputs
+    force: bool = False
+    heat_scale: str = "map"
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InputError("give one of --size, --scale, --long-side, --short-side")
+        if self.pyramid and given:
+            raise InputError("--scales and --detect resize the image themselves: drop --size/--scale"
+                             + ("/--long-side/--short-side" if set(given) - {"size", "scale"} else ""))
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"--threshold {self.threshold:g}: not a probability in [0, 1]")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise InputError(f"--nms-iou {self.nms_iou:g}: not an overlap in (0, 1]")
+
+    @property
+    def pyramid(self) -> bool:
+        """Whether images go through pyramid.map_pyramid (--scales or --detect)."""
+        return self.scales is not None or self.detect
+
+    @property
+    def scale_list(self) -> list[float]:
+        return list(self.scales) if self.scales else [1.0]
+
+    def for_model(self, model: DenseModel) -> "MapJob":
+        """This job with --class checked against the model and turned into its index."""
+        return replace(self, cls=class_id(self.cls, model.num_classes, model.labels))
+
+    def feed(self, path: Path) -> tuple[tuple[int, int] | None, float | None]:
+        """(size, scale) for DenseModel.classify: --long-side/--short-side become the image's factor."""
+        if self.long_side is None and self.short_side is None:
+            return self.size, self.scale
+        from ..io.images import image_size, side_scale
+        return None, side_scale(image_size(path), self.long_side, self.short_side)
+
+
+@dataclass
+class MapResult:
+    """One image of a batch: its map (the fused one for a pyramid), what was written, or why it failed."""
+
+    path: Path
+    map: DenseMap | None = None
+    pyramid: object | None = None  # pyramid.PyramidResult for --scales/--detect
+    written: list[Path] = field(default_factory=list)
+    error: FcnifyError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def detections(self) -> list | None:
+        return getattr(self.pyramid, "detections", None)
+
+
+def class_id(cls: int | str | None, num_classes: int, labels: Labels | None) -> int | None:
+    """--class as a class index (an index, or a name when the net has labels), checked against the net."""
+    if cls is None:
+        return None
+    if labels is not None:
+        from ..io.labels import resolve_class
+        index = resolve_class(labels, cls)
+    else:
+        try:
+            index = int(cls)
+        except ValueError:
+            raise InputError(f"--class {cls}: this model has no labels; give a class number "
+                             "(or a labels file with --labels)") from None
+    if not 0 <= index < num_classes:
+        raise InputError(f"--class {cls}: the net has classes 0..{num_classes - 1}")
+    return index
+
+
+def output_paths(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = ()) -> list[Path]:
+    """Every file an image's run writes: its map's, each scale's (a pyramid), its detections'."""
+    from ..io.outputs import output_names
+    from .pyramid import scale_name
+    names = [name]
+    if job.pyramid and len(job.scale_list) > 1:
+        names += [scale_name(name, s) for s in job.scale_list]
+    paths = [p for n in names for p in output_names(Path(out_dir), n, tuple(heads)).values()]
+    if job.detect:
+        paths += [Path(out_dir) / f"{name}.detections.json", Path(out_dir) / f"{name}.detections.png"]
+    return paths
+
+
+def check_outputs(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = (),
+                  image: Path | None = None, force: bool | None = None) -> None:
+    """Refuse an image's outputs before its work, naming the image and the file in the way."""
+    from ..files import OutputSet
+    checker = OutputSet(job.force if force is None else force)
+    for final in output_paths(out_dir, name, job, heads):
+        try:
+            checker.check(final)
+        except OutputExists as exc:
+            raise OutputExists(exc.final, image) from None
+
+
+def map_image(model: DenseModel, path: Path, job: MapJob, progress: Progress | None = None) -> MapResult:
+    """Map one image as the job says: one DenseMap, or a pyramid (fused map, per-scale maps, boxes)."""
+    path = Path(path)
+    if not job.pyramid:
+        size, scale = job.feed(path)
+        return MapResult(path, model.classify(path, size, scale, job.budget, job.tile, progress))
+    from .pyramid import map_pyramid
+    detect = None
+    if job.detect:
+        detect = {"scales": job.scale_list, "threshold": job.threshold, "iou": job.nms_iou,
+                  "detect": True, "classes": None if job.cls is None else [job.cls]}
+    found = map_pyramid(model, path, job.scale_list, job.budget, job.tile, detect, progress)
+    return MapResult(path, found.fused, found)
+
+
+def save(result: MapResult, out_dir: Path, name: str, job: MapJob, force: bool | None = None) -> list[Path]:
+    """Write the image's files (the pyramid's when there is one) and note them in the result."""
+    force = job.force if force is None else force
+    what = result.pyramid if result.pyramid is not None else result.map
+    result.written = what.save(out_dir, name, job.cls, job.top_k, job.command, force, job.heat_scale)
+    return result.written
+
+
+def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Path | None = None,
+              names: dict[Path, str] | None = None,
+              progress: ProgressFor | None = None) -> Iterator[MapResult]:
+    """Map images one after another with one loaded model, yielding each image's result.
+
+    An image that fails (bad file, output in the way, too small) gives a
+    result with its error and the batch goes on; `job` must have been
+    through `for_model`. With `out_dir`, each image's files are written
+    under `names[path]` (outputs.unique_names), refused before the work if
+    one is in the way.
+    """
+    for i, path in enumerate(paths):
+        path = Path(path)
+        name = (names or {}).get(path) or path.stem
+        try:
+            if out_dir is not None:
+                check_outputs(Path(out_dir), name, job, tuple(model.heads), path)
+            if progress is None:
+                result = map_image(model, path, job)
+            else:
+                with progress(i, path) as bar:
+                    result = map_image(model, path, job, bar)
+            if out_dir is not None:
+                save(result, Path(out_dir), name, job)
+        except FcnifyError as exc:
+            result = MapResult(path, error=exc)
+        yield result
