@@ -129,7 +129,7 @@ def test_original_size_map_equals_classifier(caffenet, tmp_path):
     try:
         rng = np.random.default_rng(5)
         img = rng.integers(0, 256, (227, 227, 3), dtype=np.uint8)
-        scores, _ = model.run(img, scores=True)
+        scores, _ = model.run_scores(img)
         assert scores.shape == (1000, 1, 1)
         original = model.runner.load(proto, weights)
         x = model.card.preprocess.apply(img)[None]

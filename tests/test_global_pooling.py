@@ -57,7 +57,7 @@ def test_global_pooling_head_made_dense(tmp_path, head):
     rgb = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     model = fcnify.DenseModel(card)
     try:
-        scores, _ = model.run(rgb, scores=True)
+        scores, _ = model.run_scores(rgb)
     finally:
         model.close()
     assert scores.shape[1:] == (13, 13)  # 40 -> conv 36 -> pool 18 -> conv 16 -> 4x4 pool 13

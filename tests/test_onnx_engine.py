@@ -36,7 +36,7 @@ def digits_fcn(tmp_path_factory):
 def _scores(engine: str, card, rgb, **run):
     model = DenseModel(card, engine=engine)
     try:
-        scores, info = model.run(rgb, scores=True, **run)
+        scores, info = model.run_scores(rgb, **run)
         x = model.card.preprocess.apply(rgb)[None]
         score_layer = next(l for l in model.netdef.param.layer if model.score_blob in l.top)
         below = score_layer.bottom[0]  # what the score layer reads, as Caffe computed it
@@ -69,11 +69,11 @@ def test_tiles_and_budget_use_onnx_memory(digits_fcn):
     rgb = load_image(SCENE)
     model = DenseModel(card, engine="onnx")
     try:
-        whole, info = model.run(rgb, scores=True)
+        whole, info = model.run_scores(rgb)
         est = onnx_memory(model.netdef.param, 480, 640)
         assert est.total < estimate(model.netdef.param, 480, 640).total  # frees what no layer reads
         budget = int(est.total * 0.5)
-        tiled, tinfo = model.run(rgb, budget=budget, scores=True)
+        tiled, tinfo = model.run_scores(rgb, budget=budget)
         assert info["tiles"] == 1 and tinfo["tiles"] > 1
         side = max(tinfo["tile_size"])
         assert onnx_memory(model.netdef.param, side, side).total <= budget

@@ -105,7 +105,7 @@ def test_lenet_dense_cell_equals_lenet_on_the_crop(lenet_card):
     scene, placed = digit_scene(200, 240, 12, seed=5, grid=4)
     model = fcnify.DenseModel(fcnify.read_card(lenet_card))
     try:
-        scores, _ = model.run(scene, scores=True)
+        scores, _ = model.run_scores(scene)
     finally:
         model.close()
     pre = fcnify.read_card(lenet_card).preprocess
@@ -275,8 +275,8 @@ def test_transposed_net_tiled_equals_whole(rnet_card):
     rgb = load_image(MTCNN_PHOTOS[1])[:150, :110]
     model = fcnify.DenseModel(fcnify.read_card(rnet_card))
     try:
-        whole, info = model.run(rgb, scores=True)
-        tiled, tiled_info = model.run(rgb, tile=60, scores=True)
+        whole, info = model.run_scores(rgb)
+        tiled, tiled_info = model.run_scores(rgb, tile=60)
     finally:
         model.close()
     assert info["mode"] == "whole" and tiled_info["mode"] == "tiled" and tiled_info["tiles"] > 1

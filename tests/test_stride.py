@@ -57,11 +57,11 @@ def test_lenet_plan_is_atrous_then_shift(lenet_models):
 def test_lenet_shift_and_stitch_equals_shifted_runs(lenet_models):
     """Shift-and-stitch only: cell (r, c) is, bit for bit, the stride-4 map of the shifted image."""
     scene, _ = digit_scene(70, 83, 3, seed=3, gap=4)
-    fine, _ = lenet_models["s1_shift"].run(scene, scores=True)
+    fine, _ = lenet_models["s1_shift"].run_scores(scene)
     native = lenet_models["native"]
     for dy in range(4):
         for dx in range(4):
-            ref, _ = native.run(scene[dy:, dx:], scores=True)
+            ref, _ = native.run_scores(scene[dy:, dx:])
             part = fine[:, dy::4, dx::4]
             assert np.array_equal(part, ref[:, :part.shape[1], :part.shape[2]]), (dy, dx)
     # every full 28-px window, and (Caffe's ceil rounding in pooling) those hanging over the edge
@@ -73,7 +73,7 @@ def test_lenet_cells_equal_the_classifier_on_crops(lenet_models, key):
     """LeNet has no padding: every cell equals the original net on the 28x28 crop at (r*S, c*S)."""
     scene, _ = digit_scene(64, 61, 3, seed=4, gap=4)
     model = lenet_models[key]
-    fine, _ = model.run(scene, scores=True)
+    fine, _ = model.run_scores(scene)
     s = model.geometry.stride[0]
     original = model.runner.load(LENET_DEF, LENET_WEIGHTS)
     try:
@@ -93,13 +93,13 @@ def test_lenet_cells_equal_the_classifier_on_crops(lenet_models, key):
 def test_lenet_stride_with_tiles_and_torch(lenet_models):
     """--stride 1 gives the same map tiled (forced 40-px tiles) and on the torch engine."""
     scene, _ = digit_scene(90, 100, 4, seed=5, gap=4)
-    whole, info = lenet_models["s1"].run(scene, scores=True)
-    tiled, tinfo = lenet_models["s1"].run(scene, tile=40, scores=True)
+    whole, info = lenet_models["s1"].run_scores(scene)
+    tiled, tinfo = lenet_models["s1"].run_scores(scene, tile=40)
     assert info["mode"] == "whole" and tinfo["mode"] == "tiled"
     assert _close(tiled, whole)
     torch_model = DenseModel(lenet_card(), engine="torch", stride=1)
     try:
-        on_torch, _ = torch_model.run(scene, scores=True)
+        on_torch, _ = torch_model.run_scores(scene)
     finally:
         torch_model.close()
     # the torch engine is held to Caffe at 1e-4 (see tests/test_torch_engine.py)
@@ -158,10 +158,10 @@ def test_caffenet_stride_16(caffenet_card):
     shifted = DenseModel(caffenet_card, runner=native.runner, stride=16, atrous=False)
     atrous = DenseModel(caffenet_card, runner=native.runner, stride=16)
     try:
-        base, _ = native.run(img, scores=True)
-        refs = {(i, j): native.run(img[16 * i:, 16 * j:], scores=True)[0] for i in (0, 1) for j in (0, 1)}
-        stitched, _ = shifted.run(img, scores=True)
-        fine, _ = atrous.run(img, scores=True)
+        base, _ = native.run_scores(img)
+        refs = {(i, j): native.run_scores(img[16 * i:, 16 * j:])[0] for i in (0, 1) for j in (0, 1)}
+        stitched, _ = shifted.run_scores(img)
+        fine, _ = atrous.run_scores(img)
         for (i, j), ref in refs.items():
             part = stitched[:, i::2, j::2]
             assert np.array_equal(part, ref[:, :part.shape[1], :part.shape[2]]), (i, j)

@@ -83,8 +83,8 @@ def _equal_to_rounding(model, img: np.ndarray, whole: np.ndarray, tiled: np.ndar
 def test_caffenet_tiled_equals_whole(caffenet_fcn, h, w, tile):
     """CaffeNet scores stitched from tiles equal the whole image's, at several sizes and tiles."""
     img = _image(h, w, seed=h + w)
-    whole, info_w = caffenet_fcn.run(img, budget=1 << 40, scores=True)
-    tiled, info_t = caffenet_fcn.run(img, tile=tile, scores=True)
+    whole, info_w = caffenet_fcn.run_scores(img, budget=1 << 40)
+    tiled, info_t = caffenet_fcn.run_scores(img, tile=tile)
     assert info_w["mode"] == "whole" and info_t["mode"] == "tiled" and info_t["tiles"] > 1
     assert whole.shape == tiled.shape == (1000,) + map_size(caffenet_fcn.netdef.param, h, w)
     _equal_to_rounding(caffenet_fcn, img, whole, tiled)
@@ -95,8 +95,8 @@ def test_stride8_tiled_equals_whole(stride8_fcn, h, w, tile):
     """A stride-8 net with dilation, padded AVE pooling and LRN tiles exactly too."""
     assert stride8_fcn.geometry.stride == (8, 8)
     img = _image(h, w, seed=h * w)
-    whole, _ = stride8_fcn.run(img, budget=1 << 40, scores=True)
-    tiled, info = stride8_fcn.run(img, tile=tile, scores=True)
+    whole, _ = stride8_fcn.run_scores(img, budget=1 << 40)
+    tiled, info = stride8_fcn.run_scores(img, tile=tile)
     assert info["tiles"] > 1
     _equal_to_rounding(stride8_fcn, img, whole, tiled)
 
@@ -104,7 +104,7 @@ def test_stride8_tiled_equals_whole(stride8_fcn, h, w, tile):
 def test_naive_tiling_is_not_exact(stride8_fcn):
     """Cutting tiles without the reach margin changes cells: the test data can see a wrong tiling."""
     img = _image(203, 157, seed=1)
-    whole, _ = stride8_fcn.run(img, budget=1 << 40, scores=True)
+    whole, _ = stride8_fcn.run_scores(img, budget=1 << 40)
     net = stride8_fcn.net
     blob = stride8_fcn.score_blob
     # the left half on its own, as a user cutting by hand would do

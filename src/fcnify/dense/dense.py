@@ -33,6 +33,7 @@ from .tiling import Tile, min_tile, overlap_warning, plan
 from ..surgery.transplant import check_weights
 
 Progress = Callable[[int, int], None]
+TileBlocks = tuple[np.ndarray, dict[str, np.ndarray]]  # a tile's class block, {other head: its block}
 
 
 @dataclass
@@ -340,29 +341,41 @@ class DenseModel:
         return tiles, (size if len(tiles) > 1 else None)
 
     def run(self, rgb: np.ndarray, budget: int | None = None, tile: int | None = None,
-            progress: Progress | None = None, scores: bool = False) -> tuple[np.ndarray, dict]:
+            progress: Progress | None = None) -> tuple[np.ndarray, dict]:
         """Probabilities (classes x rows x cols) for an 8-bit RGB image; preprocessing per tile.
 
-        With `scores`, the raw scores before Softmax instead (what tests compare:
-        probabilities saturate and can hide differences). A finer --stride than
-        the (rewritten) net's runs it once per offset and interleaves the maps.
+        A finer --stride than the (rewritten) net's runs it once per offset and
+        interleaves the maps.
         """
+        return self._run(rgb, budget, tile, progress, self.run_tiles)
+
+    def run_scores(self, rgb: np.ndarray, budget: int | None = None, tile: int | None = None,
+                   progress: Progress | None = None) -> tuple[np.ndarray, dict]:
+        """The raw scores before Softmax, as run() maps probabilities.
+
+        What tests compare: probabilities saturate and can hide differences.
+        """
+        return self._run(rgb, budget, tile, progress, self.score_tiles)
+
+    def _run(self, rgb: np.ndarray, budget: int | None, tile: int | None, progress: Progress | None,
+             blocks: Callable) -> tuple[np.ndarray, dict]:
         if self.shifts > 1:
             from .stride import shift_and_stitch
-            return shift_and_stitch(lambda part: self._run_grid(part, budget, tile, progress, scores),
+            return shift_and_stitch(lambda part: self._run_grid(part, budget, tile, progress, blocks),
                                     rgb, self.shifts, self.geometry.stride[0], self.cells,
                                     self.num_classes)
-        return self._run_grid(rgb, budget, tile, progress, scores)
+        return self._run_grid(rgb, budget, tile, progress, blocks)
 
     def _run_grid(self, rgb: np.ndarray, budget: int | None, tile: int | None,
-                  progress: Progress | None, scores: bool) -> tuple[np.ndarray, dict]:
+                  progress: Progress | None, blocks: Callable) -> tuple[np.ndarray, dict]:
+        """One pass of the net over the image's tiles; `blocks` is run_tiles or score_tiles."""
         h, w = rgb.shape[:2]
         tiles, tile_size = self.plan(h, w, budget, tile)
         rows, cols = self.cells(h, w)
         probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
         heads = {name: np.empty((c, rows, cols), dtype=np.float32) for name, c in self.heads.items()}
         seconds = {"preprocess": 0.0, "forward": 0.0}
-        for i, (t, part) in enumerate(self.run_tiles(rgb, tiles, scores, seconds, heads=True)):
+        for i, (t, part) in enumerate(blocks(rgb, tiles, seconds=seconds)):
             probs[t.cells] = part[0]
             for name, block in part[1].items():
                 heads[name][t.cells] = block
@@ -372,24 +385,35 @@ class DenseModel:
                 "tile_size": tile_size, "heads": heads, **seconds}
         return probs, info
 
-    def run_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], scores: bool = False,
-                  seconds: dict[str, float] | None = None, heads: bool = False
-                  ) -> Iterator[tuple[Tile, np.ndarray]]:
-        """Each tile of a plan with the block of map cells it contributes (classes x rows x cols).
+    def run_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], *,
+                  seconds: dict[str, float] | None = None) -> Iterator[tuple[Tile, TileBlocks]]:
+        """Each tile of a plan with the map cells it contributes: (class probabilities, {head: block}).
 
-        The block belongs at [:, y.first:y.last + 1, x.first:x.last + 1] of the
-        whole map. Tiles are independent, so one plan (which depends on the
-        machine's memory budget, so it is made once) can be split over processes
-        and stitched: run() does it in one loop, fcnify.dense.distributed over a
-        cluster. `seconds` accumulates 'preprocess' and 'forward' times. Tiles
-        and blocks are in the image's orientation, also for a transposed net.
-        With `heads`, each block is (class block, {other output: its block}),
-        computed in the same forward pass.
+        Blocks are classes (or a head's channels) x rows x cols and belong at
+        [:, y.first:y.last + 1, x.first:x.last + 1] of the whole map; the net's
+        other heads (DenseModel.heads) come from the same forward pass. Tiles
+        are independent, so one plan (which depends on the machine's memory
+        budget, so it is made once) can be split over processes and stitched:
+        run() does it in one loop, fcnify.dense.distributed over a cluster.
+        `seconds` accumulates 'preprocess' and 'forward' times. Tiles and
+        blocks are in the image's orientation, also for a transposed net.
         """
+        if self.softmaxed:  # the net's own Softmax output
+            yield from self._forward_tiles(rgb, tiles, self.output_blob, seconds)
+            return
+        for t, (part, heads) in self._forward_tiles(rgb, tiles, self.score_blob, seconds):
+            yield t, (softmax(part.astype(np.float32)), heads)
+
+    def score_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], *,
+                    seconds: dict[str, float] | None = None) -> Iterator[tuple[Tile, TileBlocks]]:
+        """run_tiles with the raw scores before Softmax as the class block."""
+        return self._forward_tiles(rgb, tiles, self.score_blob, seconds)
+
+    def _forward_tiles(self, rgb: np.ndarray, tiles: Sequence[Tile], blob: str,
+                       seconds: dict[str, float] | None) -> Iterator[tuple[Tile, TileBlocks]]:
+        """Each tile's block of `blob` and of the other heads, cut to the cells the tile owns."""
         pre = self.card.preprocess
-        raw = scores or not self.softmaxed
-        blob = self.score_blob if raw else self.output_blob
-        wanted = [blob] + (list(self.heads) if heads else [])
+        wanted = [blob] + list(self.heads)
         seconds = {} if seconds is None else seconds
         for t in tiles:
             t0 = time.perf_counter()
@@ -406,10 +430,7 @@ class DenseModel:
                 if self.transposed:  # the net's rows are the image's columns
                     out = out.transpose(0, 2, 1)
                 blocks[name] = out[:, ys, xs]
-            part = blocks.pop(blob)
-            if raw and not scores:
-                part = softmax(part.astype(np.float32))
-            yield t, ((part, blocks) if heads else part)
+            yield t, (blocks.pop(blob), blocks)
 
     def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
                  scale: float | None = None, budget: int | None = None, tile: int | None = None,

@@ -506,8 +506,7 @@ def _run_tiles(job: Job, path: str, plan: TilePlan, tiles: tuple[Tile, ...]) -> 
                                  path)
             timings = {"load_image": time.perf_counter() - t0}
             cells = tuple((part.copy(), {k: v.copy() for k, v in heads.items()})
-                          for _, (part, heads) in model.run_tiles(pixels, tiles, seconds=timings,
-                                                                  heads=True))
+                          for _, (part, heads) in model.run_tiles(pixels, tiles, seconds=timings))
         return TileCells(tiles, cells, timings, time.perf_counter() - t0, _here())
     except FcnifyError as exc:
         return _failure(path, exc)
