@@ -114,7 +114,7 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
     return Path.cwd() / stem
 
 
-def prepare(model_def: str | Path, weights: str | Path, input_size: tuple[int, int] | None = None,
+def prepare(model_def: str | Path, weights: str | Path, *, input_size: tuple[int, int] | None = None,
             card: ModelCard | None = None, layer_types: frozenset[str] | None = None,
             engine: str = "caffe", keep_names: bool = False) -> tuple[ConvertResult, Weights]:
     """Everything that needs no Caffe: parse, check, convert, transplant.
@@ -233,9 +233,10 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     if preprocess is not None:
         card = card_for(Path(model_def), Path(weights), card, preprocess)
     runner = runner if (runner is not None or not check) else make_engine("caffe", gpu)
-    result, _ = prepare(model_def, weights, input_size, card,
-                        runner.layer_types() if runner is not None else None,
-                        runner.name if runner is not None else "caffe", keep_output_names)
+    result, _ = prepare(model_def, weights, input_size=input_size, card=card,
+                        layer_types=runner.layer_types() if runner is not None else None,
+                        engine=runner.name if runner is not None else "caffe",
+                        keep_names=keep_output_names)
     if not result.changed:
         return result
     prefix = Path(out_prefix) if out_prefix else default_prefix(Path(model_def), card)
@@ -258,12 +259,13 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     return result
 
 
-def convert_in_memory(model_def: str | Path, weights: str | Path, card: ModelCard | None = None,
+def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: ModelCard | None = None,
                       runner: Engine | None = None, check: bool = True,
                       workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
     """Convert into a temporary folder (for classify-map on an unconverted net)."""
     runner = runner or make_engine("caffe")
-    result, _ = prepare(model_def, weights, None, card, runner.layer_types(), runner.name)
+    result, _ = prepare(model_def, weights, card=card, layer_types=runner.layer_types(),
+                        engine=runner.name)
     if not result.changed:
         raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
                               "fully-convolutional net", Path(model_def))

@@ -49,7 +49,7 @@ def fully_convolutional(card) -> tuple[object, dict[str, list[np.ndarray]], bool
     net = read_netdef(card.model_def).param
     check_exportable(net, card.model_def)
     if any(layer.type == "InnerProduct" for layer in net.layer):
-        result, _ = prepare(card.model_def, card.weights, None, card, EXPORTABLE, "onnx")
+        result, _ = prepare(card.model_def, card.weights, card=card, layer_types=EXPORTABLE, engine="onnx")
         return result.surgery.net, result.blobs, True
     return net, net_params(net, card.weights, card.model_def), False
 

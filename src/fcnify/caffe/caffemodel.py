@@ -283,7 +283,7 @@ def legacy_shape(shape: Shape) -> Shape:
     return (1,) * (4 - len(shape)) + tuple(shape)
 
 
-def shapes_match(expected: Shape, stored: np.ndarray, legacy: bool) -> bool:
+def shapes_match(expected: Shape, stored: np.ndarray, *, legacy: bool) -> bool:
     """Blob::ShapeEquals: exact shape, or for legacy blobs the 4-axis view."""
     if legacy:
         return legacy_shape(tuple(expected)) == tuple(stored.shape)

@@ -418,7 +418,7 @@ def rounds_up(p) -> bool:
     return not (hasattr(p, "round_mode") and p.round_mode == p.FLOOR)
 
 
-def pooled_size(size: int, kernel: int, stride: int, pad: int, ceil: bool = True,
+def pooled_size(size: int, kernel: int, stride: int, pad: int, *, ceil: bool = True,
                 padded: bool | None = None) -> int:
     """Caffe's pooled output size: ceil (or round_mode FLOOR) rounding, then drop a window
     starting in the padding. Caffe drops it on both axes when either is padded (`padded`,
@@ -438,8 +438,8 @@ def _pooling(layer, bottoms):
     kernel, stride, pad = pool_geometry(layer.pooling_param, shape)
     ceil = rounds_up(layer.pooling_param)
     padded = any(pad)  # PoolingLayer::Reshape: `if (pad_h_ || pad_w_)` clips both axes
-    out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0], ceil, padded)
-    out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1], ceil, padded)
+    out_h = pooled_size(shape[2], kernel[0], stride[0], pad[0], ceil=ceil, padded=padded)
+    out_w = pooled_size(shape[3], kernel[1], stride[1], pad[1], ceil=ceil, padded=padded)
     if len(layer.top) > 1 and layer.pooling_param.pool != layer.pooling_param.MAX:
         raise ValueError("only MAX pooling can have a second (mask) top")
     top = (shape[0], shape[1], out_h, out_w)

@@ -72,13 +72,14 @@ class DenseMap:
 
     def box(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
         """Cell's window -> (x0, y0, x1, y1) in original-image pixels (x1, y1 exclusive)."""
-        return self._in_image(self.geometry.box(row, col), clip)
+        return self._in_image(self.geometry.box(row, col), clip=clip)
 
     def reach(self, row: int, col: int, clip: bool = True) -> tuple[float, float, float, float]:
         """Cell's reach, every pixel that can change it -> (x0, y0, x1, y1) in original-image pixels."""
-        return self._in_image(self.geometry.reach_box(row, col), clip)
+        return self._in_image(self.geometry.reach_box(row, col), clip=clip)
 
-    def _in_image(self, net_box: tuple[int, int, int, int], clip: bool) -> tuple[float, float, float, float]:
+    def _in_image(self, net_box: tuple[int, int, int, int], *,
+                  clip: bool) -> tuple[float, float, float, float]:
         x0, y0, x1, y1 = net_box
         sy, sx = self.scale
         box = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
@@ -178,7 +179,8 @@ class DenseMap:
         The heatmap's colours span the class's own range ("map") or 0-1 ("unit").
         """
         from ..io.outputs import save_outputs
-        return save_outputs(self, Path(out_dir), name, cls, top_k, command, force, heat_scale)
+        return save_outputs(self, Path(out_dir), name, cls, top_k, command, force=force,
+                            heat_scale=heat_scale)
 
 
 def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -205,7 +207,7 @@ class DenseModel:
             check_stride(card.model_def, stride)
         if converted:
             self.source: ModelCard | None = card
-            card = self._convert(card, self.runner, check)
+            card = self._convert(card, self.runner, check=check)
         else:
             self.source = None
         self.card = card
@@ -227,7 +229,7 @@ class DenseModel:
         self.stride_plan = None
         self.grid_geometry = self.geometry  # one pass of the net; differs when shift-and-stitched
         if stride is not None:  # a finer map: see stride.py
-            card, net = self._finer(card, net, stride, atrous)
+            card, net = self._finer(card, net, stride, atrous=atrous)
         shapes = infer(net, path=card.model_def)
         self.heads, self.unmapped_heads = other_heads(net, self.output_blob, card.model_def)
         if not converted:  # fcnify did not write this net and its weights: check what Caffe would
@@ -241,7 +243,7 @@ class DenseModel:
         self.net = self.runner.load(card.model_def, card.weights)
         self.load_seconds = time.perf_counter() - t0
 
-    def _convert(self, card: ModelCard, runner, check: bool) -> ModelCard:
+    def _convert(self, card: ModelCard, runner, *, check: bool) -> ModelCard:
         """Convert an unconverted net in memory, checked on the engine that will run it.
 
         The converted files live in a temporary folder removed by close() (or
@@ -249,15 +251,16 @@ class DenseModel:
         """
         from ..convert import convert_in_memory
         self._workdir = tempfile.TemporaryDirectory(prefix="fcnify-")
-        result, proto, model = convert_in_memory(card.model_def, card.weights, card, runner, check,
-                                                 Path(self._workdir.name))
+        result, proto, model = convert_in_memory(card.model_def, card.weights, card=card, runner=runner,
+                                                 check=check, workdir=Path(self._workdir.name))
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
 
-    def _finer(self, card: ModelCard, net, stride: int, atrous: bool):
+    def _finer(self, card: ModelCard, net, stride: int, *, atrous: bool):
         """Rewrite the net à trous as far as it allows; shift-and-stitch does the rest in run()."""
         from ..caffe.netdef import to_text
         from .stride import plan_stride, rewrite_atrous, stitched_geometry
-        self.stride_plan = plan = plan_stride(net, self.geometry.stride, stride, atrous, card.model_def)
+        self.stride_plan = plan = plan_stride(net, self.geometry.stride, stride, atrous=atrous,
+                                              path=card.model_def)
         if plan.atrous > 1:
             self._strided = tempfile.TemporaryDirectory(prefix="fcnify-stride-")
             path = Path(self._strided.name) / f"{Path(card.model_def).stem}_stride{stride}.prototxt"

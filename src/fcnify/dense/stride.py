@@ -97,7 +97,7 @@ def _dilatable(layer) -> bool:
     return False
 
 
-def plan_stride(net, net_stride: tuple[int, int], stride: int, atrous: bool = True,
+def plan_stride(net, net_stride: tuple[int, int], stride: int, *, atrous: bool = True,
                 path: Path | None = None) -> StridePlan:
     """How to make a stride-`stride` map; InputError when it does not divide the net's stride."""
     ny, nx = net_stride

@@ -133,7 +133,7 @@ class EngineEntry:
     cls: str
     summary: str
 
-    def create(self, gpu: int | None = None, verbose: bool = False) -> Engine:
+    def create(self, gpu: int | None = None, *, verbose: bool = False) -> Engine:
         """The engine, on the CPU or CUDA device `gpu` (SetupError if its package is missing)."""
         factory = getattr(importlib.import_module(self.module), self.cls)
         return factory(gpu=gpu, verbose=verbose)
@@ -160,7 +160,7 @@ def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose: 
     entry = ENGINES.get(name)
     if entry is None:
         raise InputError(f"unknown engine '{name}' (one of: {', '.join(ENGINES)})")
-    return entry.create(gpu, verbose)
+    return entry.create(gpu, verbose=verbose)
 
 
 def _caffe_has_cudnn() -> bool:

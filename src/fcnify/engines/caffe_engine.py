@@ -111,7 +111,7 @@ class CaffeRunner:
     name = "caffe"
 
     def __init__(self, gpu: int | None = None, verbose: bool = False, box: Sandbox | None = None) -> None:
-        self.box = box or shared(verbose)
+        self.box = box or shared(verbose=verbose)
         self.gpu = gpu
         self.restore_mode()
 

@@ -272,7 +272,8 @@ def _pooling(g: Graph, layer, xs: list[str]) -> list[str]:
                        "-FLT_MAX (MAX) or divides by zero (AVE)")
     if is_max and ceil and not any(pad):  # ONNX's ceil_mode: the same windows, the same size
         return [g.op("MaxPool", [x], layer.name, kernel_shape=kernel, strides=stride, ceil_mode=1)]
-    after = [_pad_after(g, x, 2 + i, kernel[i], stride[i], pad[i], ceil, any(pad)) for i in (0, 1)]
+    after = [_pad_after(g, x, 2 + i, kernel[i], stride[i], pad[i], ceil=ceil, padded=any(pad))
+             for i in (0, 1)]
     pads = g.op("Concat", [g.const([0, 0, *pad], INT64), g.const([0, 0], INT64), *after],
                 f"{layer.name}/pads", axis=0)
     fill = g.const(-np.inf if is_max else 0.0)
@@ -283,7 +284,7 @@ def _pooling(g: Graph, layer, xs: list[str]) -> list[str]:
     return [g.op("Mul", [avg, _ave_factor(g, layer, avg, x, kernel, stride, pad)], layer.name)]
 
 
-def _pad_after(g: Graph, x: str, axis: int, k: int, s: int, p: int, ceil: bool, padded: bool) -> str:
+def _pad_after(g: Graph, x: str, axis: int, k: int, s: int, p: int, *, ceil: bool, padded: bool) -> str:
     """Padding after the input on `axis` so the last of Caffe's windows lies inside (>= 0;
     a pool without padding ignores the fewer than `s` rows left over)."""
     size = g.dim(x, axis)

@@ -179,7 +179,7 @@ class Sandbox:
 _shared: dict[bool, Sandbox] = {}
 
 
-def shared(verbose: bool = False) -> Sandbox:
+def shared(*, verbose: bool = False) -> Sandbox:
     """The process-wide sandbox (one worker, reused by every call)."""
     box = _shared.get(verbose)
     if box is None:

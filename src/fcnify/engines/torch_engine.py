@@ -293,14 +293,14 @@ def _pooling(layer, params) -> Op:
         x = xs[0]
         if x.ndim != 4:
             raise ValueError(f"needs a 4-axis input, got {tuple(x.shape)}")
-        return [caffe_pool(x, p.pool == p.MAX, *pool_geometry(p, tuple(x.shape)), ceil)]
+        return [caffe_pool(x, *pool_geometry(p, tuple(x.shape)), is_max=p.pool == p.MAX, ceil=ceil)]
     return run
 
 
-def caffe_pool(x, is_max: bool, kernel, stride, pad, ceil: bool = True):
+def caffe_pool(x, kernel, stride, pad, *, is_max: bool, ceil: bool = True):
     """MAX or AVE pooling of an N x C x H x W tensor exactly as Caffe's PoolingLayer."""
     sizes = x.shape[2:]
-    out = [pooled_size(sizes[i], kernel[i], stride[i], pad[i], ceil, any(pad)) for i in (0, 1)]
+    out = [pooled_size(sizes[i], kernel[i], stride[i], pad[i], ceil=ceil, padded=any(pad)) for i in (0, 1)]
     # pad so that every window lies inside: pad before, and after up to the last window's end
     # (negative when floor rounding leaves rows unused: F.pad then crops them)
     after = [(out[i] - 1) * stride[i] + kernel[i] - sizes[i] - pad[i] for i in (0, 1)]

@@ -313,7 +313,7 @@ def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = No
 
 
 def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: int,
-                 command: str | None, force: bool, heat_scale: str = "map") -> list[Path]:
+                 command: str | None, *, force: bool, heat_scale: str = "map") -> list[Path]:
     """The four files for one image (and one .npy per other output head), written all at once."""
     name = name or (dm.image_path.stem if dm.image_path else "image")
     cls = dm.default_class() if cls is None else cls

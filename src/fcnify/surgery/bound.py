@@ -145,7 +145,8 @@ def _pool_max(p, a: np.ndarray) -> np.ndarray:
     the error of a maximum or of an average is at most the largest error in the window)."""
     kernel, stride, pad = pool_geometry(p, a.shape)
     ceil = rounds_up(p)
-    out = [pooled_size(a.shape[2 + i], kernel[i], stride[i], pad[i], ceil, any(pad)) for i in (0, 1)]
+    out = [pooled_size(a.shape[2 + i], kernel[i], stride[i], pad[i], ceil=ceil, padded=any(pad))
+           for i in (0, 1)]
     after = [max(0, (out[i] - 1) * stride[i] + kernel[i] - a.shape[2 + i] - pad[i]) for i in (0, 1)]
     padded = np.pad(a, ((0, 0), (0, 0), (pad[0], after[0]), (pad[1], after[1])))
     result = np.zeros(a.shape[:2] + tuple(out))

@@ -64,7 +64,7 @@ def check_weights(shapes: NetShapes, weights: Weights, prototxt: Path | None = N
             raise WeightsError(f"layer '{name}' expects {len(shapes_expected)} parameter blob(s) "
                                f"({roles}), {wname} has {len(lw.blobs)}", wpath)
         for i, (want, blob) in enumerate(zip(shapes_expected, lw.blobs)):
-            if not shapes_match(want, blob, lw.legacy[i] if i < len(lw.legacy) else False):
+            if not shapes_match(want, blob, legacy=lw.legacy[i] if i < len(lw.legacy) else False):
                 hint = ""
                 if i in (0, 1) and len(want) >= 1 and blob.ndim >= 1 and want[0] != blob.shape[0]:
                     hint = " (a different num_output: fine-tuned for other classes?)"
@@ -87,7 +87,7 @@ def check_weights(shapes: NetShapes, weights: Weights, prototxt: Path | None = N
     return WeightsCheck(unused)
 
 
-def _as_shape(blob: np.ndarray, want: Shape, legacy: bool) -> np.ndarray:
+def _as_shape(blob: np.ndarray, want: Shape, *, legacy: bool) -> np.ndarray:
     """A stored blob viewed in its declared shape (legacy 4-axis blobs squeezed)."""
     if tuple(blob.shape) == tuple(want):
         return blob
@@ -118,7 +118,7 @@ def transplant(surgery: Surgery, weights: Weights, checked: WeightsCheck | None 
         lw = weights[src]
         arrays = []
         for i, new_shape in enumerate(ls.params):
-            blob = _as_shape(lw.blobs[i], old_params[src][i], lw.legacy[i])
+            blob = _as_shape(lw.blobs[i], old_params[src][i], legacy=lw.legacy[i])
             transposed = False
             if ls.name in converted and i == 0:
                 conv = converted[ls.name]
