@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import fcnify
 from conftest import call_fcnify
@@ -187,3 +188,29 @@ def test_cli_options_override_the_card_field_by_field(digits_card, files, tmp_pa
     assert docs["explicit"]["labels"] == str(files["labels"])
     assert docs["explicit"]["preprocess"] == {**card.preprocess.to_dict(), "input_scale": -0.25}
     assert not np.allclose(maps["card"], maps["explicit"], atol=1e-3)
+
+
+def test_dense_model_takes_a_name_or_a_card_path(digits_card):
+    """DenseModel("x_full_conv.json") is DenseModel(read_card(...)): the same card, the same map."""
+    scene = np.asarray(Image.open(SCENE).convert("RGB"))[:96, :128]
+    maps = []
+    for given in (str(digits_card), fcnify.read_card(digits_card)):
+        model = fcnify.DenseModel(given)
+        try:
+            assert model.card.card_path == Path(digits_card)
+            maps.append(model.run_scores(scene)[0])
+        finally:
+            model.close()
+    assert np.array_equal(maps[0], maps[1])
+
+
+def test_a_converted_card_with_missing_weights_is_not_sent_to_fetch(digits_card, tmp_path):
+    """A converted CaffeNet card whose weights are gone: 'not found', not `fcnify fetch caffenet`."""
+    data = json.loads(Path(digits_card).read_text())
+    card = tmp_path / "caffenet_full_conv.json"
+    card.write_text(json.dumps({**data, "name": "caffenet", "weights": str(tmp_path / "gone.caffemodel"),
+                                "model_def": str(Path(digits_card).with_suffix(".prototxt"))}))
+    run = call_fcnify("classify-map", SCENE, "--card", card)
+    assert run.code == 2
+    assert run.err.strip().splitlines() == [f"fcnify: error: {tmp_path / 'gone.caffemodel'}: "
+                                            "weights (caffemodel) not found"]

@@ -191,11 +191,17 @@ def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 class DenseModel:
-    """A fully-convolutional net loaded once and reshaped per image or tile."""
+    """A fully-convolutional net loaded once and reshaped per image or tile.
 
-    def __init__(self, card: ModelCard, *, runner=None, engine: str = "caffe", gpu: int | None = None,
-                 verbose: bool = False, check: bool = True, output: str | None = None,
-                 stride: int | None = None, atrous: bool = True) -> None:
+    `card` is a ModelCard (resolve.resolve_card's, for explicit settings over
+    the card's), or a shipped model's name or a card's path, resolved as is.
+    """
+
+    def __init__(self, card: ModelCard | str | Path, *, runner=None, engine: str = "caffe",
+                 gpu: int | None = None, verbose: bool = False, check: bool = True,
+                 output: str | None = None, stride: int | None = None, atrous: bool = True) -> None:
+        if not isinstance(card, ModelCard):
+            card = resolve_card(card)
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None

@@ -129,10 +129,15 @@ def find_model(name: str) -> ModelCard:
         raise InputError(f"unknown model '{name}'; fcnify ships: {', '.join(cards) or 'none'}")
     card = read_card(cards[name])
     if card.weights is None:
-        from .fetch import MODELS
-        folder = MODELS.get(name, name)
-        card = replace(card, weights=models_dir() / folder / f"{folder}.caffemodel")
+        card = replace(card, weights=fetched_weights(name))
     return card
+
+
+def fetched_weights(name: str) -> Path:
+    """Where `fcnify fetch NAME` puts a shipped model's weights."""
+    from .fetch import MODELS
+    folder = MODELS.get(name, name)
+    return models_dir() / folder / f"{folder}.caffemodel"
 
 
 GENERIC_STEMS = frozenset({"deploy", "model", "net", "train_val", "test"})
@@ -186,7 +191,8 @@ def require_weights(card: ModelCard) -> Path:
     from .fetch import MODELS
     from ..files import check_input_file
     if card.name in MODELS and card.card_path is not None and (
-            card.weights is None or not Path(card.weights).exists()):
+            card.weights is None or (Path(card.weights) == fetched_weights(card.name)
+                                     and not Path(card.weights).exists())):
         raise InputError(f"weights for {card.name} not found at {card.weights}: run "
                          f"`fcnify fetch {card.name}` (downloads into {models_dir()}) or pass --weights")
     if card.weights is None:
