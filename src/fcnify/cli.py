@@ -515,8 +515,6 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     from .dense.pipeline import MapJob, ModelSpec
     from .io.images import list_images
     from .io.outputs import renamed_note, unique_names
-    if sum(v is not None for v in (size, scale, long_side, short_side)) > 1:
-        raise click.UsageError("give one of --size, --scale, --long-side, --short-side")
     dask = scheduler is not None or workers is not None
     if dask:
         _dask_usage(scheduler, workers, out_dir)

@@ -44,7 +44,7 @@ from .tiling import Tile
 if TYPE_CHECKING:
     from distributed import Client
 
-    from .dense import DenseMap, DenseModel
+    from .dense import DenseModel
     from ..io.labels import Labels
 
 WORKER_WAIT_S = 60.0  # how long a run waits for a cluster without workers to get one
