@@ -378,3 +378,17 @@ def test_cli_dask_detect_and_refused_outputs(client, crops, tmp_path):
     assert "crop4.x0.8.map.json" in run.out
     again = call_fcnify(*args)
     assert again.code == 2 and "crop4" in again.err and "already exists" in again.err, again.err
+
+
+def test_cli_dask_forced_tiles_warn_as_one_process(client, tmp_path):
+    """--tile 40 on a 240x320 scene under Dask prints the costly-tiles warning one process prints."""
+    scene = tmp_path / "scene.png"
+    Image.open(prototxt_dir() / "digits" / "scene.png").crop((0, 0, 320, 240)).save(scene)
+    warnings = {}
+    for mode, extra in (("dask", ("--scheduler", client.scheduler.address)), ("single", ())):
+        run = call_fcnify("classify-map", scene, "--model", "digits", "--tile", "40", "--quiet",
+                          "--out", tmp_path / mode, *extra)
+        assert run.code == 0, run.err
+        warnings[mode] = [line for line in run.err.splitlines() if "warning" in line]
+    assert len(warnings["single"]) == 1 and "--tile 40" in warnings["single"][0]
+    assert warnings["dask"] == warnings["single"]

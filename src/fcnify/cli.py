@@ -629,6 +629,8 @@ def _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet)
     def progress(result, done, total):
         if bar is not None:
             click.echo("\r\033[K", err=True, nl=False)  # the line below replaces the bar, then it is redrawn
+        for message in result.warnings:
+            _err(f"fcnify: warning: {_one_line(message)}")
         if fmt == "json":
             click.echo(json.dumps(result_document(result)))
         elif result.ok:

@@ -77,6 +77,7 @@ class TilePlan:
     tile_size: tuple[int, int] | None
     seconds: float
     worker: str
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class ImageResult:
     workers: tuple[str, ...] = ()  # workers that ran a part of it, the one that wrote the files last
     pid: int | None = None  # process id of the worker that wrote the files
     loads: int = 0  # times that process loaded the model in this run (1; more after a Caffe crash)
+    warnings: tuple[str, ...] = ()  # what DenseModel.warn said (costly forced tiles), for the client to show
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -406,13 +408,20 @@ def _forget_if_idle(key: str) -> bool:
 
 
 @contextmanager
-def _loaded(job: Job) -> Iterator["DenseModel"]:
+def _loaded(job: Job, said: list[str] | None = None) -> Iterator["DenseModel"]:
+    """The worker's model, one task at a time; its warnings go to `said` (for the client to show)."""
     with _lock:
+        model = None
         try:
-            yield _model(job)
+            model = _model(job)
+            model.warn = said.append if said is not None else None
+            yield model
         except EngineCrash:
             _forget(job.key)  # Caffe's process died with the net in it: load it again next time
             raise
+        finally:
+            if model is not None:
+                model.warn = None
 
 
 def _here() -> str:
@@ -438,7 +447,8 @@ def _failure(path: str, exc: FcnifyError) -> ImageResult:
     return ImageResult(path, False, str(exc), exc.exit_code, workers=(_here(),), pid=os.getpid())
 
 
-def _save(job: Job, result: MapResult, seconds: float, workers: tuple[str, ...]) -> ImageResult:
+def _save(job: Job, result: MapResult, seconds: float, workers: tuple[str, ...],
+          warnings: Sequence[str] = ()) -> ImageResult:
     from .pipeline import save
     t0 = time.perf_counter()
     path = str(result.path)
@@ -447,7 +457,7 @@ def _save(job: Job, result: MapResult, seconds: float, workers: tuple[str, ...])
     dm = result.map
     return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=dm.shape,
                        mode=dm.mode, tiles=dm.tiles, seconds=seconds + time.perf_counter() - t0,
-                       workers=workers, pid=os.getpid(), loads=_loads[job.key])
+                       workers=workers, pid=os.getpid(), loads=_loads[job.key], warnings=tuple(warnings))
 
 
 def _probe(job: Job) -> ModelInfo | FcnifyError:
@@ -473,8 +483,9 @@ def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
     from .dense import fed_size
     from .pipeline import map_image
     t0 = time.perf_counter()
+    said: list[str] = []
     try:
-        with _loaded(job) as model:
+        with _loaded(job, said) as model:
             from ..io.images import image_size
             settings = replace(job.map, budget=_budget(job))
             if not settings.pyramid and model.shifts == 1:
@@ -485,9 +496,9 @@ def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
                     tiles, tile_size = model.plan(*fed, settings.budget, settings.tile)
                     if len(tiles) > 1:
                         return TilePlan(fed, feed, tuple(tiles), tile_size, time.perf_counter() - t0,
-                                        _here())
+                                        _here(), tuple(said))
             result = map_image(model, Path(path), settings)
-            return _save(job, result, time.perf_counter() - t0, (_here(),))
+            return _save(job, result, time.perf_counter() - t0, (_here(),), said)
     except FcnifyError as exc:
         return _failure(path, exc)
 
@@ -540,6 +551,6 @@ def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResul
             dm = model.dense_map(probs, info, image=rgb, fed=plan.fed, path=Path(path), timings=timings)
             seconds = plan.seconds + sum(s.seconds for s in shares) + time.perf_counter() - t0
             workers = tuple(dict.fromkeys([plan.worker, *(s.worker for s in shares), _here()]))
-            return _save(job, MapResult(Path(path), dm), seconds, workers)
+            return _save(job, MapResult(Path(path), dm), seconds, workers, plan.warnings)
     except FcnifyError as exc:
         return _failure(path, exc)
