@@ -408,3 +408,40 @@ def test_bad_box_head_is_one_line(rnet_card, tmp_path, head, message):
     assert run.code == 2 and run.err.count("\n") == 1, run.err
     assert message in run.err and "bad.json" in run.err
     assert not out.exists() or not any(out.iterdir())
+
+
+PNET = ("--output", "prob1", *MTCNN_OPTIONS, "--background-class", "0", "--box-head", "conv4-2")
+
+
+def test_pnet_detect_with_options_finds_every_face(tmp_path):
+    """P-Net (already fully convolutional, no card): --background-class/--box-head given on the
+    command line; every face gets a box inside it. (P-Net proposes: other boxes are allowed.)"""
+    proto, weights = mtcnn_net(1)
+    for photo in MTCNN_PHOTOS:
+        out = tmp_path / photo.stem
+        run = call_fcnify("classify-map", photo, "--model-def", proto, "--weights", weights, *PNET,
+                          "--scales", "0.3,0.2,0.13", "--detect", "--out", out, "--quiet")
+        assert run.code == 0, run.err
+        doc = json.loads((out / f"{photo.stem}.detections.json").read_text())
+        assert doc["box_head"] == "conv4-2"
+        assert all(d["class"] == 1 for d in doc["detections"])  # class 0 is the background
+        for face in FACES[photo.stem]:
+            assert any(face[0] - 2 <= b[0] and face[1] - 2 <= b[1] and b[2] <= face[2] + 2
+                       and b[3] <= face[3] + 2 for b in (d["box"] for d in doc["detections"])), face
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--box-head", "prob1"], "box_head 'prob1' is not an output mapped beside the class map "
+                              "(outputs beside it: conv4-2)"),
+    (["--background-class", "2"], "background class 2 is not one of the net's 2 classes"),
+])
+def test_classify_map_refuses_a_bad_detector(tmp_path, args, message):
+    """A background class the net lacks, or a box head that is no 4-value output: one line, exit 2,
+    nothing written."""
+    proto, weights = mtcnn_net(1)
+    out = tmp_path / "out"
+    run = call_fcnify("classify-map", MTCNN_PHOTOS[0], "--model-def", proto, "--weights", weights,
+                      *PNET, *args, "--scales", "0.3,0.2", "--detect", "--out", out)
+    assert run.code == 2 and run.err.count("\n") == 1, run.err
+    assert message in run.err
+    assert not out.exists() or not any(out.iterdir())

@@ -228,7 +228,7 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
         "Map": ("size", "scale", "long_side", "short_side", "tile", "stride", "scales"),
         "Outputs": ("out_dir", "output", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
-                    "detect", "threshold", "nms_iou"),
+                    "detect", "threshold", "nms_iou", "background_class", "box_head"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
     },
@@ -489,12 +489,13 @@ def _export_card(net: str, weights: str | None):
               default=0.3, show_default=True, metavar="IOU",
               help="Boxes of a class overlapping a better one by more than this are dropped.")
 @_preprocess_options
+@_detector_options
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  top_k, cls, out_dir,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
-                 channels, raw_scale, input_scale, mean, transpose):
+                 channels, raw_scale, input_scale, mean, transpose, background_class, box_head):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
@@ -509,6 +510,9 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
       fcnify classify-map scans/ --model-def fcn.prototxt --weights fcn.caffemodel --format json
       fcnify classify-map scans/ --model digits --out maps/ --workers 2
       fcnify classify-map photo.jpg --card det2_full_conv.json --output prob1 --out maps/
+      fcnify classify-map photo.jpg --model-def det1.prototxt --weights det1.caffemodel --output prob1 \\
+          --channels rgb --mean 127.5 --input-scale 0.0078125 --transpose \\
+          --background-class 0 --box-head conv4-2 --scales 0.3,0.2,0.13 --detect --out boxes/
       fcnify classify-map /shared/scans/ --card /shared/mynet_full_conv.json --out /shared/maps \\
           --scheduler tcp://10.0.0.5:8786
     """
@@ -527,7 +531,8 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
         _err(f"fcnify: {line}")
     the_card = _model_card(model_name, model_def=model_def, weights=weights, card=card,
                            channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
-                           transpose=transpose, labels=labels_file)
+                           transpose=transpose, labels=labels_file, background_class=background_class,
+                           box_head=box_head)
     if out_dir:
         _out_folder(Path(out_dir))
     spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,

@@ -467,6 +467,7 @@ def _probe(job: Job) -> ModelInfo | FcnifyError:
     """
     try:
         with _loaded(job) as model:
+            job.map.check_card(model)
             return ModelInfo(model.num_classes, model.labels, tuple(model.heads),
                              tuple(model.unmapped_heads))
     except FcnifyError as exc:

@@ -86,8 +86,22 @@ class MapJob:
         return list(self.scales) if self.scales else [1.0]
 
     def for_model(self, model: DenseModel) -> "MapJob":
-        """This job with --class checked against the model and turned into its index."""
+        """This job with --class checked against the model and turned into its index, and the
+        card's background class and (for --detect) box head checked against the net."""
+        self.check_card(model)
         return replace(self, cls=class_id(self.cls, model.num_classes, model.labels))
+
+    def check_card(self, model: DenseModel) -> None:
+        """A background class the net does not have, or a box head that is not a 4-value output
+        beside the class map, fails once, before any image (one line naming the card)."""
+        from .detect import box_head_blob
+        card = model.card
+        bg = card.background_class
+        if bg is not None and bg >= model.num_classes:
+            raise InputError(f"background class {bg} is not one of the net's {model.num_classes} "
+                             "classes", card.card_path or card.model_def)
+        if self.detect:
+            box_head_blob(card, model.heads)
 
     def feed(self, path: Path) -> tuple[tuple[int, int] | None, float | None]:
         """(size, scale) for DenseModel.classify: --long-side/--short-side become the image's factor."""
