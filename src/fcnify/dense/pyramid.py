@@ -118,31 +118,6 @@ def scale_name(name: str, scale: float) -> str:
     return f"{name}.x{scale:g}"
 
 
-def output_names(out_dir: Path, name: str, scales: Sequence[float], detect: bool) -> list[Path]:
-    """Every file PyramidResult.save writes for an image, to refuse clashes before the work."""
-    from ..io.outputs import output_names as map_names
-    names = list(map_names(out_dir, name).values())
-    if len(scales) > 1:
-        for s in scales:
-            names += map_names(out_dir, scale_name(name, s)).values()
-    if detect:
-        names += [out_dir / f"{name}.detections.json", out_dir / f"{name}.detections.png"]
-    return names
-
-
-def check_names(out_dir: Path, name: str, scales: Sequence[float], detect: bool, force: bool,
-                image: Path | None = None) -> None:
-    """Refuse the pyramid's and the detections' files before the work, as check_outputs does."""
-    from ..errors import OutputExists
-    from ..files import OutputSet
-    checker = OutputSet(force)
-    for final in output_names(out_dir, name, scales, detect):
-        try:
-            checker.check(final)
-        except OutputExists as exc:
-            raise OutputExists(exc.final, image) from None
-
-
 def map_pyramid(model, image, scales: Sequence[float], budget: int | None = None,
                 tile: int | None = None, detect: dict | None = None, progress=None) -> PyramidResult:
     """Map an image at each scale, fuse the maps, and find boxes when `detect` (threshold, iou,
