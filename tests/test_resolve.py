@@ -214,3 +214,15 @@ def test_a_converted_card_with_missing_weights_is_not_sent_to_fetch(digits_card,
     assert run.code == 2
     assert run.err.strip().splitlines() == [f"fcnify: error: {tmp_path / 'gone.caffemodel'}: "
                                             "weights (caffemodel) not found"]
+
+
+def test_cli_convert_writes_options_over_the_shipped_card(tmp_path):
+    """convert --model digits --raw-scale --input-scale: the written card has those, the rest digits' own."""
+    run = call_fcnify("convert", "--model", "digits", "--raw-scale", "2", "--input-scale", "-0.5",
+                      "--out", tmp_path / "d", "--no-verify")
+    assert run.code == 0, run.err
+    written = fcnify.read_card(tmp_path / "d_full_conv.json")
+    assert (DIGITS.preprocess.raw_scale, DIGITS.preprocess.input_scale) != (2.0, -0.5)
+    assert written.preprocess == Preprocess(channels="gray", raw_scale=2.0, mean=DIGITS.preprocess.mean,
+                                            input_scale=-0.5)
+    assert (written.labels, written.background_class) == (DIGITS.labels, DIGITS.background_class)
