@@ -570,7 +570,7 @@ def _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet) -> None:
     for result in map_paths(model, paths, job, Path(out_dir) if out_dir else None, names,
                             _bar(len(paths)) if show_bar else None):
         if result.ok:
-            _print_map(result, fmt, bool(out_dir), job)
+            _print_map(result, fmt, job, saved=bool(out_dir))
             continue
         exc = _worded(result.error)
         if fmt == "json":
@@ -599,7 +599,7 @@ def _bar(count: int):
     return bar_for
 
 
-def _print_map(result, fmt: str, saved: bool, job) -> None:
+def _print_map(result, fmt: str, job, *, saved: bool) -> None:
     """One mapped image on stdout: a text summary, or its --format json line."""
     from .io.outputs import map_document, text_summary
     dm = result.map

@@ -172,7 +172,7 @@ class DenseMap:
         }
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
-             top_k: int = 5, command: str | None = None, force: bool = False,
+             top_k: int = 5, command: str | None = None, *, force: bool = False,
              heat_scale: str = "map") -> list[Path]:
         """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png.
 
@@ -456,13 +456,13 @@ class DenseModel:
                 raise ImageError(f"expected an H x W x 3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
         fed = resized(rgb, size, scale)
         t_load = time.perf_counter() - t0
-        self.check_minimum(fed.shape[:2], fed is not rgb, path)
+        self.check_minimum(fed.shape[:2], resized=fed is not rgb, path=path)
         probs, info = self.run(fed, budget, tile, progress)
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
         return self.dense_map(probs, info, image=rgb, fed=fed.shape[:2], path=path, timings=timings,
                               keep_image=keep_image)
 
-    def check_minimum(self, fed: tuple[int, int], resized: bool, path: Path | None = None) -> None:
+    def check_minimum(self, fed: tuple[int, int], *, resized: bool, path: Path | None = None) -> None:
         """Refuse an input smaller than one window before any work: its map would have no cell."""
         mh, mw = self.minimum
         if fed[0] < mh or fed[1] < mw:

@@ -192,7 +192,8 @@ def save(result: MapResult, out_dir: Path, name: str, job: MapJob, force: bool |
     """Write the image's files (the pyramid's when there is one) and note them in the result."""
     force = job.force if force is None else force
     what = result.pyramid if result.pyramid is not None else result.map
-    result.written = what.save(out_dir, name, job.cls, job.top_k, job.command, force, job.heat_scale)
+    result.written = what.save(out_dir, name, job.cls, job.top_k, job.command, force=force,
+                               heat_scale=job.heat_scale)
     return result.written
 
 

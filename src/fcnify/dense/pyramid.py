@@ -98,19 +98,20 @@ class PyramidResult:
     detect_params: dict | None = None
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
-             top_k: int = 5, command: str | None = None, force: bool = False,
+             top_k: int = 5, command: str | None = None, *, force: bool = False,
              heat_scale: str = "map") -> list[Path]:
         """NAME.* for the fused map, NAME.xSCALE.* per scale (several scales), NAME.detections.*."""
         from .detect import save_detections
         out_dir = Path(out_dir)
         name = name or (self.fused.image_path.stem if self.fused.image_path else "image")
-        written = self.fused.save(out_dir, name, cls, top_k, command, force, heat_scale)
+        written = self.fused.save(out_dir, name, cls, top_k, command, force=force, heat_scale=heat_scale)
         if len(self.maps) > 1:
             for s, dm in zip(self.scales, self.maps):
-                written += dm.save(out_dir, scale_name(name, s), cls, top_k, command, force, heat_scale)
+                written += dm.save(out_dir, scale_name(name, s), cls, top_k, command, force=force,
+                                   heat_scale=heat_scale)
         if self.detections is not None:
             written += save_detections(self.fused, self.detections, out_dir, name,
-                                       self.detect_params or {}, command, force)
+                                       self.detect_params or {}, command, force=force)
         return written
 
 
