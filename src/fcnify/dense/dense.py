@@ -25,7 +25,7 @@ from ..engines import check_layer_types
 from ..io.models import ModelCard
 from ..io.outputs import head_file_name
 from ..caffe.netdef import read_netdef
-from ..caffe.planner import default_budget, estimate, fits, format_bytes, largest_square
+from ..caffe.planner import default_budget, fits, format_bytes, largest_square
 from ..io.preprocess import Preprocess
 from ..resolve import resolve_card
 from ..caffe.shapes import image_input, infer, infer_partial

@@ -188,7 +188,7 @@ def detections_png(dm, detections: Sequence[Detection]) -> bytes:
 
 
 def save_detections(dm, detections: Sequence[Detection], out_dir, name: str, params: dict,
-                    command: str | None, force: bool) -> list:
+                    command: str | None, *, force: bool) -> list:
     """Write NAME.detections.json and NAME.detections.png together."""
     import json
     from pathlib import Path

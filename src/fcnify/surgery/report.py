@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..caffe.geometry import blob_geometry, hw, map_geometry, map_size, output_blobs, score_blob, smallest_input
+from ..caffe.geometry import blob_geometry, hw, map_geometry, map_size, score_blob, smallest_input
 from .bound import LAMBDA
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import estimate, format_bytes
