@@ -52,16 +52,37 @@ def client():
         cluster.close(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def single(card):
-    """The single-process mode, its Caffe process started with one BLAS thread like Dask's workers.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 
-    Dask's nanny starts workers with OPENBLAS_NUM_THREADS=1; OpenBLAS's sums
-    round differently with more threads, so the reference must match it.
+
+@pytest.fixture(scope="module")
+def worker_blas(client) -> dict[str, str | None]:
+    """The BLAS thread settings the workers' Caffe processes inherit.
+
+    Dask's nanny sets OPENBLAS_NUM_THREADS=1 unless the environment already
+    sets it (then the user's value stands, as it does for `--workers N`).
+    OpenBLAS's sums round differently with other thread counts, so the
+    one-process references are run with the workers' settings, whatever the
+    machine's environment says.
     """
+    seen = list(client.run(lambda: {k: os.environ.get(k) for k in BLAS_THREADS}).values())
+    assert all(env == seen[0] for env in seen), seen
+    return seen[0]
+
+
+def _blas_like_workers(mp: pytest.MonkeyPatch, env: dict[str, str | None]) -> None:
+    for key, value in env.items():
+        if value is None:
+            mp.delenv(key, raising=False)
+        else:
+            mp.setenv(key, value)
+
+
+@pytest.fixture(scope="module")
+def single(card, worker_blas):
+    """The single-process mode, its Caffe process started with the workers' BLAS threads (worker_blas)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OPENBLAS_NUM_THREADS", "1")
-        mp.setenv("OMP_NUM_THREADS", "1")
+        _blas_like_workers(mp, worker_blas)
         box = Sandbox()
         model = DenseModel(card, runner=CaffeRunner(box=box))
     yield model
@@ -272,14 +293,13 @@ layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_pa
 
 
 @pytest.fixture
-def one_thread():
-    """DenseModels whose Caffe process has one BLAS thread, as Dask's workers do (see `single`)."""
+def like_workers(worker_blas):
+    """DenseModels whose Caffe process has the workers' BLAS threads (see worker_blas)."""
     made = []
 
     def load(card, **options) -> DenseModel:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("OPENBLAS_NUM_THREADS", "1")
-            mp.setenv("OMP_NUM_THREADS", "1")
+            _blas_like_workers(mp, worker_blas)
             box = Sandbox()
             made.append(box)
             model = DenseModel(card, runner=CaffeRunner(box=box), **options)
@@ -314,7 +334,7 @@ def _assert_same_folders(got: Path, want: Path) -> None:
             assert a.read_bytes() == b.read_bytes(), name
 
 
-def test_stride_on_dask_matches_one_process(client, card, crops, one_thread, tmp_path):
+def test_stride_on_dask_matches_one_process(client, card, crops, like_workers, tmp_path):
     """--stride 2 (à trous) under Dask, with a forced-tile image spread over both workers: same files."""
     big = tmp_path / "big.png"
     Image.open(prototxt_dir() / "digits" / "scene.png").crop((60, 40, 380, 280)).save(big)
@@ -325,20 +345,20 @@ def test_stride_on_dask_matches_one_process(client, card, crops, one_thread, tmp
     assert not report.failed, [r.error for r in report.failed]
     tiled = report.results[1]
     assert tiled.mode == "tiled" and tiled.tiles > 4, tiled  # planned once, its tiles run as tasks
-    _pipeline_run(one_thread(card, stride=2), paths, tmp_path / "single", **settings)
+    _pipeline_run(like_workers(card, stride=2), paths, tmp_path / "single", **settings)
     _assert_same_folders(tmp_path / "dask", tmp_path / "single")
     doc = json.loads((tmp_path / "dask" / "big.map.json").read_text())
     assert doc["map"]["stride_px"] == [2, 2] and doc["stride"]["stride"] == 2
 
 
-def test_scales_and_detect_on_dask_match_one_process(client, card, crops, one_thread, tmp_path):
+def test_scales_and_detect_on_dask_match_one_process(client, card, crops, like_workers, tmp_path):
     """--scales 1,0.8 --detect --class 7 under Dask: fused and per-scale maps and detections as in one process."""
     paths = crops[1:2]
     settings = {"scales": (1.0, 0.8), "detect": True, "threshold": 0.5, "cls": "7"}
     (tmp_path / "dask").mkdir()
     report = map_images(paths, card, tmp_path / "dask", client, timeout=RUN_TIMEOUT, **settings)
     assert not report.failed, [r.error for r in report.failed]
-    _pipeline_run(one_thread(card), paths, tmp_path / "single", **settings)
+    _pipeline_run(like_workers(card), paths, tmp_path / "single", **settings)
     _assert_same_folders(tmp_path / "dask", tmp_path / "single")
     for p in paths:
         assert (tmp_path / "dask" / f"{p.stem}.x0.8.scores.npy").is_file()
@@ -346,7 +366,7 @@ def test_scales_and_detect_on_dask_match_one_process(client, card, crops, one_th
         assert found["scales"] == [1.0, 0.8] and {d["class"] for d in found["detections"]} <= {7}
 
 
-def test_long_side_and_output_on_dask_match_one_process(client, one_thread, tmp_path):
+def test_long_side_and_output_on_dask_match_one_process(client, like_workers, tmp_path):
     """--long-side 100 --output box under Dask, tiled: the class map and the other head as in one process."""
     from fcnify.convert import card_for_model_def
     proto, weights = write_model(tmp_path, "two_heads", TWO_HEADS, seed=5)
@@ -359,7 +379,7 @@ def test_long_side_and_output_on_dask_match_one_process(client, one_thread, tmp_
     report = map_images([photo], two, tmp_path / "dask", client, output="box", timeout=RUN_TIMEOUT, **settings)
     (result,) = report.results
     assert result.ok and result.mode == "tiled" and result.tiles > 1, result
-    _pipeline_run(one_thread(two, output="box"), [photo], tmp_path / "single", **settings)
+    _pipeline_run(like_workers(two, output="box"), [photo], tmp_path / "single", **settings)
     _assert_same_folders(tmp_path / "dask", tmp_path / "single")
     doc = json.loads((tmp_path / "dask" / "photo.map.json").read_text())
     assert doc["input_size"] == {"height": 75, "width": 100} and doc["map"]["output"] == "box"
