@@ -27,9 +27,13 @@ def zoo(caffe_root: Path, name: str) -> Path:
     return caffe_root / "models" / ZOO[name] / "deploy.prototxt"
 
 
-def layer_text(name: str, type_: str, bottom: str | None, top: str, body: str = "") -> str:
-    b = f' bottom: "{bottom}"' if bottom else ""
-    return f'layer {{ name: "{name}" type: "{type_}"{b} top: "{top}" {body} }}\n'
+def layer_text(name: str, type_: str, bottom: str | list[str] | None, top: str | list[str],
+               body: str = "") -> str:
+    """One layer in prototxt text; `bottom` and `top` are a blob name or a list of them."""
+    bottoms = [bottom] if isinstance(bottom, str) else bottom or []
+    tops = [top] if isinstance(top, str) else top
+    links = "".join(f' bottom: "{b}"' for b in bottoms) + "".join(f' top: "{t}"' for t in tops)
+    return f'layer {{ name: "{name}" type: "{type_}"{links} {body} }}\n'
 
 
 def input_layer(*dims: int) -> str:

@@ -24,21 +24,9 @@ from fcnify.caffe.shapes import pool_geometry  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
 
 from conftest import call_fcnify  # noqa: E402
-from nets import POOL_EDGE_CASES, vgg16  # noqa: E402
+from nets import POOL_EDGE_CASES, input_layer, layer_text, vgg16  # noqa: E402
 from fcnify.surgery.bound import factor, score_layer, within  # noqa: E402
 from realdata import LENET_DEF, LENET_WEIGHTS, mtcnn_net  # noqa: E402
-
-
-def _layer(name: str, type_: str, bottoms, tops, body: str = "") -> str:
-    bottoms = [bottoms] if isinstance(bottoms, str) else bottoms
-    tops = [tops] if isinstance(tops, str) else tops
-    links = "".join(f' bottom: "{b}"' for b in bottoms) + "".join(f' top: "{t}"' for t in tops)
-    return f'layer {{ name: "{name}" type: "{type_}"{links} {body} }}\n'
-
-
-def _input(*dims: int) -> str:
-    return _layer("data", "Input", [], "data",
-                  "input_param { shape { " + " ".join(f"dim: {d}" for d in dims) + " } }")
 
 
 def _models(tmp_path: Path, name: str, text: str, blobs_fix=None) -> tuple[Path, Path, Path]:
@@ -85,9 +73,10 @@ POOLS = {**POOL_EDGE_CASES,  # and stride-1 windows over padding
 def test_pooling_matches_caffe_at_every_edge(tmp_path):
     """MAX pooling equals Caffe's bit for bit; AVE within the bound of its window's sum, at sizes
     where padding, ceil rounding and dropped last windows all occur, from one graph."""
-    text = _input(1, 3, 5, 5) + "".join(
-        _layer(name, "Pooling", "data", name, f"pooling_param {{ {param} }}") for name, param in POOLS.items())
-    text += _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 1 }")
+    text = input_layer(1, 3, 5, 5) + "".join(
+        layer_text(name, "Pooling", "data", name, f"pooling_param {{ {param} }}") for name, param in POOLS.items())
+    text += layer_text("conv", "Convolution", "data", "conv",
+                       "convolution_param { num_output: 2 kernel_size: 1 }")
     proto, weights, _ = _models(tmp_path, "pools", text)
     layers = {layer.name: layer for layer in read_netdef(proto).param.layer}
     failures = []
@@ -110,7 +99,7 @@ def test_pooling_matches_caffe_at_every_edge(tmp_path):
 def test_pooling_divisor_is_caffes_not_onnxs(tmp_path):
     """At an overhanging edge Caffe divides by the window clipped to the padded input, which is
     neither of ONNX's count_include_pad rules: the last column proves the export computes it."""
-    text = _input(1, 1, 1, 6) + _layer("pool", "Pooling", "data", "pool",
+    text = input_layer(1, 1, 1, 6) + layer_text("pool", "Pooling", "data", "pool",
                                        "pooling_param { pool: AVE kernel_h: 1 kernel_w: 3 stride_w: 2 "
                                        "stride_h: 1 pad_w: 1 pad_h: 0 }")
     proto, weights, _ = _models(tmp_path, "divisor", text)
@@ -157,17 +146,18 @@ OPS = [  # (layer text reading "data", how the bound's A is found, N)
 def test_layers_match_caffe(tmp_path):
     """Grouped dilated conv, deconv, InnerProduct, LRN both ways, (P)ReLU, ELU, Power, Softmax axes,
     Eltwise, Concat, Split, Dropout and BatchNorm+Scale: each within its float32 bound of Caffe."""
-    text = _input(2, 6, 11, 13) + "".join(_layer(n, t, "data", n, body) for n, t, body, _, _ in OPS)
-    text += (_layer("sum", "Eltwise", ["data", "relu"], "sum", "eltwise_param { operation: SUM coeff: 0.5 "
+    text = input_layer(2, 6, 11, 13) + "".join(layer_text(n, t, "data", n, body) for n, t, body, _, _ in OPS)
+    text += (layer_text("sum", "Eltwise", ["data", "relu"], "sum", "eltwise_param { operation: SUM coeff: 0.5 "
                                                                "coeff: -2 }")
-             + _layer("prod", "Eltwise", ["data", "absval"], "prod", "eltwise_param { operation: PROD }")
-             + _layer("max", "Eltwise", ["data", "absval", "relu"], "max", "eltwise_param { operation: MAX }")
-             + _layer("cat", "Concat", ["data", "relu", "leaky"], "cat")
-             + _layer("cat_w", "Concat", ["data", "relu"], "cat_w", "concat_param { axis: 3 }")
-             + _layer("split", "Split", "cat", ["cat_a", "cat_b"])
-             + _layer("drop", "Dropout", "cat_a", "cat_a")
-             + _layer("bn", "BatchNorm", "data", "bn")
-             + _layer("sc", "Scale", "bn", "sc", "scale_param { bias_term: true }"))
+             + layer_text("prod", "Eltwise", ["data", "absval"], "prod", "eltwise_param { operation: PROD }")
+             + layer_text("max", "Eltwise", ["data", "absval", "relu"], "max",
+                          "eltwise_param { operation: MAX }")
+             + layer_text("cat", "Concat", ["data", "relu", "leaky"], "cat")
+             + layer_text("cat_w", "Concat", ["data", "relu"], "cat_w", "concat_param { axis: 3 }")
+             + layer_text("split", "Split", "cat", ["cat_a", "cat_b"])
+             + layer_text("drop", "Dropout", "cat_a", "cat_a")
+             + layer_text("bn", "BatchNorm", "data", "bn")
+             + layer_text("sc", "Scale", "bn", "sc", "scale_param { bias_term: true }"))
     proto, weights, abs_weights = _models(tmp_path, "ops", text, _bn_fix)
     x = np.random.default_rng(7).normal(0, 1, (2, 6, 11, 13)).astype(np.float32)
     names = [n for n, *_ in OPS] + ["sum", "prod", "max", "cat", "cat_w", "cat_a", "cat_b", "bn", "sc"]
@@ -199,7 +189,7 @@ def test_layers_match_caffe(tmp_path):
 
 def test_unsupported_layer_refused_by_name(tmp_path):
     """A layer type without an exact ONNX form: one line naming it, exit 2, nothing written."""
-    text = _input(1, 3, 8, 8) + _layer("crop_me", "Crop", ["data", "data"], "crop")
+    text = input_layer(1, 3, 8, 8) + layer_text("crop_me", "Crop", ["data", "data"], "crop")
     proto, weights, _ = _models(tmp_path, "crop", text)
     out = tmp_path / "crop.onnx"
     run = call_fcnify("export", proto, "--weights", weights, "--out", out)
@@ -211,7 +201,7 @@ def test_unsupported_layer_refused_by_name(tmp_path):
 
 def test_setting_without_onnx_form_refused(tmp_path):
     """BatchNorm on batch statistics has no ONNX form of Caffe's: refused naming the layer."""
-    text = _input(1, 3, 8, 8) + _layer("bn_batch", "BatchNorm", "data", "bn",
+    text = input_layer(1, 3, 8, 8) + layer_text("bn_batch", "BatchNorm", "data", "bn",
                                        "batch_norm_param { use_global_stats: false }")
     proto, weights, _ = _models(tmp_path, "bn", text)
     with pytest.raises(Unexportable, match="bn_batch.*use_global_stats"):
@@ -276,16 +266,17 @@ def test_googlenet_and_vgg16_match_caffe(caffe_root, tmp_path):
 
 
 EDGES_NET = (  # AVE pooling hanging over the edge, LRN WITHIN_CHANNEL, dilation, then a classifier
-    _input(1, 3, 37, 37)
-    + _layer("conv1", "Convolution", "data", "conv1",
-             "convolution_param { num_output: 8 kernel_size: 3 dilation: 2 }")
-    + _layer("relu1", "ReLU", "conv1", "conv1")
-    + _layer("norm1", "LRN", "conv1", "norm1",
-             "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.5 beta: 0.75 }")
-    + _layer("pool1", "Pooling", "norm1", "pool1", "pooling_param { pool: AVE kernel_size: 3 stride: 2 }")
-    + _layer("pool2", "Pooling", "pool1", "pool2", "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")
-    + _layer("fc", "InnerProduct", "pool2", "fc", "inner_product_param { num_output: 10 }")
-    + _layer("prob", "Softmax", "fc", "prob"))
+    input_layer(1, 3, 37, 37)
+    + layer_text("conv1", "Convolution", "data", "conv1",
+                 "convolution_param { num_output: 8 kernel_size: 3 dilation: 2 }")
+    + layer_text("relu1", "ReLU", "conv1", "conv1")
+    + layer_text("norm1", "LRN", "conv1", "norm1",
+                 "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.5 beta: 0.75 }")
+    + layer_text("pool1", "Pooling", "norm1", "pool1", "pooling_param { pool: AVE kernel_size: 3 stride: 2 }")
+    + layer_text("pool2", "Pooling", "pool1", "pool2",
+                 "pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 }")
+    + layer_text("fc", "InnerProduct", "pool2", "fc", "inner_product_param { num_output: 10 }")
+    + layer_text("prob", "Softmax", "fc", "prob"))
 
 
 def test_edge_net_matches_caffe(tmp_path):

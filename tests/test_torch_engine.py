@@ -24,7 +24,7 @@ from fcnify.convert import card_for_model_def  # noqa: E402
 from fcnify.io.models import find_model, read_card  # noqa: E402
 from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.paths import caffe_descriptor  # noqa: E402
-from nets import POOL_EDGE_CASES  # noqa: E402
+from nets import POOL_EDGE_CASES, input_layer, layer_text  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.synthetic import random_blobs, write_random_caffemodel  # noqa: E402
 from fcnify.engines.torch_engine import TorchRunner  # noqa: E402
@@ -136,27 +136,16 @@ def test_digits_map_matches_caffe():
 
 # ------------------------------------------------------------------ layers, in small nets
 
-def _layer(name: str, type_: str, bottoms: list[str] | str, tops: list[str] | str, body: str = "") -> str:
-    bottoms = [bottoms] if isinstance(bottoms, str) else bottoms
-    tops = [tops] if isinstance(tops, str) else tops
-    links = "".join(f' bottom: "{b}"' for b in bottoms) + "".join(f' top: "{t}"' for t in tops)
-    return f'layer {{ name: "{name}" type: "{type_}"{links} {body} }}\n'
-
-
-def _input(*dims: int) -> str:
-    return _layer("data", "Input", [], "data",
-                  "input_param { shape { " + " ".join(f"dim: {d}" for d in dims) + " } }")
-
-
 POOLS = POOL_EDGE_CASES
 
 
 @pytest.mark.parametrize("size", [(5, 5), (6, 7), (8, 9), (13, 11), (16, 16)])
 def test_pooling_edge_cases_match_caffe(model_factory, size):
     """MAX/AVE pooling with padding, ceil/floor rounding, dropped last windows, global, rectangular."""
-    text = _input(1, 3, *size) + "".join(
-        _layer(name, "Pooling", "data", name, f"pooling_param {{ {param} }}") for name, param in POOLS.items())
-    text += _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 1 }")
+    text = input_layer(1, 3, *size) + "".join(
+        layer_text(name, "Pooling", "data", name, f"pooling_param {{ {param} }}") for name, param in POOLS.items())
+    text += layer_text("conv", "Convolution", "data", "conv",
+                       "convolution_param { num_output: 2 kernel_size: 1 }")
     proto, weights = model_factory(f"pools_{size[0]}x{size[1]}", text)
     x = np.random.default_rng(size[0]).normal(0, 1, (1, 3, *size)).astype(np.float32)
     diffs = blob_differences(proto, weights, {"data": x})
@@ -166,19 +155,19 @@ def test_pooling_edge_cases_match_caffe(model_factory, size):
 
 def test_batchnorm_and_scale_match_caffe(model_factory, tmp_path):
     """BatchNorm (stored stats / factor blob, batch stats) and Scale (bias, axis, num_axes, 2 bottoms), in place."""
-    text = (_input(2, 4, 9, 9)
-            + _layer("conv1", "Convolution", "data", "conv1",
-                     "convolution_param { num_output: 6 kernel_size: 3 pad: 1 }")
-            + _layer("bn1", "BatchNorm", "conv1", "conv1")
-            + _layer("sc1", "Scale", "conv1", "conv1", "scale_param { bias_term: true }")
-            + _layer("relu1", "ReLU", "conv1", "conv1")
-            + _layer("bn2", "BatchNorm", "conv1", "bn2",
-                     "batch_norm_param { use_global_stats: false eps: 0.001 }")
-            + _layer("sc2", "Scale", "bn2", "sc2", "scale_param { axis: 1 num_axes: 2 bias_term: true }")
-            + _layer("sc3", "Scale", "sc2", "sc3", "scale_param { axis: 2 num_axes: -1 }")
-            + _layer("gap", "Pooling", "sc3", "gap", "pooling_param { pool: AVE global_pooling: true }")
-            + _layer("flat", "Flatten", "gap", "flat")
-            + _layer("sc4", "Scale", ["sc3", "flat"], "sc4", "scale_param { axis: 0 bias_term: true }"))
+    text = (input_layer(2, 4, 9, 9)
+            + layer_text("conv1", "Convolution", "data", "conv1",
+                         "convolution_param { num_output: 6 kernel_size: 3 pad: 1 }")
+            + layer_text("bn1", "BatchNorm", "conv1", "conv1")
+            + layer_text("sc1", "Scale", "conv1", "conv1", "scale_param { bias_term: true }")
+            + layer_text("relu1", "ReLU", "conv1", "conv1")
+            + layer_text("bn2", "BatchNorm", "conv1", "bn2",
+                         "batch_norm_param { use_global_stats: false eps: 0.001 }")
+            + layer_text("sc2", "Scale", "bn2", "sc2", "scale_param { axis: 1 num_axes: 2 bias_term: true }")
+            + layer_text("sc3", "Scale", "sc2", "sc3", "scale_param { axis: 2 num_axes: -1 }")
+            + layer_text("gap", "Pooling", "sc3", "gap", "pooling_param { pool: AVE global_pooling: true }")
+            + layer_text("flat", "Flatten", "gap", "flat")
+            + layer_text("sc4", "Scale", ["sc3", "flat"], "sc4", "scale_param { axis: 0 bias_term: true }"))
     netdef = parse_netdef(text, tmp_path / "bn.prototxt")
     blobs = random_blobs(netdef, seed=5)
     blobs["bn1"][2] = np.array([4.0], dtype=np.float32)  # Caffe divides the stored stats by this
@@ -193,32 +182,35 @@ def test_batchnorm_and_scale_match_caffe(model_factory, tmp_path):
 
 def test_other_layers_match_caffe(model_factory):
     """Grouped dilated rectangular conv, LRN both regions, leaky ReLU, Eltwise, Concat, IP axis/transpose, ..."""
-    text = (_input(2, 6, 11, 13)
-            + _layer("cg", "Convolution", "data", "cg",
-                     "convolution_param { num_output: 8 group: 2 kernel_h: 3 kernel_w: 5 stride_h: 2 "
-                     "stride_w: 1 pad_h: 1 pad_w: 2 dilation: 2 }")
-            + _layer("c_nobias", "Convolution", "data", "c_nobias",
-                     "convolution_param { num_output: 4 kernel_size: 1 bias_term: false }")
-            + _layer("leaky", "ReLU", "cg", "cg", "relu_param { negative_slope: 0.1 }")
-            + _layer("lrn_across", "LRN", "cg", "lrn_a", "lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }")
-            + _layer("lrn_within", "LRN", "cg", "lrn_w",
-                     "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.7 beta: 0.8 }")
-            + _layer("sig", "Sigmoid", "lrn_a", "sig")
-            + _layer("tanh", "TanH", "lrn_w", "tanh")
-            + _layer("sum", "Eltwise", ["sig", "tanh"], "sum", "eltwise_param { operation: SUM coeff: 0.5 coeff: -2 }")
-            + _layer("prod", "Eltwise", ["sig", "tanh"], "prod", "eltwise_param { operation: PROD }")
-            + _layer("max", "Eltwise", ["sig", "tanh"], "max", "eltwise_param { operation: MAX }")
-            + _layer("cat", "Concat", ["sum", "prod", "max"], "cat")
-            + _layer("split", "Split", "cat", ["cat_a", "cat_b"])
-            + _layer("drop", "Dropout", "cat_a", "cat_a")
-            + _layer("ip_axis2", "InnerProduct", "cat_b", "ip_axis2", "inner_product_param { num_output: 5 axis: 2 }")
-            + _layer("ip_t", "InnerProduct", "cat_a", "ip_t",
-                     "inner_product_param { num_output: 7 transpose: true bias_term: false }")
-            + _layer("sm2", "Softmax", "ip_axis2", "sm2", "softmax_param { axis: 2 }")
-            + _layer("sm_neg", "Softmax", "ip_axis2", "sm_neg", "softmax_param { axis: -2 }")
-            + _layer("sm_t", "Softmax", "ip_t", "sm_t")
-            + _layer("flat", "Flatten", "c_nobias", "flat", "flatten_param { axis: 2 }")
-            + _layer("resh", "Reshape", "flat", "resh", "reshape_param { shape { dim: 0 dim: -1 dim: 11 } }"))
+    text = (input_layer(2, 6, 11, 13)
+            + layer_text("cg", "Convolution", "data", "cg",
+                         "convolution_param { num_output: 8 group: 2 kernel_h: 3 kernel_w: 5 stride_h: 2 "
+                         "stride_w: 1 pad_h: 1 pad_w: 2 dilation: 2 }")
+            + layer_text("c_nobias", "Convolution", "data", "c_nobias",
+                         "convolution_param { num_output: 4 kernel_size: 1 bias_term: false }")
+            + layer_text("leaky", "ReLU", "cg", "cg", "relu_param { negative_slope: 0.1 }")
+            + layer_text("lrn_across", "LRN", "cg", "lrn_a",
+                         "lrn_param { local_size: 3 alpha: 0.5 beta: 0.6 k: 2 }")
+            + layer_text("lrn_within", "LRN", "cg", "lrn_w",
+                         "lrn_param { norm_region: WITHIN_CHANNEL local_size: 3 alpha: 0.7 beta: 0.8 }")
+            + layer_text("sig", "Sigmoid", "lrn_a", "sig")
+            + layer_text("tanh", "TanH", "lrn_w", "tanh")
+            + layer_text("sum", "Eltwise", ["sig", "tanh"], "sum",
+                         "eltwise_param { operation: SUM coeff: 0.5 coeff: -2 }")
+            + layer_text("prod", "Eltwise", ["sig", "tanh"], "prod", "eltwise_param { operation: PROD }")
+            + layer_text("max", "Eltwise", ["sig", "tanh"], "max", "eltwise_param { operation: MAX }")
+            + layer_text("cat", "Concat", ["sum", "prod", "max"], "cat")
+            + layer_text("split", "Split", "cat", ["cat_a", "cat_b"])
+            + layer_text("drop", "Dropout", "cat_a", "cat_a")
+            + layer_text("ip_axis2", "InnerProduct", "cat_b", "ip_axis2",
+                         "inner_product_param { num_output: 5 axis: 2 }")
+            + layer_text("ip_t", "InnerProduct", "cat_a", "ip_t",
+                         "inner_product_param { num_output: 7 transpose: true bias_term: false }")
+            + layer_text("sm2", "Softmax", "ip_axis2", "sm2", "softmax_param { axis: 2 }")
+            + layer_text("sm_neg", "Softmax", "ip_axis2", "sm_neg", "softmax_param { axis: -2 }")
+            + layer_text("sm_t", "Softmax", "ip_t", "sm_t")
+            + layer_text("flat", "Flatten", "c_nobias", "flat", "flatten_param { axis: 2 }")
+            + layer_text("resh", "Reshape", "flat", "resh", "reshape_param { shape { dim: 0 dim: -1 dim: 11 } }"))
     proto, weights = model_factory("ops", text)
     x = np.random.default_rng(7).normal(0, 1, (2, 6, 11, 13)).astype(np.float32)
     assert_close(blob_differences(proto, weights, {"data": x}))
@@ -299,9 +291,10 @@ def test_runs_without_pycaffe(caffenet_fcn, caffe_root, tmp_path):
 
 def test_unsupported_layer_type_is_refused(model_factory):
     """A layer type the torch engine does not run is named, with its layer, before anything runs."""
-    text = (_input(1, 3, 8, 8)
-            + _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 3 }")
-            + _layer("absval", "AbsVal", "conv", "abs"))
+    text = (input_layer(1, 3, 8, 8)
+            + layer_text("conv", "Convolution", "data", "conv",
+                         "convolution_param { num_output: 2 kernel_size: 3 }")
+            + layer_text("absval", "AbsVal", "conv", "abs"))
     proto, weights = model_factory("absval", text)
     with pytest.raises(NetDefinitionError, match=r"layer 'absval': layer type 'AbsVal' is not supported "
                                                  r"by the torch engine"):
@@ -311,7 +304,7 @@ def test_unsupported_layer_type_is_refused(model_factory):
 @pytest.mark.parametrize("shared", [False, True])
 def test_prelu_matches_caffe(model_factory, shared):
     """PReLU, per channel and channel-shared, gives Caffe's numbers bit for bit on the CPU."""
-    text = _input(1, 4, 9, 9) + _layer("prelu", "PReLU", "data", "out",
+    text = input_layer(1, 4, 9, 9) + layer_text("prelu", "PReLU", "data", "out",
                                        "prelu_param { channel_shared: true }" if shared else "")
     proto, weights = model_factory("prelu", text)
     x = np.random.default_rng(3).normal(0, 50, (1, 4, 9, 9)).astype(np.float32)
@@ -332,10 +325,11 @@ def test_mtcnn_runs_on_torch_as_on_caffe():
 
 def test_unsupported_layer_type_cli_one_line(model_factory):
     """classify-map --engine torch on an unconverted net with an unsupported type: one line, exit 2."""
-    text = (_input(1, 3, 12, 12)
-            + _layer("conv", "Convolution", "data", "conv", "convolution_param { num_output: 2 kernel_size: 3 }")
-            + _layer("absval", "AbsVal", "conv", "abs")
-            + _layer("fc", "InnerProduct", "abs", "fc", "inner_product_param { num_output: 3 }"))
+    text = (input_layer(1, 3, 12, 12)
+            + layer_text("conv", "Convolution", "data", "conv",
+                         "convolution_param { num_output: 2 kernel_size: 3 }")
+            + layer_text("absval", "AbsVal", "conv", "abs")
+            + layer_text("fc", "InnerProduct", "abs", "fc", "inner_product_param { num_output: 3 }"))
     proto, weights = model_factory("absval", text)
     run = run_fcnify("classify-map", SCENE, "--model-def", proto, "--weights", weights, "--engine", "torch")
     assert run.code == 2, run.err
