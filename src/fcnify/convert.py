@@ -74,20 +74,18 @@ def card_for(model_def: Path, weights: Path | None, card: ModelCard | None = Non
 def check_detector(surgery: Surgery, card: ModelCard, path: Path) -> None:
     """The card's background class must be one of the net's classes and its box head one of
     the net's outputs with 4 values per cell, before anything is written."""
-    from .surgery.surgery import SUFFIX
+    from .io.models import check_background_class
+    from .surgery.surgery import named_blob
     outs = output_blobs(surgery.net)
     scores = surgery.shapes.blobs.get(score_blob(surgery.net), ())
-    bg = card.background_class
-    if bg is not None and len(scores) >= 2 and bg >= scores[1]:
-        raise ConversionError(f"background class {bg} is not one of the net's {scores[1]} classes", path)
+    check_background_class(card.background_class, path, scores[1] if len(scores) >= 2 else None)
     head = card.box_head
     if head is None:
         return
-    name = next((n for n in (head, surgery.blob_map.get(head, head), head + SUFFIX) if n in outs), None)
+    name = named_blob(head, outs)
     if name is None:
         raise ConversionError(f"box head {head!r} is not an output of the net; its outputs are "
-                              f"{', '.join(surgery.blob_map.get(o, o) for o in output_blobs(surgery.original.param))}",
-                              path)
+                              f"{', '.join(outs)}", path)
     shape = surgery.shapes.blobs.get(name, ())
     if len(shape) < 2 or shape[1] != 4:
         raise ConversionError(f"box head {head!r} has {shape[1] if len(shape) >= 2 else '?'} values per "

@@ -541,13 +541,13 @@ def pick_output(net, wanted: str | None, path: Path | None = None) -> str:
     A name given as in the original net finds its converted blob (conv5-2 ->
     conv5-2-conv), so users can name heads as their net's documentation does.
     """
-    from ..surgery.surgery import SUFFIX
+    from ..surgery.surgery import named_blob
     outs = output_blobs(net)
     if wanted is None:
         return outs[-1]
-    for name in (wanted, wanted + SUFFIX):
-        if name in outs:
-            return name
+    found = named_blob(wanted, outs)
+    if found is not None:
+        return found
     raise InputError(f"output {wanted!r} is not an output of the net; its outputs are "
                      f"{', '.join(outs)}", path)
 

@@ -43,20 +43,20 @@ def box_head_blob(card, heads: dict, path=None) -> str | None:
     head must be mapped beside the class map (same cells) with 4 values per
     cell; `heads` is {blob: channels} (DenseModel.heads) or {blob: map}.
     """
-    from ..surgery.surgery import SUFFIX
+    from ..surgery.surgery import named_blob
     wanted = card.box_head
     if wanted is None:
         return None
-    for name in (wanted, wanted + SUFFIX):
-        if name in heads:
-            channels = heads[name] if isinstance(heads[name], int) else heads[name].shape[0]
-            if channels != 4:
-                raise InputError(f"box_head {wanted!r} has {channels} values per cell; a box "
-                                 "regression has 4 (x0, y0, x1, y1 offsets)", card.card_path or path)
-            return name
-    beside = ", ".join(heads) or "none"
-    raise InputError(f"box_head {wanted!r} is not an output mapped beside the class map "
-                     f"(outputs beside it: {beside})", card.card_path or path)
+    name = named_blob(wanted, heads)
+    if name is None:
+        beside = ", ".join(heads) or "none"
+        raise InputError(f"box_head {wanted!r} is not an output mapped beside the class map "
+                         f"(outputs beside it: {beside})", card.card_path or path)
+    channels = heads[name] if isinstance(heads[name], int) else heads[name].shape[0]
+    if channels != 4:
+        raise InputError(f"box_head {wanted!r} has {channels} values per cell; a box "
+                         "regression has 4 (x0, y0, x1, y1 offsets)", card.card_path or path)
+    return name
 
 
 def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None

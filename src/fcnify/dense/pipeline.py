@@ -94,12 +94,10 @@ class MapJob:
     def check_card(self, model: DenseModel) -> None:
         """A background class the net does not have, or a box head that is not a 4-value output
         beside the class map, fails once, before any image (one line naming the card)."""
+        from ..io.models import check_background_class
         from .detect import box_head_blob
         card = model.card
-        bg = card.background_class
-        if bg is not None and bg >= model.num_classes:
-            raise InputError(f"background class {bg} is not one of the net's {model.num_classes} "
-                             "classes", card.card_path or card.model_def)
+        check_background_class(card.background_class, card.card_path or card.model_def, model.num_classes)
         if self.detect:
             box_head_blob(card, model.heads)
 

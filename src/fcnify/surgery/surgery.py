@@ -24,6 +24,12 @@ from ..caffe.shapes import (LayerShapes, NetShapes, Shape, canonical_axis, count
 SUFFIX = "-conv"
 
 
+def named_blob(wanted: str, blobs) -> str | None:
+    """`wanted` among `blobs` as the user may name it: as it is, or as in the original net (the
+    converted blob is NAME-conv), so heads can be named as a net's documentation does."""
+    return next((name for name in (wanted, wanted + SUFFIX) if name in blobs), None)
+
+
 @dataclass(frozen=True)
 class Conversion:
     """One change the surgery made, for the report."""
