@@ -36,12 +36,12 @@ class Detection:
                 "box": [round(v, 3) for v in self.box], "scale": self.scale}
 
 
-def box_head_blob(card, heads: dict, path=None) -> str | None:
+def box_head_blob(card, heads: dict[str, int], path=None) -> str | None:
     """The output that regresses the boxes, as the engine names it, or None when the card names none.
 
     The card may use the original net's name (conv5-2 for conv5-2-conv). The
     head must be mapped beside the class map (same cells) with 4 values per
-    cell; `heads` is {blob: channels} (DenseModel.heads) or {blob: map}.
+    cell; `heads` is {blob: values per cell}, as DenseModel.heads.
     """
     from ..surgery.surgery import named_blob
     wanted = card.box_head
@@ -52,7 +52,7 @@ def box_head_blob(card, heads: dict, path=None) -> str | None:
         beside = ", ".join(heads) or "none"
         raise InputError(f"box_head {wanted!r} is not an output mapped beside the class map "
                          f"(outputs beside it: {beside})", card.card_path or path)
-    channels = heads[name] if isinstance(heads[name], int) else heads[name].shape[0]
+    channels = heads[name]
     if channels != 4:
         raise InputError(f"box_head {wanted!r} has {channels} values per cell; a box "
                          "regression has 4 (x0, y0, x1, y1 offsets)", card.card_path or path)
@@ -66,7 +66,8 @@ def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None
 
     A box is the cell's window, moved by the card's box-regression head when
     it names one (offsets times the window's size, in the scaled image's
-    pixels, before scaling back), then clipped to the image. The background class (if the card names one) never makes a box. Boxes
+    pixels, before scaling back), then clipped to the image. The background
+    class (if the card names one) never makes a box. Boxes
     are ranked by log-odds, log p - log(sum of the other classes' p): it
     orders like p, but keeps ordering confident cells whose float32 p has
     rounded to 1.0 (a margin of 17 or more in the scores), where the
@@ -76,7 +77,7 @@ def cell_boxes(dm, threshold: float, classes: Sequence[int] | None = None
     g = dm.geometry
     sy, sx = dm.scale
     h, w = dm.image_size
-    head = box_head_blob(dm.model, dm.heads, dm.image_path)
+    head = box_head_blob(dm.model, {blob: m.shape[0] for blob, m in dm.heads.items()}, dm.image_path)
     size = np.array([g.x.window, g.y.window, g.x.window, g.y.window], dtype=np.float64)
     boxes, scores, odds, labels = [], [], [], []
     for c in wanted:

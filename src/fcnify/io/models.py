@@ -101,9 +101,11 @@ def read_card(path: str | Path) -> ModelCard:
 
 def check_background_class(value, path: Path | None = None, classes: int | None = None) -> int | None:
     """A class number (0 or more) or None; below `classes` when the net's class count is known."""
-    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise InputError(f"background_class must be a class number (0 or more), not {value!r}", path)
-    if value is not None and classes is not None and value >= classes:
+    if classes is not None and value >= classes:
         raise InputError(f"background class {value} is not one of the net's {classes} classes", path)
     return value
 
