@@ -383,6 +383,28 @@ def test_existing_outputs_are_kept_without_force_and_replaced_with_it(small, tmp
     assert not [p for p in tmp_path.iterdir() if ".fcnify-tmp-" in p.name]
 
 
+@pytest.mark.parametrize("kind", ["slash", "existing"])
+def test_out_naming_a_folder_writes_into_it(small, tmp_path, monkeypatch, kind):
+    """--out DIR/ (made if missing) or an existing folder: DIR/small_full_conv.*, nothing beside it."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "maps"
+    if kind == "existing":
+        folder.mkdir()
+    before = files_in(tmp_path) - {"maps"}
+    run = call_fcnify("convert", "--model-def", small[0], "--weights", small[1], "--out",
+                      f"{folder}/" if kind == "slash" else str(folder), "--no-verify")
+    assert run.code == 0, run.err
+    assert files_in(folder) == {"small_full_conv.prototxt", "small_full_conv.caffemodel",
+                                "small_full_conv.json"}
+    assert files_in(tmp_path) - {"maps"} == before
+
+
+def test_out_help_says_a_folder_is_written_into():
+    """convert --help says what a trailing / or an existing folder means."""
+    run = call_fcnify("convert", "--help")
+    assert "ending in / or an existing folder" in " ".join(run.out.split())
+
+
 def test_not_equivalent_exits_1_and_keeps_the_files(small, tmp_path, monkeypatch):
     """Negative control: fc6 kernels reshaped in Fortran order are NOT EQUIVALENT; exit 1, files kept."""
     module = importlib.import_module("fcnify.convert")  # the package exports a function of that name

@@ -284,8 +284,9 @@ def _model_card(model_name, **options):
 
 @cli.command()
 @_model_options
-@click.option("--out", "out_prefix", metavar="PREFIX",
-              help="Output prefix: writes PREFIX_full_conv.{prototxt,caffemodel,json}.")
+@click.option("--out", "out_prefix", metavar="PREFIX|DIR/",
+              help="Output prefix: writes PREFIX_full_conv.{prototxt,caffemodel,json}; a path "
+                   "ending in / or an existing folder is a folder to write NET_full_conv.* into.")
 @click.option("--input-size", type=SIZE, metavar="H[xW]", help="Input size written into the new net.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the equivalence check (not recommended).")

@@ -6,6 +6,7 @@ the outputs appear all at once (or not at all).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -110,6 +111,22 @@ def default_prefix(model_def: Path, card: ModelCard | None) -> Path:
     elif stem in ("deploy", "model", "net"):
         stem = model_def.parent.name or stem
     return Path.cwd() / stem
+
+
+def output_prefix(out: str | Path | None, model_def: Path, card: ModelCard | None) -> Path:
+    """The prefix the outputs are written under, from `--out`.
+
+    A path ending in '/' or naming an existing folder is a folder to write
+    into (under the net's own name, as without --out); anything else is a
+    prefix, as `--out out/mynet` has always been. Users type `--out out/`
+    meaning the folder, and got `out_full_conv.*` beside it.
+    """
+    if out is None or str(out) == "":
+        return default_prefix(model_def, card)
+    text = str(out)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return Path(text) / default_prefix(model_def, card).name
+    return Path(text)
 
 
 def prepare(model_def: str | Path, weights: str | Path, *, input_size: tuple[int, int] | None = None,
@@ -237,7 +254,7 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
                         keep_names=keep_output_names)
     if not result.changed:
         return result
-    prefix = Path(out_prefix) if out_prefix else default_prefix(Path(model_def), card)
+    prefix = output_prefix(out_prefix, Path(model_def), card)
     names = {k: Path(f"{prefix}{SUFFIX}.{ext}") for k, ext in
              (("prototxt", "prototxt"), ("caffemodel", "caffemodel"), ("card", "json"))}
     out = OutputSet(force)
