@@ -92,6 +92,16 @@ def test_mixed_lines_are_kept_whole():
     assert labels.ids is None and labels.names == ("n01440764 tench", "goldfish")
 
 
+def test_quoted_synset_lines_parse_without_quotes():
+    """Lines pasted from Python ('n02123045 tabby, tabby cat',) give ids and names without quotes."""
+    labels = parse_labels(["'n02123045 tabby, tabby cat',", '"n02123159 tiger cat"', "'no face'"][:2])
+    assert labels.ids == ("n02123045", "n02123159")
+    assert labels.names == ("tabby, tabby cat", "tiger cat")
+    assert resolve_class(labels, "n02123045") == 0 and resolve_class(labels, "tabby") == 0
+    assert parse_labels(["'no face'", "face"]).names == ("no face", "face")
+    assert parse_labels(["don't", "it's"]).names == ("don't", "it's")  # a quote inside stays
+
+
 def test_utf8_bom_is_ignored(tmp_path):
     """Files saved by Windows editors start with a BOM that must not join the first name."""
     labels = read_labels(write(tmp_path, "bom.txt", "\ufeffn01440764 tench\n".encode("utf-8")))

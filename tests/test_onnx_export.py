@@ -316,6 +316,41 @@ def test_metadata_carries_the_card(tmp_path):
     assert np.array_equal(runs[0][0], runs[1][0])
 
 
+def test_convert_labels_reach_the_card_and_the_onnx_metadata(tmp_path):
+    """convert --labels (quoted synset lines) writes them into the card; export of that card puts
+    them, ids and names without quotes, into fcnify.labels and fcnify.label_ids."""
+    from conftest import write_model
+    from nets import small_net
+    proto, weights = write_model(tmp_path, "small", small_net("plain"), seed=3)
+    names = [f"class {i}" for i in range(10)]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"'n{i:08d} {n}',\n" for i, n in enumerate(names)))
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "s",
+                      "--labels", labels, "--no-verify")
+    assert run.code == 0, run.err
+    card = tmp_path / "s_full_conv.json"
+    assert (tmp_path / json.loads(card.read_text())["labels"]).resolve() == labels.resolve()
+    out = tmp_path / "s.onnx"
+    assert call_fcnify("export", card, "--out", out, "--no-verify").code == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["fcnify.labels"]) == names
+    assert json.loads(meta["fcnify.label_ids"]) == [f"n{i:08d}" for i in range(10)]
+
+
+def test_convert_refuses_labels_of_another_length(tmp_path):
+    """11 labels for a 10-class net: one line naming the file and both counts, exit 2, nothing written."""
+    from conftest import write_model
+    from nets import small_net
+    proto, weights = write_model(tmp_path, "small", small_net("plain"), seed=3)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"c{i}\n" for i in range(11)))
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "s",
+                      "--labels", labels, "--no-verify")
+    assert run.code == 2 and run.err.count("\n") == 1
+    assert "labels.txt" in run.err and "11 lines, the net has 10 classes" in run.err
+    assert not list(tmp_path.glob("s_full_conv*"))
+
+
 def test_card_options_resolve(tmp_path):
     """NET as a prototxt needs --weights (usage error, exit 2)."""
     run = call_fcnify("export", LENET_DEF, "--out", tmp_path / "l.onnx")

@@ -297,12 +297,14 @@ def _model_card(model_name, **options):
               help="Engine that runs the equivalence check.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
+@click.option("--labels", "labels_file", type=PATH,
+              help="Class names, one per line in the net's order (written into the card).")
 @_preprocess_options
 @_detector_options
 @click.pass_obj
 def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
-            keep_output_names, gpu, engine, fmt, channels, raw_scale, input_scale, mean, transpose,
-            background_class, box_head):
+            keep_output_names, gpu, engine, fmt, labels_file, channels, raw_scale, input_scale, mean,
+            transpose, background_class, box_head):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -318,7 +320,7 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     from .surgery.report import conversion_document, conversion_report
     card = _model_card(model_name, model_def=model_def, weights=weights, channels=channels,
                        raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose,
-                       background_class=background_class, box_head=box_head)
+                       labels=labels_file, background_class=background_class, box_head=box_head)
     from .engines import make_engine
     runner = None if no_verify else make_engine(engine, gpu, verbose=obj.verbose)
     t0 = time.perf_counter()

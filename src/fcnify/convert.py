@@ -73,13 +73,15 @@ def card_for(model_def: Path, weights: Path | None, card: ModelCard | None = Non
 
 
 def check_detector(surgery: Surgery, card: ModelCard, path: Path) -> None:
-    """The card's background class must be one of the net's classes and its box head one of
-    the net's outputs with 4 values per cell, before anything is written."""
+    """The card's background class and labels must fit the net's classes and its box head be
+    one of the net's outputs with 4 values per cell, before anything is written."""
     from .io.models import check_background_class
     from .surgery.surgery import named_blob
     outs = output_blobs(surgery.net)
     scores = surgery.shapes.blobs.get(score_blob(surgery.net), ())
     check_background_class(card.background_class, path, scores[1] if len(scores) >= 2 else None)
+    if len(scores) >= 2:
+        card.load_labels(scores[1])  # a labels file of another length: one line, nothing written
     head = card.box_head
     if head is None:
         return

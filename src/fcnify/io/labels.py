@@ -50,12 +50,24 @@ def parse_labels(lines: list[str]) -> Labels:
     A file where only some lines carry a WordNet id is not a synset file, so
     its lines are kept whole rather than guessed at.
     """
-    rows = [line.strip() for line in lines if line.strip()]
+    rows = [unquoted(line.strip()) for line in lines if line.strip()]
     matches = [WNID.fullmatch(row) for row in rows]
     if rows and all(matches):
         return Labels(names=tuple(m.group(2) or m.group(1) for m in matches),
                       ids=tuple(m.group(1) for m in matches))
     return Labels(names=tuple(rows))
+
+
+def unquoted(row: str) -> str:
+    """A line without the quotes (and a list's trailing comma) of a label copied from Python.
+
+    Synset lists are often pasted from code (`'n02123045 tabby, tabby cat',`);
+    kept quoted, the names carry the quotes and the WordNet ids are not found.
+    """
+    text = row[:-1].rstrip() if row.endswith(",") and row[:1] in "'\"" else row
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1].strip()
+    return row
 
 
 def read_labels(path: str | Path) -> Labels:
