@@ -34,7 +34,7 @@ class ExportResult:
     def summary(self) -> str:
         ins = ", ".join(f"{n} {' x '.join(map(str, d))}" for n, d in self.inputs.items())
         how = "converted to fully convolutional, then " if self.converted else ""
-        checked = "" if self.report is None else (
+        checked = "; NOT checked against Caffe (verification skipped)" if self.report is None else (
             f"; matches Caffe on {len(self.report.inputs)} inputs, {self.report.params_checked} "
             "parameter blobs identical")
         return (f"{self.name}: {how}exported to {self.path} ({self.size / 2**20:.1f} MiB, ONNX opset {OPSET}, "
