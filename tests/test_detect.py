@@ -7,8 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fcnify.dense.dense import DenseModel
-from fcnify.dense.detect import iou, nms
+from fcnify.caffe.geometry import AxisGeometry, MapGeometry
+from fcnify.dense.dense import DenseMap, DenseModel
+from fcnify.dense.detect import detect, iou, nms
 from fcnify.errors import InputError
 from fcnify.convert import card_for_model_def
 from fcnify.io.preprocess import Preprocess
@@ -35,6 +36,19 @@ def test_nms_keeps_best_and_spares_other_groups():
     # 1 (best) drops 0 (IoU 0.82); 2 overlaps 1 by 0.6/1.4 = 0.43 <= 0.5 and stays; 4 is another class
     assert list(keep) == [1, 4, 2, 3]
     assert list(nms(boxes, scores, 0.5)) == [1, 2, 3]  # one group: 4 overlaps 1 and goes
+
+
+def test_detect_ranks_saturated_cells_by_log_odds(red_card):
+    """Two overlapping cells whose float32 probability both rounded to 1.0: the one whose other
+    classes are less likely (log-odds 27.6 against 20.7) is kept, though it comes second in the map."""
+    axis = AxisGeometry(stride=8, box_lo=0, box_hi=31, reach_lo=0, reach_hi=31)
+    probs = np.zeros((2, 1, 2), np.float32)
+    probs[0, 0] = [1e-9, 1e-12]  # background: cell (0, 0) the less sure of the two
+    probs[1, 0] = 1.0 - probs[0, 0]
+    assert (probs[1, 0] == 1.0).all()  # the probabilities alone tie
+    dm = DenseMap(probs, MapGeometry("prob", axis, axis), (32, 40), (32, 40), red_card)
+    (kept,) = detect([dm], [1.0], threshold=0.5, iou_limit=0.3)  # the cells' IoU is 24/40
+    assert (kept.cls, kept.box) == (1, (8.0, 0.0, 40.0, 32.0))
 
 
 @pytest.fixture(scope="module")

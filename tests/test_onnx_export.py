@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from fcnify.io.models import find_model  # noqa: E402
 from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
 from fcnify.engines.onnx_engine import OnnxRunner  # noqa: E402
 from fcnify.engines.onnx_export import Unexportable  # noqa: E402
+from fcnify.errors import NotEquivalentError  # noqa: E402
 from fcnify.export import export_onnx  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.caffe.shapes import pool_geometry  # noqa: E402
@@ -356,3 +358,56 @@ def test_card_options_resolve(tmp_path):
     run = call_fcnify("export", LENET_DEF, "--out", tmp_path / "l.onnx")
     assert run.code == 2 and "--weights" in run.err
     assert resolve_model(card=find_model("digits").card_path).name == "digits"
+
+
+# ------------------------------------------------------------------ the check against Caffe
+
+@pytest.fixture
+def relu_as_abs(monkeypatch):
+    """The exporter translating ReLU as Abs: a valid ONNX model (onnx.checker passes, every
+    initializer the caffemodel's) that computes other scores than Caffe."""
+    import fcnify.export as module
+    real = module.to_onnx
+
+    def wrong(*args, **kwargs):
+        model = real(*args, **kwargs)
+        relus = [n for n in model.graph.node if n.op_type == "Relu"]
+        assert relus, "the digits net has a ReLU"
+        relus[0].op_type = "Abs"
+        return model
+    monkeypatch.setattr(module, "to_onnx", wrong)
+
+
+def test_export_that_differs_from_caffe_writes_nothing(relu_as_abs, tmp_path):
+    """A translation that does not reproduce Caffe: exit 1, one line saying so, no file, nothing staged."""
+    out = tmp_path / "digits.onnx"
+    run = call_fcnify("export", "digits", "--out", out)
+    assert run.code == 1, run
+    assert "does NOT reproduce Caffe's outputs" in run.err and len(run.err.strip().splitlines()) == 1, run.err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(NotEquivalentError):  # the API the same
+        export_onnx(find_model("digits"), out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_verify_writes_unchecked_and_says_so(relu_as_abs, tmp_path):
+    """--no-verify skips the check against Caffe (the wrong translation goes through) and the
+    summary says it was not checked; onnx.checker still ran."""
+    out = tmp_path / "digits.onnx"
+    run = call_fcnify("export", "digits", "--out", out, "--no-verify")
+    assert run.code == 0, run
+    assert "NOT checked against Caffe" in run.out and "matches Caffe" not in run.out, run.out
+    assert "passed onnx.checker" in run.out
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("Abs") == 1
+
+
+def test_export_is_opset_17_and_checked(tmp_path):
+    """The file declares ONNX opset 17 (README) in the default domain, and the summary says it
+    matched Caffe on its sample inputs."""
+    out = tmp_path / "digits.onnx"
+    run = call_fcnify("export", "digits", "--out", out)
+    assert run.code == 0, run
+    model = onnx.load(str(out))
+    assert {o.domain: o.version for o in model.opset_import} == {"": 17}
+    assert "ONNX opset 17" in run.out
+    assert re.search(r"matches Caffe on \d+ inputs, 8 parameter blobs identical", run.out), run.out

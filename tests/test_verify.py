@@ -275,3 +275,32 @@ def test_convert_json_when_not_equivalent(small_fcn, tmp_path, monkeypatch):
     assert _scores(doc["verification"])["fraction"] > 10
     assert [c["layer"] for c in doc["conversions"] if c["kind"] == "inner_product"] == ["fc6", "fc7"]
     assert sorted(doc["outputs"]) == ["caffemodel", "card", "prototxt"]
+
+
+def _strict_json(text: str) -> dict:
+    """json.loads that refuses Infinity and NaN, as strict JSON readers (jq, JavaScript) do."""
+    def refuse(name: str):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_writes_infinite_and_nan_differences_as_strings(small_fcn, tmp_path):
+    """fc7 weights scaled by 1e38 (finite, so the weights pass their check) overflow the FCN's
+    scores to infinity: verify --format json is still strict JSON (exit 1), with the scores' largest
+    difference and its fraction of the bound as strings."""
+    proto, weights, fcn, fcn_weights = small_fcn
+    blobs = _blobs(fcn_weights)
+    blobs["fc7-conv"][0] = (blobs["fc7-conv"][0].astype(np.float64) * 1e38).astype(np.float32)
+    assert np.isfinite(blobs["fc7-conv"][0]).all()
+    net = read_netdef(fcn).param
+    changed_proto, changed_weights = tmp_path / "inf.prototxt", tmp_path / "inf.caffemodel"
+    changed_proto.write_text(to_text(net))
+    with open(changed_weights, "wb") as f:
+        write_weights(f, net, blobs)
+    run = call_fcnify("verify", proto, changed_proto, "--weights", weights, "--fcn-weights", changed_weights,
+                      "--format", "json")
+    assert run.code == 1, run.err
+    doc = _strict_json(run.out)
+    assert doc["equivalent"] is False
+    scores = _scores(doc)
+    assert scores["max_abs"] in ("inf", "nan") and scores["fraction"] in ("inf", "nan"), scores
