@@ -177,3 +177,57 @@ def test_caffenet_stride_16(caffenet_card):
         atrous.close()
         shifted.close()
         native.close()
+
+
+# ------------------------------------------------------------------ a net whose declared input is small
+
+@pytest.fixture(scope="module")
+def cifar_card(caffe_root, tmp_path_factory):
+    """Caffe's CIFAR-10 quick with seeded weights, converted: 32x32 input, stride 8, ceil-rounded pooling."""
+    from conftest import write_model
+    tmp = tmp_path_factory.mktemp("cifar")
+    text = (caffe_root / "examples" / "cifar10" / "cifar10_quick.prototxt").read_text()
+    proto, weights = write_model(tmp, "cifar", text, seed=10)
+    return read_card(convert(proto, weights, tmp / "cifar", check=False).outputs["card"])
+
+
+def test_cifar_quick_maps_at_every_stride(cifar_card):
+    """CIFAR-10 quick at --stride 4, 2, 1: à trous needs more than its 32x32 declared input (its
+    last pooling can no longer hang over the edge), yet every stride maps; stride 4 equals the
+    stride-8 map on its grid within the float32 bound, 2 and 1 the stride-4 net's shifted runs."""
+    from bounds import map_bound
+    from fcnify.surgery.bound import within
+    img = np.random.default_rng(32).integers(0, 256, (101, 93, 3), dtype=np.uint8)
+    native = DenseModel(cifar_card)
+    models = {s: DenseModel(cifar_card, runner=native.runner, stride=s) for s in (4, 2, 1)}
+    try:
+        base, _ = native.run_scores(img)
+        fine = {s: m.run_scores(img)[0] for s, m in models.items()}
+        grid = fine[4][:, ::2, ::2]
+        rows, cols = grid.shape[1:]
+        assert rows >= base.shape[1] - 1 and cols >= base.shape[2] - 1  # only an overhanging cell is lost
+        ok, used = within(grid, base[:, :rows, :cols], map_bound(native, img)[:, :rows, :cols])
+        assert ok, f"stride 4 differs from stride 8 on its grid by {used:.3g} of the float32 bound"
+        for s, f in ((2, 2), (1, 4)):
+            assert models[s].geometry.stride == (s, s) and models[s].stride_plan.shifts == f
+            for i in range(f):
+                for j in range(f):
+                    ref, _ = models[4].run_scores(img[i * s:, j * s:])
+                    part = fine[s][:, i::f, j::f]
+                    assert np.array_equal(part, ref[:, :part.shape[1], :part.shape[2]]), (s, i, j)
+    finally:
+        for m in models.values():
+            m.close()
+        native.close()
+
+
+def test_cifar_quick_too_small_for_stride_names_the_image(cifar_card, tmp_path):
+    """An image one cell fits natively but not à trous: one line naming the image, no temporary file."""
+    from PIL import Image
+    from conftest import call_fcnify
+    Image.fromarray(np.full((34, 34, 3), 128, np.uint8)).save(tmp_path / "small.png")
+    run = call_fcnify("classify-map", tmp_path / "small.png", "--card", cifar_card.card_path,
+                      "--stride", "4")
+    assert run.code == 2, run.err
+    assert run.err.startswith(f"fcnify: error: {tmp_path / 'small.png'}: image is 34x34 px")
+    assert "at stride 4" in run.err and "fcnify-" not in run.err and len(run.err.splitlines()) == 1

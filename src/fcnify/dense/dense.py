@@ -244,7 +244,7 @@ class DenseModel:
                 check_weights(shapes, read_weights(card.weights), card.model_def)
         self.num_classes = shapes.blobs[self.score_blob][1]
         self.labels = card.load_labels(self.num_classes)
-        self.minimum = self._minimum(declared)
+        self.minimum = self._minimum(declared if stride is None else image_input(net)[1])
         t0 = time.perf_counter()
         self.net = self.runner.load(card.model_def, card.weights)
         self.load_seconds = time.perf_counter() - t0
@@ -263,19 +263,23 @@ class DenseModel:
 
     def _finer(self, card: ModelCard, net, stride: int, *, atrous: bool):
         """Rewrite the net à trous as far as it allows; shift-and-stitch does the rest in run()."""
-        from ..caffe.netdef import to_text
-        from .stride import plan_stride, rewrite_atrous, stitched_geometry
+        from ..caffe.geometry import blob_geometry, with_window
+        from ..caffe.netdef import NetDef, to_text
+        from .stride import fit_declared_input, plan_stride, rewrite_atrous, stitched_geometry
+        shown = (self.source or card).model_def  # errors name the user's file, never a temporary one
         self.stride_plan = plan = plan_stride(net, self.geometry.stride, stride, atrous=atrous,
-                                              path=card.model_def)
+                                              path=shown)
         if plan.atrous > 1:
+            net = rewrite_atrous(net, plan)
+            fit_declared_input(net, self.score_blob)
             self._strided = tempfile.TemporaryDirectory(prefix="fcnify-stride-")
             path = Path(self._strided.name) / f"{Path(card.model_def).stem}_stride{stride}.prototxt"
-            path.write_text(to_text(rewrite_atrous(net, plan)))
+            path.write_text(to_text(net))
             card = replace(card, model_def=path)
-            self.netdef = read_netdef(path)
-            net = self.netdef.param
-        g = self.net_geometry = map_geometry(net, self.score_blob, path=card.model_def,
-                                             classifier_input=classifier_input(card))
+            self.netdef = NetDef(net, Path(shown))
+        # à trous keeps every window (dilation spreads the later kernels over the finer grid)
+        g = self.net_geometry = with_window(blob_geometry(net, path=shown)[self.score_blob],
+                                            self.net_geometry.window)
         self.grid_geometry = MapGeometry(g.blob, g.x, g.y) if self.transposed else g
         self.geometry = stitched_geometry(self.grid_geometry, plan.shifts)
         return card, net
@@ -285,9 +289,15 @@ class DenseModel:
         return self.stride_plan.shifts if self.stride_plan else 1
 
     def _minimum(self, declared) -> tuple[int, int]:
-        """Smallest image: one window, or the net's declared input if that is smaller."""
+        """Smallest image: one window, or the net's declared input if that is smaller.
+
+        An à trous rewrite declares the smallest input it needs (stride.fit_declared_input),
+        which can exceed a window: that one is the minimum.
+        """
         fy, fx = self.net_geometry.window
         h, w = min(fy, declared[2]), min(fx, declared[3])
+        if self.stride_plan is not None and self.stride_plan.atrous > 1:
+            h, w = declared[2], declared[3]
         return (w, h) if self.transposed else (h, w)
 
     def cells(self, height: int, width: int) -> tuple[int, int]:
@@ -468,7 +478,8 @@ class DenseModel:
         if fed[0] < mh or fed[1] < mw:
             what = f"{hw(*fed)} px" + (" after resizing" if resized else "")
             raise ImageError(f"image is {what} (height x width), smaller than one window: "
-                             f"{self.card.name} needs at least {hw(mh, mw)} px", path)
+                             f"{self.card.name} needs at least {hw(mh, mw)} px"
+                             + (f" at stride {self.stride_plan.stride}" if self.stride_plan else ""), path)
 
     def dense_map(self, probs: np.ndarray, info: dict, *, image: np.ndarray, fed: tuple[int, int],
                   path: Path | None, timings: dict[str, float], keep_image: bool = True) -> DenseMap:

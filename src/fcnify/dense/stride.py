@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, NetDefinitionError
 from ..caffe.geometry import AxisGeometry, MapGeometry
 from ..caffe.layers import CHANNEL_WISE
 from ..caffe.shapes import conv_geometry
@@ -174,6 +174,28 @@ def rewrite_atrous(net, plan: StridePlan):
     return out
 
 
+def fit_declared_input(net, blob: str) -> None:
+    """Declare (in place) an input at least as large as the smallest one giving a cell of `blob`.
+
+    A rewrite can need a larger input than the original declares: CIFAR-10
+    quick's last pooling rounds up, so at 32x32 its last window hangs over
+    the edge; at stride 1 it cannot, and the dilated classifier no longer fits
+    in 32 px. Caffe loads the net at its declared size, so that must fit.
+    """
+    from ..caffe.geometry import smallest_input
+    from ..caffe.shapes import infer
+    dims = next(layer for layer in net.layer if layer.type == "Input").input_param.shape[0].dim
+    declared = dims[2], dims[3]
+    while dims[2] < 1 << 14:  # smallest_input searches each axis with the other as declared
+        try:
+            infer(net)
+            break
+        except NetDefinitionError:
+            dims[2], dims[3] = 2 * dims[2], 2 * dims[3]
+    need = smallest_input(net, blob)
+    dims[2], dims[3] = max(declared[0], need[0]), max(declared[1], need[1])
+
+
 def _set_stride(layer, sy: int, sx: int) -> None:
     if layer.type == "Pooling":
         p = layer.pooling_param
@@ -209,8 +231,16 @@ def offsets(plan: StridePlan, grid_stride: int) -> list[int]:
 
 
 def stitched_cells(length: int, shifts: int, step: int, cells_for: Callable[[int], int]) -> int:
-    """Cells along an axis of the stitched map: the first cell some offset's run lacks ends it."""
-    counts = [cells_for(length - i * step) if length - i * step > 0 else 0 for i in range(shifts)]
+    """Cells along an axis of the stitched map: the first cell some offset's run lacks ends it.
+
+    A shifted image too small for the net gives no cells (its run is skipped).
+    """
+    def count(n: int) -> int:
+        try:
+            return cells_for(n) if n > 0 else 0
+        except NetDefinitionError:
+            return 0
+    counts = [count(length - i * step) for i in range(shifts)]
     n = 0
     while n // shifts < counts[n % shifts]:
         n += 1
@@ -237,6 +267,8 @@ def shift_and_stitch(run_grid, rgb: np.ndarray, shifts: int, step: int,
     for i in range(shifts):
         for j in range(shifts):
             want_r, want_c = len(range(i, rows, shifts)), len(range(j, cols, shifts))
+            if want_r == 0 or want_c == 0:  # this offset's image is too small for the net
+                continue
             part, run = run_grid(rgb[i * step:, j * step:])
             out[:, i::shifts, j::shifts] = part[:, :want_r, :want_c]
             for name, head in run.get("heads", {}).items():  # the net's other outputs, stitched alike
