@@ -500,3 +500,18 @@ def test_bad_option_values_one_line(three, tmp_path, args, message):
                       three["weights"], "--out", out, *args)
     assert run.code == 2 and message in run.err and len(run.err.strip().splitlines()) == 1, run.err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["classify-map", "x.png", "--foo"], "No such option '--foo'"),
+    (["bogus"], "No such command 'bogus'"),
+    (["classify-map", "x.png", "--workers", "2"], "--scheduler/--workers write each map's files"),
+    (["classify-map", "x.png", "--workers", "2", "--scheduler", "tcp://h:1", "--out", "o"],
+     "give either --scheduler or --workers"),
+])
+def test_usage_errors_take_one_line(args, message):
+    """A usage error reads as every other error: one line on stderr, exit 2, no usage block."""
+    run = call_fcnify(*args)
+    assert run.code == 2 and run.out == ""
+    assert run.err.startswith(f"fcnify: error: {message}") and len(run.err.splitlines()) == 1, run.err
+    assert "--help" in run.err

@@ -718,6 +718,12 @@ def demo(obj, out_dir):
         raise SystemExit(1)
 
 
+def _usage_line(exc: click.UsageError) -> str:
+    """A usage error in one line, as every other error, pointing at the command's --help."""
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return exc.format_message() + where
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI, turning fcnify errors into one line."""
     args = list(argv if argv is not None else sys.argv[1:])
@@ -746,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.BadParameter as exc:  # a bad option value: one line, as every bad input
         _err(f"fcnify: error: {_one_line(exc.format_message())}")
+        return exc.exit_code
+    except click.UsageError as exc:  # no such option or command, options that cannot go together
+        _err(f"fcnify: error: {_one_line(_usage_line(exc))}")
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
