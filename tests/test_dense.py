@@ -184,35 +184,17 @@ def digits_fcn(tmp_path_factory):
     return result.outputs["card"]
 
 
-def _capture_figures(monkeypatch) -> list:
-    """Record every matplotlib figure fcnify saves, with the bytes it saved."""
-    from matplotlib.figure import Figure
-    saved = []
-    original = Figure.savefig
-
-    def spy(fig, fname, *args, **kwargs):
-        original(fig, fname, *args, **kwargs)
-        saved.append((fig, fname.getvalue() if hasattr(fname, "getvalue") else None))
-    monkeypatch.setattr(Figure, "savefig", spy)
-    return saved
-
-
-def _map_image(fig, shape):
-    """The array drawn as the map (the one of the map's shape; the photo under it is H x W x 3)."""
-    (image,) = [im for ax in fig.axes for im in ax.images if im.get_array().shape == shape]
-    return np.asarray(image.get_array())
-
-
-def test_outputs_files(digits_fcn, tmp_path, monkeypatch):
+def test_outputs_files(digits_fcn, tmp_path):
     """--out writes the map's scores, its JSON, and pictures of the top class and of the argmax.
 
     The scores equal the library's map of the same image; the JSON's cells list
     those scores' top classes; the heatmap draws the top non-background class's
     probabilities (or --class's); the argmax picture draws each cell's winner,
-    with a legend naming the classes that win cells.
+    with a legend naming the classes that win cells (tests/test_pictures.py
+    checks what the drawings show, cell by cell).
     """
+    from fcnify.io import pictures
     scene = find_model("digits").model_def.parent / "scene.png"
-    figures = _capture_figures(monkeypatch)
     run = call_fcnify("classify-map", scene, "--card", digits_fcn, "--out", tmp_path, "--top-k", "3")
     assert run.code == 0, run.err
     scores = np.load(tmp_path / "scene.scores.npy")
@@ -221,7 +203,8 @@ def test_outputs_files(digits_fcn, tmp_path, monkeypatch):
     assert np.abs(scores.sum(axis=0, dtype=np.float64) - 1.0).max() <= factor(11 + 2)
     model = DenseModel(read_card(digits_fcn))
     try:
-        assert np.array_equal(scores, model.classify(scene).probs)  # same engine, same shapes: exact
+        dm = model.classify(scene)
+        assert np.array_equal(scores, dm.probs)  # same engine, same shapes: exact
     finally:
         model.close()
     data = json.loads((tmp_path / "scene.map.json").read_text())
@@ -245,29 +228,28 @@ def test_outputs_files(digits_fcn, tmp_path, monkeypatch):
     won[10] = -1  # background is never the default heatmap class
     top = int(won.argmax())
     assert data["heatmap_class"] == {"class": top, "label": str(top)}
-    (heat_fig, heat_png), (arg_fig, arg_png) = figures
-    assert np.array_equal(_map_image(heat_fig, (114, 154)), scores[top])
-    drawn = _map_image(arg_fig, (114, 154)).astype(int)
-    legend = [t.get_text() for t in arg_fig.axes[0].get_legend().get_texts()]
-    present = [int(text.split(":")[0]) for text in legend]
+    heat, arg = pictures.heatmap_picture(dm, top), pictures.argmax_picture(dm)
+    assert heat.title[0].startswith(f"P({top}), class {top}: max {scores[top].max():.3g} at cell")
+    assert heat.bar == (0.0, 1.0, float(scores[top].max()))  # probability 0-1 by default
+    present = [int(text.split(":")[0]) for _, text in arg.legend]
     assert set(present) == set(np.unique(scores.argmax(axis=0)).tolist())
-    assert all(text == f"{c}: {labels[c]}" for c, text in zip(present, legend))
-    assert np.array_equal(np.array(present)[drawn], scores.argmax(axis=0))
-    for name, png in (("heatmap", heat_png), ("argmax", arg_png)):
-        assert (tmp_path / f"scene.{name}.png").read_bytes() == png  # the figures checked are the files
+    assert all(text.startswith(f"{c}: {labels[c]} (") for c, (_, text) in zip(present, arg.legend))
+    for name, pic in (("heatmap", heat), ("argmax", arg)):
+        assert (tmp_path / f"scene.{name}.png").read_bytes() == pictures.png_bytes(pic)  # the files are these
         with Image.open(tmp_path / f"scene.{name}.png") as im:
             im.load()
             assert im.format == "PNG"
             assert im.width >= 600 and 0.5 < im.height / im.width < 1.0  # a 4:3 photo, plus legend
 
-    figures.clear()
     crop = tmp_path / "crop.png"
     Image.open(scene).crop((0, 0, 200, 160)).save(crop)
     run = call_fcnify("classify-map", crop, "--card", digits_fcn, "--out", tmp_path, "--class", "3")
     assert run.code == 0, run.err
     assert json.loads((tmp_path / "crop.map.json").read_text())["heatmap_class"] == {"class": 3, "label": "3"}
-    crop_scores = np.load(tmp_path / "crop.scores.npy")
-    assert np.array_equal(_map_image(figures[0][0], crop_scores.shape[1:]), crop_scores[3])
+    with DenseModel(read_card(digits_fcn)) as model:
+        crop_map = model.classify(crop)
+    assert np.array_equal(np.load(tmp_path / "crop.scores.npy"), crop_map.probs)
+    assert (tmp_path / "crop.heatmap.png").read_bytes() == pictures.heatmap_png(crop_map, 3)
 
 
 def test_json_format_stdout(digits_fcn):

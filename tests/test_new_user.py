@@ -194,19 +194,20 @@ def test_fetch_offline_exits_1(tmp_path):
 
 # ------------------------------------------------------------------ 14. the heatmap's colour scale
 
-def test_heatmap_scaled_to_the_maps_range(tmp_path):
-    """A faint class fills the colour scale by default; --heatmap-scale unit keeps 0-1 (darker)."""
+def test_heatmap_on_unit_scale_by_default_and_stretched_on_request(tmp_path):
+    """A faint class is drawn on 0-1 by default (dark); --heatmap-scale map stretches the colours
+    over its own range (brighter). Issue 24 item 8: a stretched faint class read as a strong one."""
     from fcnify.io.outputs import heat_range
     dm = fcnify.classify_map(_crop(tmp_path), model="digits")
     faint = int(np.argmin(dm.probs.max(axis=(1, 2))))
     peak = float(dm.probs[faint].max())
     assert peak < 0.5
-    assert heat_range(dm.probs[faint]) == (float(dm.probs[faint].min()), peak)
-    assert heat_range(dm.probs[faint], "unit") == (0.0, 1.0)
-    mapped = call_fcnify("classify-map", _crop(tmp_path), "--model", "digits", "--class", str(faint),
-                         "--out", tmp_path / "m", "--quiet")
+    assert heat_range(dm.probs[faint]) == (0.0, 1.0)
+    assert heat_range(dm.probs[faint], "map") == (float(dm.probs[faint].min()), peak)
     unit = call_fcnify("classify-map", _crop(tmp_path), "--model", "digits", "--class", str(faint),
-                       "--out", tmp_path / "u", "--quiet", "--heatmap-scale", "unit")
+                       "--out", tmp_path / "u", "--quiet")
+    mapped = call_fcnify("classify-map", _crop(tmp_path), "--model", "digits", "--class", str(faint),
+                         "--out", tmp_path / "m", "--quiet", "--heatmap-scale", "map")
     assert mapped.code == 0 and unit.code == 0, mapped.err + unit.err
     bright = [np.asarray(Image.open(tmp_path / d / "crop.heatmap.png").convert("L"), float).mean()
               for d in ("m", "u")]

@@ -8,7 +8,8 @@ import numpy as np
 from fcnify.dense.dense import DenseMap
 from fcnify.caffe.geometry import AxisGeometry, MapGeometry
 from fcnify.io.models import ModelCard
-from fcnify.io.outputs import cell_rows, preview, write_map_json
+from fcnify.io.outputs import cell_rows, write_map_json
+from fcnify.io.pictures import preview
 from fcnify.io.preprocess import Preprocess
 
 
@@ -52,12 +53,12 @@ def test_streamed_json_is_one_document(tmp_path):
 
 
 def test_preview_is_small_and_box_averaged():
-    """A 5000x3000 photo is drawn from a <= 1600-px copy whose pixels are block means."""
+    """A 5000x3000 photo is drawn from a <= 2048-px copy whose pixels are block means."""
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (3000, 5000, 3), dtype=np.uint8)
     small = preview(image)
-    assert max(small.shape[:2]) <= 1600 and small.shape == (750, 1250, 3)
-    block = image[400:404, 800:804].astype(np.float64).mean(axis=(0, 1))
+    assert max(small.shape[:2]) <= 2048 and small.shape == (1000, 1666, 3)
+    block = image[300:303, 600:603].astype(np.float64).mean(axis=(0, 1))
     assert np.array_equal(small[100, 200], np.rint(block).astype(np.uint8))
     tiny = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     assert preview(tiny) is tiny

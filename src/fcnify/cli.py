@@ -475,8 +475,9 @@ def _export_card(net: str, weights: str | None):
                    "outputs are saved beside it as NAME.BLOB.npy.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--heatmap-scale", type=click.Choice(["map", "unit"]), default="map", show_default=True,
-              help="Heatmap colours over the class's own range (map) or 0-1 (unit).")
+@click.option("--heatmap-scale", type=click.Choice(["unit", "map"]), default="unit", show_default=True,
+              help="Heatmap colours over probability 0-1 (unit), or stretched over the class's own "
+                   "range (map; the picture's title says so). The title states the peak either way.")
 @click.option("--scheduler", metavar="ADDRESS",
               help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
 @click.option("--workers", type=IntIn("need at least one worker", min=1), metavar="N",

@@ -173,10 +173,10 @@ class DenseMap:
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
              top_k: int = 5, command: str | None = None, *, force: bool = False,
-             heat_scale: str = "map") -> list[Path]:
+             heat_scale: str = "unit") -> list[Path]:
         """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png.
 
-        The heatmap's colours span the class's own range ("map") or 0-1 ("unit").
+        The heatmap's colours span 0-1 ("unit"), or the class's own range ("map", said in its title).
         """
         from ..io.outputs import save_outputs
         return save_outputs(self, Path(out_dir), name, cls, top_k, command, force=force,

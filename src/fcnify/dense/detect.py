@@ -166,7 +166,7 @@ def detections_png(dm, detections: Sequence[Detection]) -> bytes:
     """The boxes drawn on the (downsampled) image, each with its label and score."""
     import io
     from PIL import Image, ImageDraw
-    from ..io.outputs import preview
+    from ..io.pictures import preview
     h, w = dm.image_size
     base = preview(dm.image) if dm.image is not None else np.zeros((min(h, 1024), min(w, 1024), 3), np.uint8)
     f = w / base.shape[1]

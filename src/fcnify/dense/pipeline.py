@@ -62,7 +62,7 @@ class MapJob:
     top_k: int = 5
     command: str | None = None  # recorded in the JSON outputs
     force: bool = False
-    heat_scale: str = "map"
+    heat_scale: str = "unit"
 
     def __post_init__(self) -> None:
         given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]

@@ -99,7 +99,7 @@ class PyramidResult:
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
              top_k: int = 5, command: str | None = None, *, force: bool = False,
-             heat_scale: str = "map") -> list[Path]:
+             heat_scale: str = "unit") -> list[Path]:
         """NAME.* for the fused map, NAME.xSCALE.* per scale (several scales), NAME.detections.*."""
         from .detect import save_detections
         out_dir = Path(out_dir)

@@ -1,11 +1,8 @@
 """What a person sees: the text summary, the JSON, the .npy and the two pictures.
 
-The heatmap shows one class's probability over the image (cells drawn at
-their stride, centred on their windows), the argmax picture shows which class
-wins each cell. Both outline one cell's window (the crop the classifier would
-be given for it) and its reach (every pixel that can change it), and say so
-in their legend. Both are drawn in original-image pixels, so they line up
-with the photo whatever --size/--scale was used.
+The heatmap shows one class's probability over the image, the argmax
+picture which class wins each cell; both are drawn by pictures.py (numpy and
+Pillow, milliseconds each).
 """
 from __future__ import annotations
 
@@ -20,148 +17,7 @@ import numpy as np
 from ..errors import InputError, OutputExists
 from ..files import OutputSet
 from ..caffe.geometry import hw
-
-
-def _cell_extent(dm) -> tuple[float, float, float, float]:
-    """Image-pixel extent (left, right, bottom, top) of the map drawn as stride-sized tiles.
-
-    Each cell is drawn as a stride x stride square centred on its window's centre.
-    """
-    rows, cols = dm.shape
-    sy, sx = dm.scale
-    (sty, stx) = dm.geometry.stride
-    cx0, cy0 = dm.center(0, 0)
-    half_x, half_y = stx / sx / 2, sty / sy / 2
-    return (cx0 - half_x, cx0 - half_x + cols * stx / sx, cy0 - half_y + rows * sty / sy, cy0 - half_y)
-
-
-PREVIEW_PX = 1600  # the pictures are 800 px wide: twice that is plenty for their anti-aliasing
-
-
-def preview(image: np.ndarray, limit: int = PREVIEW_PX) -> np.ndarray:
-    """The photo shrunk by an integer factor (box average) to at most `limit` px a side.
-
-    matplotlib converts what it draws to floating-point RGBA: a 10000x7000
-    photo drawn whole costs gigabytes for an 800-px picture.
-    """
-    f = -(-max(image.shape[:2]) // limit)
-    if f <= 1:
-        return image
-    h, w = image.shape[0] // f * f, image.shape[1] // f * f
-    out = np.empty((h // f, w // f, image.shape[2]), np.uint8)
-    for r0 in range(0, h // f, 64):  # a band at a time: no full-size float copy
-        band = image[r0 * f:min(h, (r0 + 64) * f), :w].astype(np.float32)
-        band = band.reshape(band.shape[0] // f, f, w // f, f, -1).mean(axis=(1, 3))
-        out[r0:r0 + band.shape[0]] = np.rint(band).astype(np.uint8)
-    return out
-
-
-def _figure(dm, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    h, w = dm.image_size
-    aspect = h / w
-    fig, ax = plt.subplots(figsize=(8.0, max(3.0, 8.0 * aspect) + 0.6), dpi=100)
-    if dm.image is not None:
-        ax.imshow(preview(dm.image), extent=(0, w, h, 0), interpolation="bilinear")
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    ax.set_title(title, fontsize=11)
-    ax.set_xlabel("x (px)")
-    ax.set_ylabel("y (px)")
-    return fig, ax, plt
-
-
-HEAT_RANGES = ("map", "unit")
-
-
-def heat_range(values: np.ndarray, how: str = "map") -> tuple[float, float]:
-    """The colour scale's ends: the map's own range ("map"), or 0-1 ("unit").
-
-    A class that peaks at 0.08 would be a uniformly dark picture on 0-1; on its
-    own range its peaks show, and the colour bar says what the colours mean.
-    """
-    if how == "unit":
-        return 0.0, 1.0
-    if how != "map":
-        raise ValueError(f"heatmap range {how!r} is not one of {', '.join(HEAT_RANGES)}")
-    lo, hi = float(values.min()), float(values.max())
-    return (lo, hi) if hi > lo else (max(0.0, lo - 0.5), lo + 0.5)
-
-
-def heatmap_png(dm, cls: int, scale: str = "map") -> bytes:
-    """Probability of class `cls` over the image, with a colour bar over `scale` (heat_range)."""
-    fig, ax, plt = _figure(dm, f"P({dm.short(cls)}) — class {cls}, {dm.shape[0]}x{dm.shape[1]} map, "
-                               f"stride {dm.geometry.stride[1]} px")
-    vmin, vmax = heat_range(dm.probs[cls], scale)
-    im = ax.imshow(dm.probs[cls], extent=_cell_extent(dm), cmap="inferno", vmin=vmin, vmax=vmax,
-                   alpha=0.6 if dm.image is not None else 1.0, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"probability of '{dm.short(cls)}'")
-    row, col = np.unravel_index(int(dm.probs[cls].argmax()), dm.shape)
-    _geometry_legend(fig, ax, dm, int(row), int(col))
-    return _png(fig, plt)
-
-
-def geometry_marks(ax, dm, row: int, col: int) -> list:
-    """Outline cell (row, col)'s window and reach on `ax`; the legend entries that explain them."""
-    from matplotlib.patches import Rectangle
-    marks = []
-    for kind, box, style in (("window", dm.box(row, col, clip=False), dict(ec="#00e5ff", ls="-", lw=2.0)),
-                             ("reach", dm.reach(row, col, clip=False), dict(ec="#ff2bd6", ls="--", lw=1.5))):
-        x0, y0, x1, y1 = box
-        what = ("the crop the classifier would be given for this cell" if kind == "window"
-                else "every pixel that can change this cell")
-        label = f"{kind} of cell ({row}, {col}), {hw(y1 - y0, x1 - x0)} px: {what}"
-        marks.append(ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, label=label,
-                                            **style)))
-    return marks
-
-
-def _geometry_legend(fig, ax, dm, row: int, col: int) -> None:
-    """One cell's window and reach, outlined, and explained in a legend under the picture."""
-    fig.legend(handles=geometry_marks(ax, dm, row, col), loc="upper center", ncol=1, fontsize=8,
-               bbox_to_anchor=(0.5, 0.0), frameon=False)
-
-
-def argmax_png(dm, max_legend: int = 12) -> bytes:
-    """Winning class per cell, with a legend of the classes that win cells."""
-    import matplotlib.colors as mcolors
-    from matplotlib.patches import Patch
-    arg = dm.argmax()
-    present = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0]
-    index = {c: i for i, c in enumerate(present)}
-    compact = np.vectorize(index.get)(arg)
-    base = [mcolors.to_rgba(c) for c in
-            (list(mcolors.TABLEAU_COLORS.values()) + list(mcolors.CSS4_COLORS.values())[10::7])]
-    colors = [base[i % len(base)] for i in range(len(present))]
-    if dm.model.background_class in index:
-        colors[index[dm.model.background_class]] = (0.85, 0.85, 0.85, 1.0)
-    cmap = mcolors.ListedColormap(colors) if colors else "tab20"
-    fig, ax, plt = _figure(dm, f"Winning class per cell — {dm.shape[0]}x{dm.shape[1]} map")
-    alpha = np.full(arg.shape, 0.55 if dm.image is not None else 1.0)
-    if dm.image is not None and dm.model.background_class is not None:
-        # background cells stay see-through, so the detections stand out on the photo
-        alpha[arg == dm.model.background_class] = 0.0
-        alpha[arg != dm.model.background_class] = 0.9
-    ax.imshow(compact, extent=_cell_extent(dm), cmap=cmap, vmin=-0.5, vmax=len(present) - 0.5,
-              alpha=alpha, interpolation="nearest")
-    shown = present[:max_legend]
-    handles = [Patch(color=colors[index[c]], label=f"{c}: {dm.short(c)}") for c in shown]
-    if len(present) > max_legend:
-        handles.append(Patch(color="white", label=f"... {len(present) - max_legend} more"))
-    rows, cols = dm.shape
-    _geometry_legend(fig, ax, dm, rows // 2, cols // 2)
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
-              title="class")
-    return _png(fig, plt)
-
-
-def _png(fig, plt) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+from .pictures import HEAT_RANGES, argmax_png, heat_range, heatmap_png, preview  # noqa: F401 (re-exported)
 
 
 def cell_rows(dm, top_k: int):
@@ -313,7 +169,7 @@ def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = No
 
 
 def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: int,
-                 command: str | None, *, force: bool, heat_scale: str = "map") -> list[Path]:
+                 command: str | None, *, force: bool, heat_scale: str = "unit") -> list[Path]:
     """The four files for one image (and one .npy per other output head), written all at once."""
     name = name or (dm.image_path.stem if dm.image_path else "image")
     cls = dm.default_class() if cls is None else cls
