@@ -1,6 +1,8 @@
 """--engine onnx: ONNX Runtime runs fcnify's maps, conversions and checks (onnx_engine.py)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -88,27 +90,52 @@ def test_tiles_and_budget_use_onnx_memory(digits_fcn):
         model.close()
 
 
+def _check_scores(doc: dict) -> dict:
+    (scores,) = [c for c in doc["verification"]["comparisons"] if c["kind"] == "scores"]
+    return scores
+
+
 def test_cli_classify_map_verify_and_convert(digits_fcn, tmp_path):
-    """classify-map, verify and convert take --engine onnx (the choices come from the registry)."""
+    """classify-map, verify and convert take --engine onnx (the choices come from the registry): the
+    map is ONNX Runtime's, verify says EQUIVALENT, convert's check ran on ONNX Runtime (its largest
+    difference is not the Caffe engine's) and passed."""
+    from fcnify.io.models import read_card
     run = call_fcnify("classify-map", SCENE, "--card", digits_fcn["card"], "--engine", "onnx",
                       "--out", tmp_path / "maps", "--quiet")
     assert run.code == 0, run
-    assert (tmp_path / "maps" / "scene.scores.npy").is_file()
+    with DenseModel(read_card(digits_fcn["card"]), engine="onnx") as model:
+        assert np.array_equal(np.load(tmp_path / "maps" / "scene.scores.npy"), model.classify(SCENE).probs)
     card = find_model("digits")
     run = call_fcnify("verify", card.model_def, digits_fcn["prototxt"], "--weights", card.weights,
                       "--engine", "onnx")
-    assert run.code == 0 and "equivalent" in run.out.lower(), run
-    run = call_fcnify("convert", "--model", "digits", "--out", tmp_path / "d", "--engine", "onnx")
-    assert run.code == 0, run
+    assert run.code == 0 and "\n  result: EQUIVALENT" in run.out, run
+    docs = {}
+    for engine in ("onnx", "caffe"):
+        run = call_fcnify("convert", "--model", "digits", "--out", tmp_path / engine, "--engine", engine,
+                          "--format", "json")
+        assert run.code == 0, run
+        docs[engine] = json.loads(run.out)
+        assert docs[engine]["equivalent"] is True and docs[engine]["verification"]["params_checked"] == 8
+        assert 0 <= _check_scores(docs[engine])["fraction"] <= 1
+    assert _check_scores(docs["onnx"])["max_abs"] != _check_scores(docs["caffe"])["max_abs"]
+    assert (tmp_path / "onnx_full_conv.json").is_file()
 
 
 def test_dask_workers_run_onnx(digits_fcn, tmp_path):
-    """--workers with --engine onnx: each worker loads the net into ONNX Runtime once."""
+    """--workers with --engine onnx: the workers' map is, bit for bit, ONNX Runtime's in one process,
+    and not the Caffe engine's (the two differ in the last bits)."""
+    from fcnify.io.models import read_card
     run = run_fcnify("classify-map", SCENE, "--card", digits_fcn["card"], "--engine", "onnx",
                      "--workers", "1", "--out", tmp_path / "maps", "--quiet", timeout=240)
     assert run.code == 0, run
     local = np.load(tmp_path / "maps" / "scene.scores.npy")
-    assert local.shape[1:] == (114, 154)
+    assert local.shape == (11, 114, 154)
+    ref = {}
+    for engine in ("onnx", "caffe"):
+        with DenseModel(read_card(digits_fcn["card"]), engine=engine) as model:
+            ref[engine] = model.classify(SCENE).probs
+    assert not np.array_equal(ref["onnx"], ref["caffe"])
+    assert np.array_equal(local, ref["onnx"]), "the workers did not run ONNX Runtime"
 
 
 def test_gpu_without_cuda_provider_is_one_line():
