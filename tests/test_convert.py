@@ -263,14 +263,20 @@ def test_input_size_is_written_and_the_check_runs_at_the_original_size(tmp_path)
 
 # ------------------------------------------------------------------ nets that are not converted
 
-def test_net_without_inner_product_writes_nothing(tmp_path):
-    """A NIN-like net whose last pool slides: exit 0, 'no InnerProduct ... nothing written', no file."""
+def test_net_without_inner_product_gets_only_a_card(tmp_path):
+    """A NIN-like net whose last pool slides: exit 0, 'nothing to convert', and only its card,
+    pointing at the net's own prototxt and caffemodel, with the preprocessing given."""
     proto, weights = write_model(tmp_path, "nin", NIN_DENSE)
     before = files_in(tmp_path)
-    run = convert_cli(proto, weights, tmp_path / "out")
-    assert run.code == 0
-    assert "no InnerProduct layer" in run.out and "nothing written" in run.out
-    assert files_in(tmp_path) == before
+    run = convert_cli(proto, weights, tmp_path / "out", "--channels", "rgb")
+    assert run.code == 0, run.err
+    assert "nothing to convert in" in run.out and "already fully convolutional" in run.out
+    assert files_in(tmp_path) == before | {"out_full_conv.json"}
+    written = card(tmp_path / "out")
+    assert (tmp_path / written["model_def"]).resolve() == proto.resolve()
+    assert (tmp_path / written["weights"]).resolve() == weights.resolve()
+    assert written["converted"] is False and written["preprocess"]["channels"] == "RGB"
+    assert written["geometry"]["stride"] and written["verification"] is None
 
 
 def test_inner_product_along_spatial_axes_is_refused_with_a_reason(tmp_path):

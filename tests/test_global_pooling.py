@@ -91,3 +91,96 @@ def test_global_pooling_net_maps_in_memory(tmp_path):
     import json
     doc = json.loads(run.out)
     assert (doc["map"]["rows"], doc["map"]["cols"]) == (13, 13)
+
+
+def _onnx_outputs(model: "Path", x: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"data": x[None]})))
+
+
+def test_softmax_setting_agrees_in_files_json_text_and_onnx(tmp_path):
+    """A net ending in its global pooling (no Softmax, as SqueezeNet's pool_final): under
+    --softmax on, off and auto (the card's), scores.npy, --format json, the text and the
+    exported ONNX say and give the same thing, to the float32 bound of the scores."""
+    import json
+    from PIL import Image
+    import fcnify
+    pytest.importorskip("onnxruntime")
+    proto, weights = write_model(tmp_path, "squeeze", TRUNK, seed=4)
+    assert call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "sq",
+                       "--no-verify").code == 0
+    card_file = tmp_path / "sq_full_conv.json"
+    card = fcnify.read_card(card_file)
+    rgb = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    x = card.preprocess.apply(rgb)
+    caffe = pycaffe()
+    bound = 2 * rounding_bound(bound_layers(caffe.Net(str(proto), str(weights), caffe.TEST), "nothing"), x)
+    spread = bound.max(axis=0)  # per cell: the largest score error between the two runs
+    for setting in ("on", "off"):
+        out = tmp_path / setting
+        run = call_fcnify("classify-map", tmp_path / "x.png", "--card", card_file, "--softmax", setting,
+                          "--out", out, "--format", "json")
+        assert run.code == 0, run.err
+        doc = json.loads(run.out)
+        applied = setting == "on"
+        assert doc["map"]["softmax"] == {"applied": applied, "by": "fcnify" if applied else None,
+                                         "layer": None, "scores": "gpool"}
+        npy = np.load(out / "x.scores.npy").astype(np.float64)
+        text = call_fcnify("classify-map", tmp_path / "x.png", "--card", card_file, "--softmax", setting)
+        assert ("applied by fcnify (the net has none" if applied else "raw scores of 'gpool', no Softmax") \
+            in text.out
+        onnx_file = tmp_path / f"{setting}.onnx"
+        assert call_fcnify("export", card_file, "--out", onnx_file, "--softmax", setting,
+                           "--no-verify").code == 0
+        import onnx
+        meta = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+        assert json.loads(meta["fcnify.softmax"])["applied"] is applied
+        outputs = _onnx_outputs(onnx_file, x)
+        assert set(outputs) == ({"gpool", "gpool_softmax"} if applied else {"gpool"})
+        got = outputs[meta["fcnify.class_output"]][0].astype(np.float64)
+        assert got.shape == npy.shape == (10, 13, 13)
+        if applied:
+            assert np.allclose(npy.sum(axis=0), 1, atol=1e-5)
+            # p = exp(s - lse(s)): score errors of at most `spread` move p by a factor exp(2 spread);
+            # each Softmax adds a few float32 roundings of its own (exp, sum, divide: 16 u) and may
+            # flush values under float32's smallest normal to 0
+            tolerance = np.maximum(got, npy) * (np.expm1(2 * spread) + 16 * 2.0 ** -24) + 2.0 ** -126
+            assert (np.abs(got - npy) <= tolerance).all()
+        else:
+            assert (np.abs(got - npy) <= bound).all()
+    # auto follows the card; a card written with --softmax off maps raw scores
+    assert call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "raw",
+                       "--no-verify", "--softmax", "off").code == 0
+    run = call_fcnify("classify-map", tmp_path / "x.png", "--card", tmp_path / "raw_full_conv.json",
+                      "--format", "json")
+    assert json.loads(run.out)["map"]["softmax"]["applied"] is False
+
+
+def test_softmax_off_on_a_net_with_its_own_gives_its_scores(tmp_path):
+    """--softmax off on a net ending in Softmax maps the scores before it (equal to run_scores),
+    says so; --detect with it is refused in one line (it thresholds probabilities), exit 2."""
+    import json
+    from PIL import Image
+    import fcnify
+    text, _ = HEADS["convolution"]
+    proto, weights = write_model(tmp_path, "nin", TRUNK + text, seed=4)
+    assert call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "n",
+                       "--no-verify").code == 0
+    card = tmp_path / "n_full_conv.json"
+    rgb = np.random.default_rng(7).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    run = call_fcnify("classify-map", tmp_path / "x.png", "--card", card, "--softmax", "off", "--out",
+                      tmp_path / "o", "--format", "json")
+    assert run.code == 0, run.err
+    assert json.loads(run.out)["map"]["softmax"] == {"applied": False, "by": None, "layer": "prob",
+                                                     "scores": "cls"}
+    with fcnify.DenseModel(fcnify.read_card(card)) as model:
+        scores, _ = model.run_scores(rgb)
+    assert np.array_equal(np.load(tmp_path / "o" / "x.scores.npy"), scores)
+    on = call_fcnify("classify-map", tmp_path / "x.png", "--card", card, "--format", "json")
+    assert json.loads(on.out)["map"]["softmax"]["by"] == "net"
+    refused = call_fcnify("classify-map", tmp_path / "x.png", "--card", card, "--softmax", "off", "--detect")
+    assert refused.code == 2 and refused.err.count("\n") == 1 and "--softmax off" in refused.err

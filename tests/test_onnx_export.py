@@ -353,6 +353,27 @@ def test_convert_refuses_labels_of_another_length(tmp_path):
     assert not list(tmp_path.glob("s_full_conv*"))
 
 
+def test_pnet_card_exports_its_whole_truth(tmp_path):
+    """P-Net's card (convert on a net with nothing to convert) exports with RGB, mean 127.5, scale
+    0.0078125, transposed, its labels, background class and box head in the metadata."""
+    proto, weights = mtcnn_net(1)
+    labels = tmp_path / "faces.txt"
+    labels.write_text("no face\nface\n")
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "det1",
+                      "--channels", "rgb", "--mean", "127.5", "--input-scale", "0.0078125", "--transpose",
+                      "--labels", labels, "--background-class", "0", "--box-head", "conv4-2")
+    assert run.code == 0, run.err
+    out = tmp_path / "det1.onnx"
+    run = call_fcnify("export", tmp_path / "det1_full_conv.json", "--out", out)
+    assert run.code == 0, run.err
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["fcnify.preprocess"]) == {"channels": "RGB", "raw_scale": 255.0, "mean": [127.5],
+                                                      "input_scale": 0.0078125, "transpose": True}
+    assert json.loads(meta["fcnify.labels"]) == ["no face", "face"]
+    assert json.loads(meta["fcnify.box_head"]) == "conv4-2"
+    assert json.loads(meta["fcnify.background_class"]) == 0
+
+
 def test_card_options_resolve(tmp_path):
     """NET as a prototxt needs --weights (usage error, exit 2)."""
     run = call_fcnify("export", LENET_DEF, "--out", tmp_path / "l.onnx")

@@ -432,6 +432,35 @@ def test_pnet_detect_with_options_finds_every_face(tmp_path):
                        and b[3] <= face[3] + 2 for b in (d["box"] for d in doc["detections"])), face
 
 
+def test_pnet_runs_from_its_card_alone(tmp_path):
+    """convert on P-Net (nothing to convert) writes only its card, pointing at det1's own files,
+    with the preprocessing, labels, background class and box head; classify-map --card with
+    nothing else gives the boxes that all the options give."""
+    proto, weights = mtcnn_net(1)
+    labels = tmp_path / "faces.txt"
+    labels.write_text("no face\nface\n")
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", f"{tmp_path}/cards/",
+                      *MTCNN_OPTIONS, "--labels", labels, "--background-class", "0", "--box-head", "conv4-2")
+    assert run.code == 0, run.err
+    assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["det1_full_conv.json"]
+    card_file = tmp_path / "cards" / "det1_full_conv.json"
+    card = json.loads(card_file.read_text())
+    assert Path(card["model_def"]) == proto.resolve() and Path(card["weights"]) == weights.resolve()
+    assert card["preprocess"] == {"channels": "RGB", "raw_scale": 255.0, "mean": [127.5],
+                                  "input_scale": 0.0078125, "transpose": True}
+    assert (card["background_class"], card["box_head"], card["converted"]) == (0, "conv4-2", False)
+    photo = MTCNN_PHOTOS[0]
+    found = {}
+    for how, args in (("card", ("--card", card_file)),
+                      ("options", ("--model-def", proto, "--weights", weights, *PNET, "--labels", labels))):
+        run = call_fcnify("classify-map", photo, *args, "--scales", "0.3,0.2,0.13", "--detect",
+                          "--out", tmp_path / how, "--quiet")
+        assert run.code == 0, run.err
+        found[how] = json.loads((tmp_path / how / f"{photo.stem}.detections.json").read_text())["detections"]
+    assert found["card"] == found["options"] and found["card"]
+    assert {d["label"] for d in found["card"]} == {"face"}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--box-head", "prob1"], "box_head 'prob1' is not an output mapped beside the class map "
                               "(outputs beside it: conv4-2)"),

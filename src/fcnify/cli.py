@@ -227,7 +227,7 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
         "Map": ("size", "scale", "long_side", "short_side", "tile", "stride", "scales"),
-        "Outputs": ("out_dir", "output", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
+        "Outputs": ("out_dir", "output", "softmax", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
@@ -259,6 +259,18 @@ def _preprocess_options(f):
     f = click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"], case_sensitive=False),
                      help="Channel order the net was trained on.")(f)
     return f
+
+
+SOFTMAX_SETTING = {"auto": None, "on": True, "off": False}
+
+
+def _softmax_option(f):
+    """--softmax auto|on|off: whether the class map is probabilities (auto: as the card says)."""
+    return click.option("--softmax", "softmax", type=click.Choice(list(SOFTMAX_SETTING)), default="auto",
+                        show_default=True, callback=lambda ctx, param, value: SOFTMAX_SETTING[value],
+                        help="Class map as probabilities (on: the net's own Softmax, or fcnify's where "
+                             "the net has none) or raw scores (off); auto: as the card says (on "
+                             "without one).")(f)
 
 
 def _detector_options(f):
@@ -301,10 +313,11 @@ def _model_card(model_name, **options):
               help="Class names, one per line in the net's order (written into the card).")
 @_preprocess_options
 @_detector_options
+@_softmax_option
 @click.pass_obj
 def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
             keep_output_names, gpu, engine, fmt, labels_file, channels, raw_scale, input_scale, mean,
-            transpose, background_class, box_head):
+            transpose, background_class, box_head, softmax):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -320,7 +333,8 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     from .surgery.report import conversion_document, conversion_report
     card = _model_card(model_name, model_def=model_def, weights=weights, channels=channels,
                        raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose,
-                       labels=labels_file, background_class=background_class, box_head=box_head)
+                       labels=labels_file, background_class=background_class, box_head=box_head,
+                       softmax=softmax)
     from .engines import make_engine
     runner = None if no_verify else make_engine(engine, gpu, verbose=obj.verbose)
     t0 = time.perf_counter()
@@ -336,10 +350,6 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
         raise
     if fmt == "json":
         click.echo(json.dumps(conversion_document(result, time.perf_counter() - t0)))
-        return
-    if not result.changed:
-        click.echo(f"{card.model_def}: no InnerProduct layer and no pooling that collapses the map "
-                   "— the net is already fully convolutional; nothing written.")
         return
     click.echo(conversion_report(result))
     click.echo(f"done in {time.perf_counter() - t0:.1f} s")
@@ -405,16 +415,26 @@ def info(obj, net, input_size):
 @click.option("--out", "out_file", type=PATH, required=True, help="File to write (FILE.onnx).")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against Caffe (not recommended).")
-def export(net, weights, fmt, out_file, force, no_verify):
+@click.option("--labels", "labels_file", type=PATH, help="Class names, one per line (over the card's).")
+@_preprocess_options
+@_detector_options
+@_softmax_option
+def export(net, weights, fmt, out_file, force, no_verify, labels_file, channels, raw_scale, input_scale,
+           mean, transpose, background_class, box_head, softmax):
     """Write the fully-convolutional net as an ONNX model with free input height and width.
 
     NET is a model card (.json, from convert), a model fcnify ships (digits,
-    caffenet), or a prototxt with --weights; a net with InnerProduct layers is
-    converted first. Caffe's pooling, LRN and BatchNorm arithmetic is kept; a
-    layer without an exact ONNX form is refused by name. The card's
-    preprocessing and labels go into the model's metadata. The file is
-    checked with onnx.checker and, run by ONNX Runtime, against the net in
-    Caffe (as `fcnify verify` checks a conversion) before it is put in place.
+    caffenet), or a prototxt with --weights; a net that convert would convert
+    (InnerProduct layers, a pooling that collapses the map) gets the same
+    surgery first. The preprocessing, label and detector options override the
+    card's, as in convert. Caffe's pooling, LRN and BatchNorm arithmetic is
+    kept; a layer without an exact ONNX form is refused by name. The card
+    (preprocessing, labels, background class, box head, softmax) and the
+    geometry of the net written go into the model's metadata; with the
+    Softmax on for a net without one, an output NAME_softmax is added. The
+    file is checked with onnx.checker and, run by ONNX Runtime, against the
+    net in Caffe (as `fcnify verify` checks a conversion) before it is put
+    in place.
 
     \b
     Examples:
@@ -424,24 +444,28 @@ def export(net, weights, fmt, out_file, force, no_verify):
     """
     from .export import export_onnx
     from .io.models import require_weights
-    card = _export_card(net, weights)
+    options = dict(weights=weights, channels=channels, raw_scale=raw_scale, input_scale=input_scale,
+                   mean=mean, transpose=transpose, labels=labels_file, background_class=background_class,
+                   box_head=box_head, softmax=softmax)
+    card = _export_card(net, options)
     require_weights(card)
     result = export_onnx(card, Path(out_file), force=force, check=not no_verify)
     click.echo(result.summary())
 
 
-def _export_card(net: str, weights: str | None):
-    """The model card for `fcnify export NET`: a card file, a shipped model, or a prototxt."""
+def _export_card(net: str, options: dict):
+    """The model card for `fcnify export NET`: a card file, a shipped model, or a prototxt,
+    with the options given over it (resolve.resolve_card, as for every command)."""
     from .io.models import shipped_models
     from .resolve import resolve_card
     path = Path(net)
     if not path.exists() and net in shipped_models():
-        return resolve_card(net, weights=weights)
+        return resolve_card(net, **options)
     if path.suffix == ".json":
-        return resolve_card(card=path, weights=weights)
-    if weights is None:
+        return resolve_card(card=path, **options)
+    if options["weights"] is None:
         raise click.UsageError("a prototxt NET needs --weights")
-    return resolve_card(model_def=path, weights=weights)
+    return resolve_card(model_def=path, **options)
 
 
 # ------------------------------------------------------------------ classify-map
@@ -494,12 +518,13 @@ def _export_card(net: str, weights: str | None):
               help="Boxes of a class overlapping a better one by more than this are dropped.")
 @_preprocess_options
 @_detector_options
+@_softmax_option
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  top_k, cls, out_dir,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
-                 channels, raw_scale, input_scale, mean, transpose, background_class, box_head):
+                 channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
@@ -540,7 +565,7 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     if out_dir:
         _out_folder(Path(out_dir))
     spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
-                     stride=stride)
+                     stride=stride, softmax=softmax)
     if dask:
         _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet)
     else:

@@ -155,6 +155,10 @@ def prepare(model_def: str | Path, weights: str | Path, *, input_size: tuple[int
     result = ConvertResult(surgery, the_card)
     checked = check_weights(surgery.original_shapes, w, model_def)
     result.unused_source_layers = checked.unused
+    declared = next(iter(input_shapes(netdef.param).values()), ())
+    result.geometry = map_geometry(surgery.net, path=model_def,  # windows of the classifier's size
+                                   classifier_input=tuple(declared[2:4]) if len(declared) == 4 else None)
+    result.minimum_input = smallest_input(surgery.net)
     if not surgery.changed:
         return result, w
     result.blobs, result.provenance = transplant(surgery, w, checked)
@@ -162,10 +166,6 @@ def prepare(model_def: str | Path, weights: str | Path, *, input_size: tuple[int
         result.scores = score_layer(surgery.original.param, score_blob(surgery.original.param), w)
     except ValueError as exc:
         result.scores_problem = str(exc)
-    declared = next(iter(input_shapes(netdef.param).values()), ())
-    result.geometry = map_geometry(surgery.net, path=model_def,  # windows of the classifier's size
-                                   classifier_input=tuple(declared[2:4]) if len(declared) == 4 else None)
-    result.minimum_input = smallest_input(surgery.net)
     return result, w
 
 
@@ -196,12 +196,15 @@ def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: 
         converted.close()
 
 
-def card_dict(result: ConvertResult, prototxt: Path, caffemodel: Path) -> dict:
+def card_dict(result: ConvertResult, prototxt: Path, caffemodel: Path, card_file: Path) -> dict:
+    """The card `convert` writes: the net it describes (the converted one, or the original
+    when there was nothing to convert), how to feed it, its geometry and the evidence."""
     s = result.surgery
     card = replace(result.card, model_def=prototxt, weights=caffemodel, fully_convolutional=True)
-    d = card.to_dict(relative_to=prototxt.parent)
+    d = card.to_dict(relative_to=card_file.parent)
     d.update({
         "fcnify_version": __version__,
+        "converted": s.changed,
         "source": {"model_def": str(s.original.path.resolve()),
                    "weights": str(Path(result.card.weights).resolve()) if result.card.weights else None,
                    "upgraded_from": s.original.upgraded_from},
@@ -254,9 +257,9 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
                         layer_types=runner.layer_types() if runner is not None else None,
                         engine=runner.name if runner is not None else "caffe",
                         keep_names=keep_output_names)
-    if not result.changed:
-        return result
     prefix = output_prefix(out_prefix, Path(model_def), card)
+    if not result.changed:
+        return write_card_only(result, Path(f"{prefix}{SUFFIX}.json"), force)
     names = {k: Path(f"{prefix}{SUFFIX}.{ext}") for k, ext in
              (("prototxt", "prototxt"), ("caffemodel", "caffemodel"), ("card", "json"))}
     out = OutputSet(force)
@@ -267,12 +270,27 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
                                          names["caffemodel"])
         if check:
             result.report = run_verify(result, tmp_proto, tmp_model, runner, samples)
-        out.write_text(names["card"], json.dumps(card_dict(result, names["prototxt"],
-                                                           names["caffemodel"]), indent=2) + "\n")
+        out.write_text(names["card"], json.dumps(card_dict(result, names["prototxt"], names["caffemodel"],
+                                                           names["card"]), indent=2) + "\n")
     result.outputs = names
     if result.report is not None and not result.report.equivalent:
         raise NotEquivalentError("the converted net does NOT reproduce the original's outputs "
                                  f"(files kept for inspection: {names['prototxt']})", result=result)
+    return result
+
+
+def write_card_only(result: ConvertResult, card_file: Path, force: bool) -> ConvertResult:
+    """A net with nothing to convert still gets its card: preprocessing, labels, detector
+    fields and geometry, pointing at the original prototxt and caffemodel (not copied: a
+    card is a description, and the net's own files stay the one copy of it). Without one,
+    every run of such a net (MTCNN's P-Net) retyped all of its options."""
+    out = OutputSet(force)
+    out.check(card_file)
+    with out:
+        out.write_text(card_file, json.dumps(card_dict(result, result.surgery.original.path,
+                                                       Path(result.card.weights), card_file),
+                                             indent=2) + "\n")
+    result.outputs = {"card": card_file}
     return result
 
 

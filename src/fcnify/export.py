@@ -15,7 +15,8 @@ import numpy as np
 
 from .caffe.caffemodel import read_weights
 from .caffe.shapes import infer, input_shapes
-from .engines.onnx_export import (EXPORTABLE, OPSET, ExportError, card_metadata, check_exportable, net_params,
+from .engines.onnx_export import (EXPORTABLE, OPSET, ExportError, add_softmax, card_metadata,
+                                  check_exportable, net_params,
                                   onnx, require_onnx, to_onnx)
 
 
@@ -42,28 +43,34 @@ class ExportResult:
 
 
 def fully_convolutional(card) -> tuple[object, dict[str, list[np.ndarray]], bool]:
-    """(NetParameter, parameters, converted) of the card's net, converted in memory if it
-    has InnerProduct layers (surgery and transplant; no engine runs)."""
+    """(NetParameter, parameters, converted) of the card's net, converted in memory where
+    convert would convert it (surgery and transplant; no engine runs)."""
     from .convert import prepare
     from .caffe.netdef import read_netdef
+    from .caffe.shapes import infer_partial
+    from .surgery.surgery import needs_surgery
     net = read_netdef(card.model_def).param
     check_exportable(net, card.model_def)
-    if any(layer.type == "InnerProduct" for layer in net.layer):
+    # the test convert makes: a global pooling that collapses the map needs the surgery too,
+    # else the file keeps a 1x1 output while its metadata claims a stride
+    if needs_surgery(net, infer_partial(net, path=card.model_def)):
         result, _ = prepare(card.model_def, card.weights, card=card, layer_types=EXPORTABLE, engine="onnx")
         return result.surgery.net, result.blobs, True
     return net, net_params(net, card.weights, card.model_def), False
 
 
 def export_onnx(card, out: str | Path, force: bool = False, check: bool = True,
-                samples: int = 3) -> ExportResult:
+                samples: int = 3, softmax: bool | None = None) -> ExportResult:
     """Write the card's fully-convolutional net to `out` as ONNX, checked by onnx.checker and,
     with `check`, against Caffe running the card's own net (verify.py's criterion).
 
     The output path is checked first; the file appears only when complete and
-    equivalent (NotEquivalentError, exit 1, otherwise).
+    equivalent (NotEquivalentError, exit 1, otherwise). `softmax` (None: the
+    card's) adds a Softmax output to a net without one, as classify-map
+    applies it; the metadata's fcnify.softmax says which output is the map.
     """
     from .files import OutputSet
-    from .caffe.geometry import score_blob, output_blobs
+    from .caffe.geometry import score_blob, output_blobs, softmax_plan
     require_onnx()
     out = Path(out)
     files = OutputSet(force)
@@ -71,8 +78,11 @@ def export_onnx(card, out: str | Path, force: bool = False, check: bool = True,
     net, params, converted = fully_convolutional(card)
     outputs = list(dict.fromkeys([*output_blobs(net), score_blob(net)]))
     num_classes = infer(net, path=card.model_def).blobs[score_blob(net)][1]
-    meta = card_metadata(card, net, num_classes, card.model_def)
+    plan = softmax_plan(net, None, card.softmax if softmax is None else softmax)
+    meta = card_metadata(card, net, num_classes, card.model_def, plan)
     model = to_onnx(net, params, outputs, card.model_def, meta, name=card.name)
+    if plan.by == "fcnify":
+        outputs.append(add_softmax(model, plan.scores))
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:

@@ -15,7 +15,7 @@ resolve_pretrained_cfg / resolve_data_config do for its models):
 3. Explicit arguments win field by field: `weights`, `preprocess` (a whole
    Preprocess), then each preprocessing term (`channels`, `raw_scale`,
    `input_scale`, `mean`, `transpose`; see io.preprocess.resolve_preprocess),
-   and `labels`; for detection, `background_class` and `box_head`.
+   and `labels`; for detection, `background_class` and `box_head`; `softmax`.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
                  raw_scale: float | None = None, input_scale: float | None = None,
                  mean: str | Path | tuple[float, ...] | None = None, transpose: bool | None = None,
                  labels: str | Path | None = None, background_class: int | None = None,
-                 box_head: str | None = None) -> ModelCard:
+                 box_head: str | None = None, softmax: bool | None = None) -> ModelCard:
     """The card to run: the net from one source, its card's settings, explicit arguments over them.
 
     `model` is a shipped model's name, a card's path, or a ModelCard; `card`
@@ -50,7 +50,8 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
     `weights`. Giving more than one of them raises ArgumentError (exit 2).
     `labels` is a labels file (checked here) or "imagenet". `background_class`
     (the class that means "nothing here") and `box_head` (an output that
-    regresses each cell's box) are what --detect reads. Files named are
+    regresses each cell's box) are what --detect reads; `softmax` whether the class map is
+    probabilities (None: the card's). Files named are
     not read beyond what choosing needs: the weights are checked by
     io.models.require_weights, where a command needs them.
     """
@@ -68,6 +69,8 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
         found = replace(found, background_class=check_background_class(background_class))
     if box_head is not None:
         found = replace(found, box_head=box_head)
+    if softmax is not None:
+        found = replace(found, softmax=softmax)
     return found
 
 

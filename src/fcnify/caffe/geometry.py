@@ -228,6 +228,42 @@ def score_blob(net, output: str | None = None) -> str:
     return out
 
 
+@dataclass(frozen=True)
+class SoftmaxPlan:
+    """Whether a class map is probabilities, and who made them: the one answer that the map
+    files, the JSON, the text and the ONNX metadata all give (a net ending in a pooling, as
+    SqueezeNet does, has no Softmax of its own)."""
+
+    applied: bool
+    by: str | None      # "net" (its own Softmax layer), "fcnify" (added over the classes), None
+    layer: str | None   # the net's own Softmax layer, when it has one
+    scores: str         # the blob before any Softmax
+
+    def to_dict(self) -> dict:
+        return {"applied": self.applied, "by": self.by, "layer": self.layer, "scores": self.scores}
+
+    def describe(self) -> str:
+        if self.by == "net":
+            return f"probabilities from the net's own Softmax '{self.layer}' over '{self.scores}'"
+        if self.by == "fcnify":
+            return (f"probabilities: Softmax over the classes of '{self.scores}' applied by fcnify (the "
+                    "net has none; --softmax off gives the raw scores)")
+        return (f"raw scores of '{self.scores}', no Softmax (--softmax off)"
+                + (f"; the net's own Softmax '{self.layer}' not applied" if self.layer else ""))
+
+
+def softmax_plan(net, output: str | None = None, apply: bool = True) -> SoftmaxPlan:
+    """How the class map of `output` (default: the net's last output) is made under --softmax."""
+    scores = score_blob(net, output)
+    out = output or output_blobs(net)[-1]
+    layer = None
+    if scores != out:
+        layer = next(l.name for l in reversed(net.layer) if out in l.top and l.type == "Softmax")
+    if not apply:
+        return SoftmaxPlan(False, None, layer, scores)
+    return SoftmaxPlan(True, "net" if layer else "fcnify", layer, scores)
+
+
 def map_geometry(net, blob: str | None = None, path: Path | None = None,
                  classifier_input: tuple[int, int] | None = None) -> MapGeometry:
     """Geometry of `blob` (default: the net's final output) of a fully-convolutional net.

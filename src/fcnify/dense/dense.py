@@ -18,7 +18,8 @@ import numpy as np
 
 from ..caffe.caffemodel import read_weights
 from ..errors import ImageError, InputError, ResourceError
-from ..caffe.geometry import MapGeometry, hw, map_geometry, map_size, output_blobs, score_blob
+from ..caffe.geometry import (MapGeometry, SoftmaxPlan, hw, map_geometry, map_size, output_blobs,
+                              score_blob, softmax_plan)
 from ..io.images import load_image, resize
 from ..io.labels import Labels
 from ..engines import check_layer_types
@@ -40,7 +41,7 @@ TileBlocks = tuple[np.ndarray, dict[str, np.ndarray]]  # a tile's class block, {
 class DenseMap:
     """A classification map over one image, and how to read it."""
 
-    probs: np.ndarray  # classes x rows x cols, float32, softmax over classes
+    probs: np.ndarray  # classes x rows x cols, float32: probabilities, or raw scores (see softmax)
     geometry: MapGeometry
     image_size: tuple[int, int]  # original image (height, width)
     input_size: tuple[int, int]  # what the net saw, after --size/--scale
@@ -56,6 +57,7 @@ class DenseMap:
     output: str | None = None  # the output blob that is the class map
     heads: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs: blob -> C x rows x cols
     stride_plan: dict | None = None  # how a --stride finer than the net's was made (stride.py)
+    softmax: SoftmaxPlan | None = None  # whether `probs` are probabilities, and who made them
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -152,6 +154,7 @@ class DenseMap:
                     "reach_px": list(g.reach),
                     "reach_offset_px": [g.y.reach_lo, g.x.reach_lo],
                     "output": self.output,
+                    "softmax": self.softmax.to_dict() if self.softmax else None,
                     "note": "all (y, x) in net-input pixels. The window of cell (row, col) is the "
                             "crop the original classifier would be given for it: x in "
                             "[col*stride_x + offset_x, +window_x), y likewise; per cell, 'window' "
@@ -199,7 +202,8 @@ class DenseModel:
 
     def __init__(self, card: ModelCard | str | Path, *, runner=None, engine: str = "caffe",
                  gpu: int | None = None, verbose: bool = False, check: bool = True,
-                 output: str | None = None, stride: int | None = None, atrous: bool = True) -> None:
+                 output: str | None = None, stride: int | None = None, atrous: bool = True,
+                 softmax: bool | None = None) -> None:
         if not isinstance(card, ModelCard):
             card = resolve_card(card)
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose)
@@ -226,7 +230,8 @@ class DenseModel:
                              f"{card.preprocess.num_channels}", card.model_def)
         self.output_blob = pick_output(net, output, (self.source or card).model_def)
         self.score_blob = score_blob(net, self.output_blob)
-        self.softmaxed = self.output_blob != self.score_blob
+        # softmax: None keeps the card's setting (--softmax auto)
+        self.softmax = softmax_plan(net, self.output_blob, card.softmax if softmax is None else softmax)
         self.transposed = card.preprocess.transpose
         self.net_geometry = map_geometry(net, self.score_blob, path=card.model_def,
                                          classifier_input=classifier_input(card))
@@ -417,8 +422,11 @@ class DenseModel:
         `seconds` accumulates 'preprocess' and 'forward' times. Tiles and
         blocks are in the image's orientation, also for a transposed net.
         """
-        if self.softmaxed:  # the net's own Softmax output
+        if self.softmax.by == "net":  # the net's own Softmax output
             yield from self._forward_tiles(rgb, tiles, self.output_blob, seconds)
+            return
+        if self.softmax.by is None:  # --softmax off: the raw scores
+            yield from self._forward_tiles(rgb, tiles, self.score_blob, seconds)
             return
         for t, (part, heads) in self._forward_tiles(rgb, tiles, self.score_blob, seconds):
             yield t, (softmax(part.astype(np.float32)), heads)
@@ -492,7 +500,8 @@ class DenseModel:
                         mode=info["mode"], tiles=info["tiles"], tile_size=info["tile_size"],
                         timings=timings, image=image if keep_image else None, source=self.source,
                         output=self.output_blob, heads=info.get("heads") or {},
-                        stride_plan=self.stride_plan.to_dict() if self.stride_plan else None)
+                        stride_plan=self.stride_plan.to_dict() if self.stride_plan else None,
+                        softmax=self.softmax)
 
     def __enter__(self) -> "DenseModel":
         return self
@@ -605,18 +614,20 @@ def classify_map(image: str | Path | np.ndarray, model: str | Path | ModelCard |
                  size: tuple[int, int] | None = None, scale: float | None = None,
                  gpu: int | None = None, engine: str = "caffe", budget: int | None = None,
                  tile: int | None = None, preprocess: Preprocess | None = None,
-                 labels: str | Path | None = None, output: str | None = None) -> DenseMap:
+                 labels: str | Path | None = None, output: str | None = None,
+                 softmax: bool | None = None) -> DenseMap:
     """Dense classification map of one image (converting the net in memory if needed).
 
     The model is resolved as everywhere (resolve.resolve_card): `model` (a
     name, a card's path or a ModelCard), `card` or `model_def` with
     `weights`; `weights`, `preprocess` and `labels` given beside it replace
     its card's. `output` names the class-map head, and the net's other heads
-    come back in DenseMap.heads.
+    come back in DenseMap.heads. `softmax` (None: the card's) says whether
+    the map is probabilities; DenseMap.softmax says what was applied.
     """
     the_card = resolve_card(model, model_def=model_def, weights=weights, card=card,
                             preprocess=preprocess, labels=labels)
-    dm = DenseModel(the_card, engine=engine, gpu=gpu, output=output)
+    dm = DenseModel(the_card, engine=engine, gpu=gpu, output=output, softmax=softmax)
     try:
         return dm.classify(image, size, scale, budget, tile)
     finally:

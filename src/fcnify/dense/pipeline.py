@@ -32,11 +32,12 @@ class ModelSpec:
     verbose: bool = False
     output: str | None = None  # --output: the blob that is the class map
     stride: int | None = None  # --stride: a finer map (stride.py)
+    softmax: bool | None = None  # --softmax on/off; None: as the card says
 
     def load(self) -> DenseModel:
         """The loaded model; close it (or use it in a `with` block) when done."""
         return DenseModel(self.card, engine=self.engine, gpu=self.gpu, verbose=self.verbose,
-                          output=self.output, stride=self.stride)
+                          output=self.output, stride=self.stride, softmax=self.softmax)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +99,9 @@ class MapJob:
         from .detect import box_head_blob
         card = model.card
         check_background_class(card.background_class, card.card_path or card.model_def, model.num_classes)
+        if self.detect and not model.softmax.applied:
+            raise InputError("--detect keeps cells by probability (--threshold): it needs the Softmax "
+                             "that --softmax off leaves out")
         if self.detect:
             box_head_blob(card, model.heads)
 

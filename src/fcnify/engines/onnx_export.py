@@ -502,8 +502,32 @@ def net_params(net, weights: Path | None, path: Path | None = None) -> dict[str,
                    for blob, shape in zip(w[name].blobs, want)] for name, want in expected.items()}
 
 
-def card_metadata(card, net, num_classes: int, path: Path | None = None) -> dict[str, str]:
-    """The model card's preprocessing, labels and map geometry, as ONNX metadata (JSON values)."""
+SOFTMAX_SUFFIX = "_softmax"
+
+
+def add_softmax(model: "onnx.ModelProto", scores: str) -> str:
+    """Append a Softmax over the classes (axis 1) of the output `scores`, as a further output
+    named SCORES_softmax, for a net that has none of its own (--softmax on); returns its name."""
+    name = scores + SOFTMAX_SUFFIX
+    source = next(o for o in model.graph.output if o.name == scores)
+    model.graph.node.append(helper.make_node("Softmax", [scores], [name], axis=1, name="fcnify" + SOFTMAX_SUFFIX))
+    out = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+    out.type.tensor_type.shape.CopyFrom(source.type.tensor_type.shape)
+    model.graph.output.append(out)
+    return name
+
+
+def class_output(net, plan) -> str:
+    """The ONNX output that is the class map under a softmax plan (caffe.geometry.softmax_plan)."""
+    from ..caffe.geometry import output_blobs
+    if plan.by == "net":
+        return output_blobs(net)[-1]
+    return plan.scores + SOFTMAX_SUFFIX if plan.by == "fcnify" else plan.scores
+
+
+def card_metadata(card, net, num_classes: int, path: Path | None = None, plan=None) -> dict[str, str]:
+    """The model card's preprocessing, labels, detector fields, softmax and the map geometry of
+    the net actually written, as ONNX metadata (JSON values)."""
     from ..caffe.geometry import map_geometry, output_blobs, score_blob
     labels = card.load_labels(num_classes) if card is not None else None
     meta = {
@@ -517,6 +541,10 @@ def card_metadata(card, net, num_classes: int, path: Path | None = None) -> dict
         meta["fcnify.name"] = card.name
         meta["fcnify.preprocess"] = json.dumps(card.preprocess.to_dict())
         meta["fcnify.background_class"] = json.dumps(card.background_class)
+        meta["fcnify.box_head"] = json.dumps(card.box_head)
+    if plan is not None:
+        meta["fcnify.softmax"] = json.dumps(plan.to_dict() | {"output": class_output(net, plan)})
+        meta["fcnify.class_output"] = class_output(net, plan)
     meta["fcnify.labels"] = json.dumps(None if labels is None else list(labels.names))
     if labels is not None and labels.ids is not None:
         meta["fcnify.label_ids"] = json.dumps(list(labels.ids))

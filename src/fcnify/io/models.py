@@ -35,6 +35,9 @@ class ModelCard:
     # x0, y0, x1, y1 as fractions of the window's width and height (MTCNN's
     # encoding). --detect moves each box by them (fcnify.dense.detect).
     box_head: str | None = None
+    # Whether the class map is probabilities: the net's own Softmax, or (for a net without
+    # one) fcnify's over the classes; False maps the raw scores (caffe.geometry.softmax_plan).
+    softmax: bool = True
 
     def load_labels(self, num_classes: int) -> Labels | None:
         if self.labels is None:
@@ -63,7 +66,8 @@ class ModelCard:
                 "preprocess": self.preprocess.to_dict(), "labels": labels,
                 "background_class": self.background_class,
                 "fully_convolutional": self.fully_convolutional,
-                **({"box_head": self.box_head} if self.box_head else {})}
+                **({"box_head": self.box_head} if self.box_head else {}),
+                "softmax": self.softmax}
 
 
 def read_card(path: str | Path) -> ModelCard:
@@ -96,6 +100,7 @@ def read_card(path: str | Path) -> ModelCard:
         fully_convolutional=bool(data.get("fully_convolutional", False)),
         card_path=path,
         box_head=_box_head(data.get("box_head"), path),
+        softmax=_softmax(data.get("softmax", True), path),
     )
 
 
@@ -114,6 +119,12 @@ def _box_head(value, path: Path) -> str | None:
     if value is None or (isinstance(value, str) and value):
         return value
     raise InputError(f"box_head must be the name of an output blob, not {value!r}", path)
+
+
+def _softmax(value, path: Path) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise InputError(f"softmax must be true or false, not {value!r}", path)
 
 
 def shipped_models() -> dict[str, Path]:

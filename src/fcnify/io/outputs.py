@@ -240,6 +240,8 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
         lines.append(f"class map: output '{dm.output}'"
                      + "".join(f"; also output '{b}' ({a.shape[0]} values per cell)"
                                for b, a in dm.heads.items()))
+    if dm.softmax is not None:
+        lines.append(f"values: {dm.softmax.describe()}")
     arg = dm.argmax()
     used = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0]
     if cols <= max_cols and rows <= 60:
@@ -253,7 +255,8 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
         lines += char_map(dm)
     else:
         lines.append(f"argmax grid not printed ({rows}x{cols} cells); see --out for the pictures")
-    lines.append("top classes over the map (cells won, peak probability):")
+    what = "probability" if dm.softmax is None or dm.softmax.applied else "score"
+    lines.append(f"top classes over the map (cells won, peak {what}):")
     for e in dm.top_classes(top_k):
         lines.append(f"  {e['class']:>5} {dm.short(e['class'])[:30]:<30} {e['cells']:>6} cells  "
                      f"peak {e['max_prob']:.3f}")

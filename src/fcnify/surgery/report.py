@@ -36,8 +36,12 @@ def geometry_lines(geo, minimum, declared) -> list[str]:
 
 def conversion_report(result) -> str:
     s = result.surgery
-    lines = [f"converted {s.original.path} ({len(s.original.param.layer)} layers"
+    lines = [f"{'converted' if s.changed else 'nothing to convert in'} {s.original.path} "
+             f"({len(s.original.param.layer)} layers"
              + (f", upgraded from {s.original.upgraded_from}" if s.original.upgraded_from else "") + ")"]
+    if not s.changed:
+        lines.append("  no InnerProduct layer and no pooling that collapses the map: the net is already "
+                     "fully convolutional; its card points at its own prototxt and caffemodel")
     for c in s.conversions:
         if c.kind == "inner_product":
             old = ", ".join(_shape(p) for p in c.old_params)
@@ -49,6 +53,7 @@ def conversion_report(result) -> str:
         else:
             lines.append(f"  {c.layer}: {c.detail}")
     lines.append(f"preprocessing (written into the card): {result.card.preprocess.describe()}")
+    lines.append("card: " + card_line(result.card))
     if result.unused_source_layers:
         lines.append("  weights not used (no layer of that name in the net): "
                      + ", ".join(result.unused_source_layers))
@@ -64,6 +69,14 @@ def conversion_report(result) -> str:
     if result.outputs:
         lines.append("wrote " + ", ".join(str(p) for p in result.outputs.values()))
     return "\n".join(lines)
+
+
+def card_line(card) -> str:
+    """The card's labels and detector fields in words (what --labels, --background-class and
+    --box-head wrote)."""
+    return (f"labels {card.labels or 'none (class numbers)'}; background class "
+            f"{'none' if card.background_class is None else card.background_class}; box head "
+            f"{card.box_head or 'none'}")
 
 
 def verify_report(report) -> str:
