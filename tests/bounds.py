@@ -22,12 +22,46 @@ def scores_of(model_def: Path, weights: Path, blob: str) -> ScoreLayer:
     return score_layer(read_netdef(model_def).param, blob, read_weights(weights))
 
 
-def map_bound(model, rgb: np.ndarray) -> np.ndarray:
-    """Per-score bound (classes x rows x cols) for a DenseModel's map of `rgb`, from one whole-image pass."""
-    scores = scores_of(Path(model.card.model_def), Path(model.card.weights), model.score_blob)
-    x = model.card.preprocess.apply(rgb)[None]
-    bottom = model.net.forward({model.input_blob: x}, [scores.bottom])[scores.bottom]
-    return scores.tolerance(bottom)[0]
+_MODEL_SCORES: dict[tuple[bytes, str, str], ScoreLayer] = {}
+
+
+def model_scores(model) -> ScoreLayer:
+    """The score layer a DenseModel runs (its own net: an à trous rewrite's for a finer --stride),
+    with the card's weights (read once per net, weights and blob)."""
+    key = (model.netdef.param.SerializeToString(), str(model.card.weights), model.score_blob)
+    if key not in _MODEL_SCORES:
+        _MODEL_SCORES[key] = score_layer(model.netdef.param, model.score_blob, read_weights(model.card.weights))
+    return _MODEL_SCORES[key]
+
+
+def map_bound(model, rgb: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Per-score bound (classes x rows x cols) for a DenseModel's map of `rgb`, from one whole-image pass.
+
+    The score layer is the one the model runs (an à trous rewrite's, for a
+    finer --stride). A shift-and-stitched model (model.shifts > 1) gets one
+    pass per offset, interleaved as cell (r, c) is: the pass on the image
+    shifted by ((r % f) * S, (c % f) * S), its cell (r // f, c // f); `shape`
+    is then the stitched map's (classes, rows, cols).
+    """
+    scores = model_scores(model)
+
+    def one_pass(part: np.ndarray) -> np.ndarray:
+        x = model.card.preprocess.apply(part)[None]
+        bottom = model.net.forward({model.input_blob: x}, [scores.bottom])[scores.bottom]
+        return scores.tolerance(bottom)[0]
+
+    f = model.shifts
+    if f == 1:
+        return one_pass(rgb)
+    if shape is None:
+        raise ValueError("a shift-and-stitched map's bound needs the map's shape")
+    step = model.geometry.stride[0]
+    out = np.empty(shape)
+    for i in range(f):
+        for j in range(f):
+            want = out[:, i::f, j::f]
+            want[...] = one_pass(rgb[i * step:, j * step:])[:, :want.shape[1], :want.shape[2]]
+    return out
 
 
 # ------------------------------------------------------------------ every blob of a net, Caffe vs torch
