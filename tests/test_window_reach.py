@@ -5,6 +5,9 @@ it; the reach is every pixel that can change it. Each probe changes one
 pixel of an image and runs the converted net in Caffe: every cell that
 changes must hold the pixel in its reported reach. Cells outside the reach
 are computed from the same numbers, so they must stay bit for bit the same.
+That alone passes a reach reported too large, so edge_lines pins it from both
+sides: the lines of pixels just inside the middle cell's reach change it, those
+just outside do not (CaffeNet, two padded nets, unpadded LeNet).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from conftest import call_fcnify, write_model
 from fcnify.convert import convert
 from fcnify.caffe.geometry import map_geometry, map_size, score_blob
 from fcnify.caffe.netdef import read_netdef
+from fcnify.caffe.shapes import input_shapes
 from fcnify.engines.caffe_engine import CaffeRunner
 from nets import input_layer, layer_text
 
@@ -107,6 +111,70 @@ def test_probe_padded_nets(tmp_path, name, text, size):
     proto, weights = write_model(tmp_path, name, text, seed=4)
     fcn, fcn_weights, blob = converted(tmp_path, name, proto, weights)
     assert probe(fcn, fcn_weights, blob, size, 12, seed=2) == []
+
+
+def edge_lines(proto: Path, weights: Path, blob: str, size: int, seed: int) -> list[str]:
+    """The reach of the middle cell is exact: changing the line of pixels just inside each of its
+    four edges changes the cell, the line just outside leaves it bit for bit the same.
+
+    A line is the reach's span of one row or column (the whole image's, outside),
+    set to noise of +-1000, so that ReLUs and max pooling cannot hide it. The
+    cell's reach must lie inside the image with a pixel to spare on every side:
+    a reach over-reported up to the whole image fails here, as one too small does.
+    """
+    net_param = read_netdef(proto).param
+    geo = map_geometry(net_param, blob)
+    channels = input_shapes(net_param)["data"][1]
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0, 60, (1, channels, size, size)).astype(np.float32)
+    net = CaffeRunner().load(proto, weights)
+    try:
+        base = net.forward({"data": image}, [blob])[blob][0]
+        r, c = base.shape[1] // 2, base.shape[2] // 2
+        x0, y0, x1, y1 = geo.reach_box(r, c)
+        assert 1 <= x0 < x1 <= size - 1 and 1 <= y0 < y1 <= size - 1, \
+            f"cell ({r}, {c})'s reach x [{x0}, {x1}) y [{y0}, {y1}) does not fit inside {size} px"
+        inside = {"left": (slice(y0, y1), x0), "right": (slice(y0, y1), x1 - 1),
+                  "top": (y0, slice(x0, x1)), "bottom": (y1 - 1, slice(x0, x1))}
+        outside = {"left": (slice(None), x0 - 1), "right": (slice(None), x1),
+                   "top": (y0 - 1, slice(None)), "bottom": (y1, slice(None))}
+        problems = []
+        for where, lines, must_change in (("inside", inside, True), ("outside", outside, False)):
+            for edge, (ys, xs) in lines.items():
+                poked = image.copy()
+                line = poked[0, :, ys, xs]
+                poked[0, :, ys, xs] = line + rng.choice([-1000.0, 1000.0], line.shape)
+                cell = net.forward({"data": poked}, [blob])[blob][0][:, r, c]
+                if bool((cell != base[:, r, c]).any()) != must_change:
+                    problems.append(f"the line just {where} the {edge} edge of cell ({r}, {c})'s reach "
+                                    f"(x [{x0}, {x1}) y [{y0}, {y1})) {'left it' if must_change else 'changed it'}")
+    finally:
+        net.close()
+    return problems
+
+
+def test_caffenet_reach_is_exact(caffenet, tmp_path):
+    """CaffeNet at 419 px (7x7 cells): the middle cell's reach is exactly 355 px, from -64 px."""
+    proto, weights, blob = converted(tmp_path, "caffenet", *caffenet)
+    assert map_geometry(read_netdef(proto).param, blob).reach == (355, 355)
+    assert edge_lines(proto, weights, blob, 419, seed=3) == []
+
+
+@pytest.mark.parametrize("name,text,size", [("resnetish", RESNETISH, 160), ("dilated", DILATED, 160)])
+def test_padded_nets_reach_is_exact(tmp_path, name, text, size):
+    """A ResNet-style net and a stride-8 dilated net (both padded): reach exact on all four edges."""
+    proto, weights = write_model(tmp_path, name, text, seed=4)
+    fcn, fcn_weights, blob = converted(tmp_path, name, proto, weights)
+    assert edge_lines(fcn, fcn_weights, blob, size, seed=5) == []
+
+
+def test_unpadded_lenet_reach_is_its_window(tmp_path):
+    """LeNet (trained, no padding): its reach is its 28 px window, exactly."""
+    from realdata import LENET_DEF, LENET_WEIGHTS
+    proto, weights, blob = converted(tmp_path, "lenet", LENET_DEF, LENET_WEIGHTS)
+    geo = map_geometry(read_netdef(proto).param, blob)
+    assert geo.reach == geo.window == (28, 28)
+    assert edge_lines(proto, weights, blob, 60, seed=6) == []
 
 
 def test_window_is_the_classifiers_input(tmp_path):
