@@ -183,3 +183,37 @@ def blob_bounds(net, caffe: dict[str, np.ndarray], other: dict[str, np.ndarray],
             m[top] = mt = mt.reshape(caffe[top].shape)
             bounds[top] = factor(accumulation_length(net, top)) * mt
     return bounds
+
+
+# ------------------------------------------------------------------ a map against pycaffe on the crops
+
+def assert_map_matches_pycaffe(probs: np.ndarray, model_def: Path, weights: Path, preprocess,
+                               rgb: np.ndarray, *, stride: int, window: int, score_blob: str,
+                               prob_blob: str, cells: int = 24, seed: int = 0) -> None:
+    """Cells of a probability map (classes x rows x cols, as NAME.scores.npy holds it) equal the
+    original classifier, run by pycaffe itself on the crop under each cell (window at (r*stride,
+    c*stride), no offset), within the probability bound implied by the scores' float32 bound.
+
+    `cells` cells are drawn at random among those whose window lies inside the image.
+    """
+    from fcnify.surgery.bound import probability_tolerance, within
+    from nets import pycaffe
+    rows, cols = probs.shape[1:]
+    h, w = rgb.shape[:2]
+    full_r, full_c = min(rows, (h - window) // stride + 1), min(cols, (w - window) // stride + 1)
+    rng = np.random.default_rng(seed)
+    picked = [(int(rng.integers(full_r)), int(rng.integers(full_c))) for _ in range(cells)]
+    crops = np.stack([preprocess.apply(rgb[r * stride:r * stride + window, c * stride:c * stride + window])
+                      for r, c in picked])
+    caffe = pycaffe()
+    net = caffe.Net(str(model_def), str(weights), caffe.TEST)
+    data = net.inputs[0]
+    net.blobs[data].reshape(*crops.shape)
+    net.blobs[data].data[...] = crops
+    net.forward()
+    scores = scores_of(Path(model_def), Path(weights), score_blob)
+    score_tol = scores.tolerance(net.blobs[scores.bottom].data.copy())
+    want = net.blobs[prob_blob].data.copy().reshape(len(picked), -1)
+    got = np.stack([probs[:, r, c] for r, c in picked])
+    ok, used = within(got, want, probability_tolerance(got, want, score_tol.reshape(len(picked), -1), axis=1))
+    assert ok, f"the map's probabilities differ from pycaffe's on the crops by {used:.3g} of their bound"

@@ -12,7 +12,13 @@ import pytest
 from conftest import REPO, call_fcnify, run_fcnify
 from test_fetch import PAYLOAD, PAYLOAD_SHA1, server  # noqa: F401 (fixture)
 
-COMMANDS = ["convert", "verify", "info", "classify-map", "fetch", "doctor", "demo"]
+COMMANDS = ["convert", "verify", "info", "classify-map", "export", "fetch", "doctor", "demo"]
+
+
+def test_command_list_is_complete():
+    """COMMANDS (whose --help is checked below) names every command the CLI has."""
+    from fcnify.cli import cli
+    assert sorted(COMMANDS) == sorted(cli.commands)
 
 
 def test_version():

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import fcnify
+from bounds import assert_map_matches_pycaffe
 from conftest import call_fcnify, run_fcnify
 from fcnify.errors import InputError, OutputExists
 from fcnify.io.labels import imagenet_labels, resolve_class
@@ -90,10 +91,17 @@ def test_card_path_accepted_as_model(tmp_path):
     """classify_map(img, model='x_full_conv.json') and --model x_full_conv.json read the card."""
     result = fcnify.convert(*_digits_files(), tmp_path / "digits", card=find_model("digits"), check=False)
     card = result.outputs["card"]
-    dm = fcnify.classify_map(_crop(tmp_path), model=str(card))
+    dm = fcnify.classify_map(_crop(tmp_path), model=str(card), engine="caffe")
     assert dm.shape == (24, 34)
-    run = call_fcnify("classify-map", _crop(tmp_path), "--model", card)
+    run = call_fcnify("classify-map", _crop(tmp_path), "--model", card, "--engine", "caffe",
+                      "--out", tmp_path / "maps", "--quiet")
     assert run.code == 0, run.err
+    probs = np.load(tmp_path / "maps" / "crop.scores.npy")
+    assert np.array_equal(probs, dm.probs)  # the same card, engine and shapes: the same map
+    digits = find_model("digits")  # the map is digits' own: the original net on the crops
+    assert_map_matches_pycaffe(probs, digits.model_def, digits.weights, digits.preprocess,
+                               np.asarray(Image.open(_crop(tmp_path)).convert("RGB")), stride=4, window=28,
+                               score_blob="ip2", prob_blob="prob")
 
 
 def _digits_files() -> tuple[Path, Path]:

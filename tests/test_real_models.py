@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bounds import assert_map_matches_pycaffe
 from conftest import call_fcnify
 from fcnify.surgery.bound import factor
 from float_bound import rounding_bound
@@ -93,7 +94,12 @@ def test_classify_map_options_override_the_card(lenet_card, tmp_path):
         assert run.code == 0, run.err
         maps[name] = np.load(tmp_path / name / "s.scores.npy")
     assert np.array_equal(maps["card"], maps["option"])
-    assert not np.allclose(maps["card"], maps["plain"], atol=1e-3)
+    # and each is LeNet, run by pycaffe on the crops, with its card's preprocessing
+    import fcnify
+    for name, card in (("card", lenet_card), ("plain", f"{plain}_full_conv.json")):
+        assert_map_matches_pycaffe(maps[name], LENET_DEF, LENET_WEIGHTS, fcnify.read_card(card).preprocess, scene,
+                                   stride=4, window=28, score_blob="ip2", prob_blob="prob")
+    assert fcnify.read_card(f"{plain}_full_conv.json").preprocess.input_scale == 1.0
 
 
 def test_lenet_dense_cell_equals_lenet_on_the_crop(lenet_card):
