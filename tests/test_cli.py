@@ -293,7 +293,11 @@ def test_labels_file_names_classes_and_class_by_name(three, tmp_path, no_picture
     run, scores, doc = _three_map(three, tmp_path / "out", "--labels", labels, "--class", "river")
     assert doc["heatmap_class"] == {"class": 2, "label": "river"}
     names = ["sky", "forest", "river"]
-    cell = doc["cells"][0]
+    cells = call_fcnify("classify-map", three["image"], "--model-def", three["proto"], "--weights",
+                        three["weights"], "--labels", labels, "--out", tmp_path / "cells", "--save", "cells")
+    assert cells.code == 0, cells.err
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == ["photo.map.json"]  # --save cells: only it
+    cell = json.loads((tmp_path / "cells" / "photo.map.json").read_text())["cells"][0]
     assert [t["label"] for t in cell["top"]] == [names[t["class"]] for t in cell["top"]]
     assert [e["label"] for e in doc["top_classes"]] == [names[e["class"]] for e in doc["top_classes"]]
     top = _section(run.out, "top classes over the map (cells won, peak probability):", 3)
@@ -347,10 +351,12 @@ def test_scale_and_tile_through_the_cli(three, tmp_path, no_pictures):
     assert doc["input_size"] == {"height": 60, "width": 80} and doc["image_size"] == {"height": 120, "width": 160}
     assert np.array_equal(scores, model.classify(three["rgb"], scale=0.5).probs)
     assert "fed at 60x80" in run.out.splitlines()[0]  # height x width
-    cell = next(c for c in doc["cells"] if (c["row"], c["col"]) == (3, 5))
     # a cell's window in the net's input, scaled back by 1/0.5 into the photo's pixels
     (sy, sx), (fy, fx), (oy, ox) = doc["map"]["stride_px"], doc["map"]["window_px"], doc["map"]["offset_px"]
-    assert cell["window"] == [2 * (5 * sx + ox), 2 * (3 * sy + oy), 2 * (5 * sx + ox + fx), 2 * (3 * sy + oy + fy)]
+    f = doc["map"]["cell_window_image_px"]
+    x0, y0 = f["x_first"] + 5 * f["x_step"], f["y_first"] + 3 * f["y_step"]
+    assert [x0, y0, x0 + f["width"], y0 + f["height"]] == \
+        [2 * (5 * sx + ox), 2 * (3 * sy + oy), 2 * (5 * sx + ox + fx), 2 * (3 * sy + oy + fy)]
     tiles, _ = model.plan(120, 160, tile=48)
     run, scores, doc = _three_map(three, tmp_path / "tiles", "--tile", "48")
     assert f"run: tiled, {len(tiles)} tiles of 48x48 px" in run.out

@@ -211,16 +211,18 @@ def test_outputs_files(digits_fcn, tmp_path):
     assert data["map"]["rows"] == 114 and data["map"]["cols"] == 154
     assert data["map"]["stride_px"] == [4, 4] and data["map"]["field_px"] == [28, 28]
     assert data["image_size"] == {"height": 480, "width": 640}
-    assert len(data["cells"]) == 114 * 154
-    cell = data["cells"][154 + 2]
-    assert (cell["row"], cell["col"]) == (1, 2) and cell["box"] == [8, 4, 36, 32]
+    assert "cells" not in data and data["top_k"]["k"] == 3  # per-cell top-k: in the .npy files
+    f = data["map"]["cell_window_image_px"]
+    assert (f["x_first"] + 2 * f["x_step"], f["y_first"] + 1 * f["y_step"], f["width"], f["height"]) == (8, 4, 28, 28)
     labels = [str(d) for d in range(10)] + ["background"]
-    for cell in data["cells"][::97]:
-        p = scores[:, cell["row"], cell["col"]]
+    top_classes, top_probs = (np.load(tmp_path / f"scene.topk_{k}.npy") for k in ("classes", "probs"))
+    assert top_classes.shape == top_probs.shape == (3, 114, 154)
+    for r, c in list(np.ndindex(114, 154))[::97]:
+        p = scores[:, r, c]
         want = np.argsort(-p, kind="stable")[:3]
-        assert [t["class"] for t in cell["top"]] == list(want)
-        assert [t["label"] for t in cell["top"]] == [labels[k] for k in want]
-        assert np.allclose([t["prob"] for t in cell["top"]], p[want], rtol=0, atol=5e-7)  # 6 decimals
+        assert list(top_classes[:, r, c]) == list(want)
+        assert np.array_equal(top_probs[:, r, c], p[want])  # the scores' own float32 values
+    assert data["files"]["topk_classes"] == "scene.topk_classes.npy"
     assert data["command"].startswith("fcnify classify-map")
     assert data["model"]["preprocess"]["channels"] == "gray"
 

@@ -128,7 +128,8 @@ def test_parse_scales_refuses_bad_values():
 
 
 def test_cli_detect_writes_boxes(red_card, tmp_path):
-    """--scales --detect --out: the fused map, one map per scale, NAME.detections.json and .png."""
+    """--scales --detect --out: the fused map and NAME.detections.json and .png; each scale's own
+    files only with --save ...,scales, and the 'wrote' line names them once (issue 24 item 6)."""
     from PIL import Image
     img, truth = _blob_scene(160, 200, 6, seed=3)
     Image.fromarray(img).save(tmp_path / "blobs.png")
@@ -143,9 +144,22 @@ def test_cli_detect_writes_boxes(red_card, tmp_path):
     for d in doc["detections"]:
         assert set(d) == {"class", "label", "score", "box", "scale"} and d["score"] >= 0.5
     assert (out / "blobs.detections.png").read_bytes()[:4] == b"\x89PNG"
-    for name in ("blobs.map.json", "blobs.x1.map.json", "blobs.x0.5.scores.npy"):
-        assert (out / name).exists()
+    assert (out / "blobs.map.json").exists() and not list(out.glob("blobs.x*"))
     assert "detections:" in run.out
+    (wrote,) = [line for line in run.out.splitlines() if line.startswith("wrote ")]
+    assert wrote == f"wrote {out / 'blobs'}.{{scores.npy,topk_classes.npy,topk_probs.npy,map.json," \
+                    "heatmap.png,argmax.png,detections.json,detections.png}"
+    out = tmp_path / "scales"
+    run = call_fcnify("classify-map", tmp_path / "blobs.png", "--model-def", red_card.model_def,
+                      "--weights", red_card.weights, "--scales", "1,0.5", "--detect",
+                      "--threshold", "0.5", "--out", out, "--save", "scores,json,scales")
+    assert run.code == 0, run.err
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"blobs.{kind}" for kind in ("scores.npy", "map.json", "x1.scores.npy", "x1.map.json", "x0.5.scores.npy",
+                                     "x0.5.map.json", "detections.json", "detections.png"))
+    (wrote,) = [line for line in run.out.splitlines() if line.startswith("wrote ")]
+    assert wrote == f"wrote {out / 'blobs'}.{{scores.npy,map.json,detections.json,detections.png}}, " \
+                    f"{out / 'blobs'}.{{x1,x0.5}}.{{scores.npy,map.json}}"
 
 
 @pytest.mark.parametrize("args,message", [

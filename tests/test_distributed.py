@@ -22,7 +22,7 @@ from fcnify.errors import InputError  # noqa: E402
 from fcnify.files import TMP_MARK  # noqa: E402
 from fcnify.surgery.bound import factor  # noqa: E402
 from fcnify.io.models import find_model  # noqa: E402
-from fcnify.io.outputs import output_names, unique_names  # noqa: E402
+from fcnify.io.outputs import DEFAULT_SAVE, output_names, unique_names  # noqa: E402
 from fcnify.paths import prototxt_dir  # noqa: E402
 from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.engines.sandbox import Sandbox  # noqa: E402
@@ -356,7 +356,8 @@ def test_scales_and_detect_on_dask_match_one_process(client, card, crops, like_w
     """--scales 1,0.8 --detect --class 2 under Dask: fused and per-scale maps and detections as in one
     process; crop6 has boxes of classes 1 and 2, and --class 2 keeps only the 2s."""
     paths = crops[6:7]
-    settings = {"scales": (1.0, 0.8), "detect": True, "threshold": 0.5, "cls": "2"}
+    settings = {"scales": (1.0, 0.8), "detect": True, "threshold": 0.5, "cls": "2",
+                "save": DEFAULT_SAVE | {"scales"}}
     (tmp_path / "dask").mkdir()
     report = map_images(paths, card, tmp_path / "dask", client, timeout=RUN_TIMEOUT, **settings)
     assert not report.failed, [r.error for r in report.failed]
@@ -399,11 +400,13 @@ def test_cli_dask_detect_and_refused_outputs(client, crops, tmp_path):
     """`classify-map --scheduler --scales --detect --out`: the detection files; a second run refuses them."""
     out = tmp_path / "maps"
     args = ("classify-map", crops[4], "--model", "digits", "--out", out, "--scheduler",
-            client.scheduler.address, "--scales", "1,0.8", "--detect", "--threshold", "0.5", "--quiet")
+            client.scheduler.address, "--scales", "1,0.8", "--detect", "--threshold", "0.5", "--quiet",
+            "--save", "scores,json,scales")
     run = call_fcnify(*args)
     assert run.code == 0, run.err
     assert (out / "crop4.detections.png").read_bytes()[:4] == b"\x89PNG"
-    assert "crop4.x0.8.map.json" in run.out
+    assert f"{out / 'crop4'}.{{x1,x0.8}}.{{scores.npy,map.json}}" in run.out  # per-scale files named once
+    assert (out / "crop4.x0.8.map.json").is_file() and not (out / "crop4.heatmap.png").exists()
     again = call_fcnify(*args)
     assert again.code == 2 and "crop4" in again.err and "already exists" in again.err, again.err
 

@@ -71,7 +71,7 @@ def test_convert_and_save_make_their_folder(tmp_path):
     assert (tmp_path / "new" / "deeper" / "digits_full_conv.prototxt").is_file()
     dm = fcnify.classify_map(_crop(tmp_path), model="digits")
     written = dm.save(tmp_path / "maps" / "x")
-    assert len(written) == 4 and all(p.is_file() for p in written)
+    assert len(written) == 6 and all(p.is_file() for p in written)
 
 
 def test_api_error_names_the_api_argument(tmp_path):
@@ -135,7 +135,7 @@ def test_json_lines_include_failures_in_one_schema(tmp_path):
     assert [d["ok"] for d in docs] == [True, False]
     assert {"image", "ok", "error", "exit_code", "outputs"} <= set(docs[0]) & set(docs[1])
     assert docs[1]["image"] == str(bad) and "decode" in docs[1]["error"] and docs[1]["exit_code"] == 2
-    assert len(docs[0]["outputs"]) == 4 and docs[0]["map"]["window_px"] == [28, 28]
+    assert len(docs[0]["outputs"]) == 6 and docs[0]["map"]["window_px"] == [28, 28]
 
 
 # ------------------------------------------------------------------ 10. words inside labels

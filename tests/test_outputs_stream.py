@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from fcnify.dense.dense import DenseMap
 from fcnify.caffe.geometry import AxisGeometry, MapGeometry
 from fcnify.io.models import ModelCard
-from fcnify.io.outputs import cell_rows, write_map_json
+from fcnify.io.outputs import cell_rows, top_k_arrays, write_map_json
 from fcnify.io.pictures import preview
 from fcnify.io.preprocess import Preprocess
 
@@ -41,15 +42,47 @@ def test_cell_rows_equal_the_per_cell_reference():
             [(k, round(p, 6)) for k, p in dm.top_k(r, c, 6)]
 
 
-def test_streamed_json_is_one_document(tmp_path):
-    """write_map_json gives the same document as to_json, plus the extra keys."""
+@pytest.mark.parametrize("cells", [False, True])
+def test_streamed_json_is_one_document(tmp_path, cells):
+    """write_map_json gives the same document as to_json, plus the extra keys; the per-cell list
+    only when asked for (--save cells)."""
     rng = np.random.default_rng(1)
     probs = rng.dirichlet(np.ones(5), size=(3, 4)).transpose(2, 0, 1).astype(np.float32)
     dm = _map(probs)
     path = tmp_path / "m.json"
-    write_map_json(dm, path, 3, "cmd", {"heatmap_class": {"class": 1}})
+    write_map_json(dm, path, 3, "cmd", {"heatmap_class": {"class": 1}}, cells=cells)
     data = json.loads(path.read_text())
-    assert data == {**json.loads(json.dumps(dm.to_json(3, "cmd"))), "heatmap_class": {"class": 1}}
+    assert data == {**json.loads(json.dumps(dm.to_json(3, "cmd", cells=cells))), "heatmap_class": {"class": 1}}
+    assert ("cells" in data) == cells
+
+
+def test_top_k_arrays_equal_the_per_cell_reference():
+    """NAME.topk_*.npy: each cell's DenseMap.top_k, classes and exact float32 probabilities, ties included."""
+    rng = np.random.default_rng(6)
+    probs = rng.dirichlet(np.full(30, 0.05), size=(5, 6)).transpose(2, 0, 1).astype(np.float32)
+    probs[:, 1, 2] = 0.0
+    probs[[4, 9, 20], 1, 2] = np.float32(1 / 3)
+    dm = _map(probs)
+    classes, top = top_k_arrays(dm, 4)
+    assert classes.shape == top.shape == (4, 5, 6) and classes.dtype == np.int32 and top.dtype == np.float32
+    for r, c in np.ndindex(5, 6):
+        assert [(int(k), float(p)) for k, p in zip(classes[:, r, c], top[:, r, c])] == dm.top_k(r, c, 4)
+
+
+def test_map_json_of_a_6000x4000_map_stays_small(tmp_path):
+    """A 6000x4000 photo mapped every 8 px (496x746 cells): map.json without the cell list is < 1 MB,
+    and its window formula gives each cell's window as DenseMap.box does."""
+    probs = np.lib.stride_tricks.as_strided(np.ones(1, np.float32), (10, 496, 746), (0, 0, 0))
+    axis = AxisGeometry(stride=8, box_lo=-3, box_hi=28, reach_lo=-10, reach_hi=40)
+    dm = DenseMap(probs, MapGeometry("out", axis, axis), (4000, 6000), (4000, 6000),
+                  ModelCard("t", "t.prototxt", None, Preprocess()))
+    path = tmp_path / "big.map.json"
+    write_map_json(dm, path, 5, "cmd", {})
+    assert path.stat().st_size < 1_000_000
+    f = json.loads(path.read_text())["map"]["cell_window_image_px"]
+    for r, c in ((0, 0), (3, 700), (495, 745)):
+        x0, y0 = f["x_first"] + c * f["x_step"], f["y_first"] + r * f["y_step"]
+        assert (x0, y0, x0 + f["width"], y0 + f["height"]) == dm.box(r, c, clip=False)
 
 
 def test_preview_is_small_and_box_averaged():

@@ -176,6 +176,13 @@ def rnet_map(card: Path, photo: Path, scale: float, out: Path):
     return probs[1], meta, fed, np.load(out / f"{photo.stem}.conv5-2-conv.npy")
 
 
+def image_window(meta, r: int, c: int) -> list[float]:
+    """Cell (r, c)'s window in original-image pixels, from map.json's formula (x0, y0, x1, y1)."""
+    f = meta["map"]["cell_window_image_px"]
+    x0, y0 = f["x_first"] + c * f["x_step"], f["y_first"] + r * f["y_step"]
+    return [x0, y0, x0 + f["width"], y0 + f["height"]]
+
+
 def window(meta, fed, r: int, c: int, size: int = 24) -> np.ndarray | None:
     """The size x size crop of the fed image at cell (r, c), None where it leaves the image."""
     (sy, sx), (oy, ox) = meta["map"]["stride_px"], meta["map"]["offset_px"]
@@ -192,7 +199,7 @@ def test_rnet_face_cells_lie_on_faces(rnet_card, tmp_path, photo):
     face, meta, fed, bbox = rnet_map(rnet_card, photo, SCALES[name], tmp_path)
     assert meta["heads"]["conv5-2-conv"]["file"] == "conv5-2-conv.npy"
     assert bbox.shape == (4,) + face.shape
-    boxes = {(c["row"], c["col"]): c["window"] for c in meta["cells"]}
+    boxes = {tuple(rc): image_window(meta, *rc) for rc in np.ndindex(face.shape)}
     hot = [tuple(int(v) for v in rc) for rc in np.argwhere(face > 0.9)]
     print(f"R-Net {name} at scale {SCALES[name]}: {len(hot)} of {face.size} cells above 0.9")
 
@@ -211,9 +218,9 @@ def test_rnet_face_cells_lie_on_faces(rnet_card, tmp_path, photo):
 def test_rnet_crops_far_from_faces_are_no_faces(rnet_card, tmp_path, photo):
     """At scale 0.35, cells whose window is 10 px clear of every face: R-Net on the crop and the cell say no."""
     face, meta, fed, _ = rnet_map(rnet_card, photo, 0.35, tmp_path)
-    far = [(c["row"], c["col"]) for c in meta["cells"]
-           if far_from(c["window"], FACES[photo.stem], 10)
-           and window(meta, fed, c["row"], c["col"]) is not None]
+    far = [rc for rc in np.ndindex(face.shape)
+           if far_from(image_window(meta, *rc), FACES[photo.stem], 10)
+           and window(meta, fed, *rc) is not None]
     assert len(far) >= 30
     far = [far[i] for i in np.random.default_rng(1).choice(len(far), min(80, len(far)), replace=False)]
     off_faces = run_rnet(rnet(), [window(meta, fed, r, c) for r, c in far])["prob1"][:, 1]

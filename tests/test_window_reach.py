@@ -212,7 +212,9 @@ def test_window_kept_when_converted_for_large_inputs(tmp_path):
     assert run.code == 0, run.err
     data = json.loads((tmp_path / "m" / "photo.map.json").read_text())
     assert data["map"]["window_px"] == [64, 64]
-    assert data["cells"][-1]["window"][2:] == [120, 120]  # the last window ends at the image's edge
+    f, (rows, cols) = data["map"]["cell_window_image_px"], (data["map"]["rows"], data["map"]["cols"])
+    last = (f["x_first"] + (cols - 1) * f["x_step"] + f["width"], f["y_first"] + (rows - 1) * f["y_step"] + f["height"])
+    assert last == (120, 120)  # the last window ends at the image's edge
 
 
 def test_convert_report_window_for_large_inputs(tmp_path):

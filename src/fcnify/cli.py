@@ -22,6 +22,7 @@ import click
 
 from .version import __version__
 from .engines import DEFAULT_ENGINE, engine_names
+from .io.saved import save_help
 from .errors import (ArgumentError, FcnifyError, InputError, InternalError, NotEquivalentError,
                      OutputExists)
 
@@ -141,7 +142,22 @@ class ScalesType(click.ParamType):
             raise OptionValueError(str(exc), ctx, param) from None
 
 
-SIZE, MEMORY, SCALES = SizeType(), MemoryType(), ScalesType()
+class SaveType(click.ParamType):
+    """'scores,json' -> frozenset({'scores', 'json'}): what --out writes (io.saved.SAVE_ITEMS)."""
+
+    name = "save"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, frozenset):
+            return value
+        from .io.saved import parse_save
+        try:
+            return parse_save(value)
+        except InputError as exc:
+            raise OptionValueError(str(exc), ctx, param) from None
+
+
+SIZE, MEMORY, SCALES, SAVE = SizeType(), MemoryType(), ScalesType(), SaveType()
 
 
 _argv: list[str] = []
@@ -227,7 +243,7 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
         "Map": ("size", "scale", "long_side", "short_side", "tile", "stride", "scales"),
-        "Outputs": ("out_dir", "output", "softmax", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
+        "Outputs": ("out_dir", "save", "output", "softmax", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
@@ -484,7 +500,8 @@ def _export_card(net: str, options: dict):
 @click.option("--top-k", type=IntIn("must be at least 1", min=1), default=5, show_default=True,
               help="Classes listed per cell and overall.")
 @click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
-@click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs.")
+@click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs (see --save).")
+@click.option("--save", "save", type=SAVE, metavar="LIST", help=save_help())
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Print a text summary, or one JSON document per image.")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
@@ -521,7 +538,7 @@ def _export_card(net: str, options: dict):
 @_softmax_option
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
-                 top_k, cls, out_dir,
+                 top_k, cls, out_dir, save,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
                  channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
@@ -553,7 +570,8 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
         _dask_usage(scheduler, workers, out_dir)
     job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
                  tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
-                 top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale)
+                 top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale,
+                 save=save)
     paths = list_images(images)
     names = unique_names(paths) if out_dir else {}
     for line in renamed_note(names):
@@ -567,7 +585,7 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
                      stride=stride, softmax=softmax)
     if dask:
-        _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet)
+        _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet)
     else:
         _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet)
 
@@ -640,10 +658,19 @@ def _print_map(result, fmt: str, job, *, saved: bool) -> None:
         from .dense.detect import summary
         click.echo(summary(result.detections, dm))
     if saved:
-        click.echo("wrote " + ", ".join(str(p) for p in result.written))
+        click.echo(_wrote(result.written, result.name, job))
     t = dm.timings
     click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
                f"image {t['load_image']:.2f} s\n")
+
+
+def _wrote(paths, name: str | None, job) -> str:
+    """The 'wrote ...' line of an image: its files, a pyramid's per-scale ones named once."""
+    from .dense.pipeline import scale_names
+    from .io.outputs import written_line
+    if name is None:
+        return "wrote " + ", ".join(map(str, paths))
+    return written_line(paths, name, [s[len(name) + 1:] for s in scale_names(name, job)])
 
 
 def _dask_usage(scheduler, workers, out_dir) -> None:
@@ -654,7 +681,7 @@ def _dask_usage(scheduler, workers, out_dir) -> None:
         raise click.UsageError("--scheduler/--workers write each map's files: give --out DIR")
 
 
-def _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet) -> None:
+def _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet) -> None:
     """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
     from .dense.distributed import connect, map_images, result_document
     bar = (click.progressbar(length=len(paths), label="mapping", file=sys.stderr)
@@ -671,7 +698,7 @@ def _map_on_dask(ctx, paths, spec, job, out_dir, scheduler, workers, fmt, quiet)
             rows, cols = result.map_shape
             how = f"{result.tiles} tiles" if result.mode == "tiled" else result.mode
             click.echo(f"{result.path}: map {rows}x{cols} ({how}), {result.seconds:.2f} s on "
-                       f"{', '.join(result.workers)}; wrote {', '.join(result.outputs)}")
+                       f"{', '.join(result.workers)}; {_wrote(result.outputs, names.get(Path(result.path)), job)}")
         if not result.ok:
             _err(f"fcnify: skipped {_one_line(result.error)}")
         if bar is not None:

@@ -130,8 +130,12 @@ class DenseMap:
                 return entry["class"]
         return 0
 
-    def to_json(self, top_k: int = 5, command: str | None = None, cells: bool = True) -> dict:
-        """The map as a JSON document; without `cells`, all but the per-cell list (to stream it)."""
+    def to_json(self, top_k: int = 5, command: str | None = None, cells: bool = False) -> dict:
+        """The map's metadata and geometry as a JSON document; with `cells`, the per-cell list too.
+
+        Without it the document is a few kB for any map: every cell's window
+        follows from `map.cell_window_image_px`, its top-k are in .npy files.
+        """
         from ..io.outputs import cell_rows
         rows, cols = self.shape
         g = self.geometry
@@ -155,11 +159,12 @@ class DenseMap:
                     "reach_offset_px": [g.y.reach_lo, g.x.reach_lo],
                     "output": self.output,
                     "softmax": self.softmax.to_dict() if self.softmax else None,
+                    "cell_window_image_px": self.window_formula(),
                     "note": "all (y, x) in net-input pixels. The window of cell (row, col) is the "
                             "crop the original classifier would be given for it: x in "
-                            "[col*stride_x + offset_x, +window_x), y likewise; per cell, 'window' "
-                            "is it in original-image pixels and 'box' the same clipped to the "
-                            "image. The reach is every pixel that can change the cell (padding "
+                            "[col*stride_x + offset_x, +window_x), y likewise; "
+                            "cell_window_image_px gives it in original-image pixels (clip it to "
+                            "the image for the part inside). The reach is every pixel that can change the cell (padding "
                             "included, so pixels outside the window can): x in "
                             "[col*stride_x + reach_offset_x, +reach_x), y likewise."},
             "heads": {name: {"file": head_file_name(name), "channels": int(a.shape[0]),
@@ -174,16 +179,24 @@ class DenseMap:
             **({"stride": self.stride_plan} if self.stride_plan else {}),
         }
 
+    def window_formula(self) -> dict:
+        """Cell (row, col)'s window in original-image pixels, as numbers: x0 = x_first + col * x_step,
+        x1 = x0 + width (exclusive), y likewise; the per-cell list's 'window', without the list."""
+        g, (sy, sx) = self.geometry, self.scale
+        return {"x_first": g.x.box_lo / sx, "x_step": g.x.stride / sx, "width": g.x.window / sx,
+                "y_first": g.y.box_lo / sy, "y_step": g.y.stride / sy, "height": g.y.window / sy}
+
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
              top_k: int = 5, command: str | None = None, *, force: bool = False,
-             heat_scale: str = "unit") -> list[Path]:
-        """Write NAME.scores.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png.
+             heat_scale: str = "unit", save=None) -> list[Path]:
+        """Write the files `save` names (outputs.SAVE_ITEMS; default outputs.DEFAULT_SAVE): NAME.scores.npy,
+        NAME.topk_classes.npy, NAME.topk_probs.npy, NAME.map.json, NAME.heatmap.png, NAME.argmax.png.
 
         The heatmap's colours span 0-1 ("unit"), or the class's own range ("map", said in its title).
         """
-        from ..io.outputs import save_outputs
+        from ..io.outputs import DEFAULT_SAVE, save_outputs
         return save_outputs(self, Path(out_dir), name, cls, top_k, command, force=force,
-                            heat_scale=heat_scale)
+                            heat_scale=heat_scale, save=DEFAULT_SAVE if save is None else frozenset(save))
 
 
 def softmax(scores: np.ndarray, axis: int = 0) -> np.ndarray:

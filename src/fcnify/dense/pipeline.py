@@ -64,6 +64,7 @@ class MapJob:
     command: str | None = None  # recorded in the JSON outputs
     force: bool = False
     heat_scale: str = "unit"
+    save: frozenset[str] | None = None  # outputs.SAVE_ITEMS to write; None: outputs.DEFAULT_SAVE
 
     def __post_init__(self) -> None:
         given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]
@@ -81,6 +82,12 @@ class MapJob:
     def pyramid(self) -> bool:
         """Whether images go through pyramid.map_pyramid (--scales or --detect)."""
         return self.scales is not None or self.detect
+
+    @property
+    def items(self) -> frozenset[str]:
+        """What --save asks for (outputs.SAVE_ITEMS), the defaults when it was not given."""
+        from ..io.outputs import DEFAULT_SAVE
+        return DEFAULT_SAVE if self.save is None else self.save
 
     @property
     def scale_list(self) -> list[float]:
@@ -122,6 +129,7 @@ class MapResult:
     pyramid: object | None = None  # pyramid.PyramidResult for --scales/--detect
     written: list[Path] = field(default_factory=list)
     error: FcnifyError | None = None
+    name: str | None = None  # the output name (outputs.unique_names) when written
 
     @property
     def ok(self) -> bool:
@@ -153,14 +161,19 @@ def class_id(cls: int | str | None, num_classes: int, labels: Labels | None) -> 
 def output_paths(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = ()) -> list[Path]:
     """Every file an image's run writes: its map's, each scale's (a pyramid), its detections'."""
     from ..io.outputs import output_names
-    from .pyramid import scale_name
-    names = [name]
-    if job.pyramid and len(job.scale_list) > 1:
-        names += [scale_name(name, s) for s in job.scale_list]
-    paths = [p for n in names for p in output_names(Path(out_dir), n, tuple(heads)).values()]
+    names = [name] + scale_names(name, job)
+    paths = [p for n in names for p in output_names(Path(out_dir), n, tuple(heads), job.items).values()]
     if job.detect:
         paths += [Path(out_dir) / f"{name}.detections.json", Path(out_dir) / f"{name}.detections.png"]
     return paths
+
+
+def scale_names(name: str, job: MapJob) -> list[str]:
+    """The output names of a pyramid's per-scale files (none unless "scales" is saved)."""
+    from .pyramid import scale_name
+    if job.pyramid and len(job.scale_list) > 1 and "scales" in job.items:
+        return [scale_name(name, s) for s in job.scale_list]
+    return []
 
 
 def check_outputs(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = (),
@@ -195,7 +208,7 @@ def save(result: MapResult, out_dir: Path, name: str, job: MapJob, force: bool |
     force = job.force if force is None else force
     what = result.pyramid if result.pyramid is not None else result.map
     result.written = what.save(out_dir, name, job.cls, job.top_k, job.command, force=force,
-                               heat_scale=job.heat_scale)
+                               heat_scale=job.heat_scale, save=job.items)
     return result.written
 
 
@@ -225,4 +238,5 @@ def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Pa
                 save(result, Path(out_dir), name, job)
         except FcnifyError as exc:
             result = MapResult(path, error=exc)
+        result.name = name
         yield result

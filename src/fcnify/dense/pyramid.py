@@ -99,16 +99,20 @@ class PyramidResult:
 
     def save(self, out_dir: str | Path, name: str | None = None, cls: int | None = None,
              top_k: int = 5, command: str | None = None, *, force: bool = False,
-             heat_scale: str = "unit") -> list[Path]:
-        """NAME.* for the fused map, NAME.xSCALE.* per scale (several scales), NAME.detections.*."""
+             heat_scale: str = "unit", save=None) -> list[Path]:
+        """NAME.* for the fused map, NAME.detections.*, and with "scales" in `save` (several
+        scales) NAME.xSCALE.* per scale: the items of `save` (outputs.SAVE_ITEMS) each time."""
+        from ..io.outputs import DEFAULT_SAVE
         from .detect import save_detections
         out_dir = Path(out_dir)
+        save = DEFAULT_SAVE if save is None else frozenset(save)
         name = name or (self.fused.image_path.stem if self.fused.image_path else "image")
-        written = self.fused.save(out_dir, name, cls, top_k, command, force=force, heat_scale=heat_scale)
-        if len(self.maps) > 1:
+        written = self.fused.save(out_dir, name, cls, top_k, command, force=force, heat_scale=heat_scale,
+                                  save=save)
+        if len(self.maps) > 1 and "scales" in save:
             for s, dm in zip(self.scales, self.maps):
                 written += dm.save(out_dir, scale_name(name, s), cls, top_k, command, force=force,
-                                   heat_scale=heat_scale)
+                                   heat_scale=heat_scale, save=save)
         if self.detections is not None:
             written += save_detections(self.fused, self.detections, out_dir, name,
                                        self.detect_params or {}, command, force=force)

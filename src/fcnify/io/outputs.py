@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InputError, OutputExists
 from ..files import OutputSet
 from ..caffe.geometry import hw
+from .saved import DEFAULT_SAVE, SAVE_ITEMS, parse_save  # noqa: F401 (re-exported)
 from .pictures import HEAT_RANGES, argmax_png, heat_range, heatmap_png, preview  # noqa: F401 (re-exported)
 
 
@@ -54,10 +55,35 @@ def cell_rows(dm, top_k: int):
                for c in range(cols)]
 
 
-def write_map_json(dm, path: Path, top_k: int, command: str | None, extra: dict) -> None:
-    """NAME.map.json written a row of cells at a time (the whole document never sits in memory)."""
+def top_k_arrays(dm, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's top k classes and their probabilities: (k x rows x cols int32, the same float32).
+
+    Best first, ties broken by the lower class (np.argsort(-p, kind="stable")
+    order), computed a row at a time by the same partition as cell_rows.
+    """
+    rows, cols = dm.shape
+    k = min(top_k, dm.num_classes)
+    classes = np.empty((k, rows, cols), np.int32)
+    probs = np.empty((k, rows, cols), np.float32)
+    idx = np.arange(dm.num_classes, dtype=np.uint64)[:, None]
+    for r in range(rows):
+        p = np.ascontiguousarray(dm.probs[:, r, :], dtype=np.float32)
+        keys = ((np.uint64(0xFFFFFFFF) - p.view(np.uint32).astype(np.uint64)) << np.uint64(32)) | idx
+        top = (np.sort(np.partition(keys, k - 1, axis=0)[:k], axis=0) & np.uint64(0xFFFFFFFF)).astype(np.intp)
+        classes[:, r] = top
+        probs[:, r] = np.take_along_axis(p, top, axis=0)
+    return classes, probs
+
+
+def write_map_json(dm, path: Path, top_k: int, command: str | None, extra: dict,
+                   cells: bool = False) -> None:
+    """NAME.map.json: metadata and geometry (a few kB for any map); with `cells`, the per-cell list too,
+    written a row of cells at a time (the whole document never sits in memory)."""
     head = json.dumps({**dm.to_json(top_k, command, cells=False), **extra}, separators=(",", ":"))
     with open(path, "w") as f:
+        if not cells:
+            f.write(head + "\n")
+            return
         f.write(head[:-1] + ',"cells":[')
         first = True
         for row in cell_rows(dm, top_k):
@@ -73,9 +99,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray, dtype=np.float32) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
+    np.save(buf, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -85,13 +111,53 @@ def head_file_name(blob: str) -> str:
     return f"{safe}.npy"
 
 
-def output_names(out_dir: Path, name: str, heads: tuple[str, ...] = ()) -> dict[str, Path]:
-    """The files of one image; each other output head of the net adds NAME.BLOB.npy."""
-    names = {"scores": out_dir / f"{name}.scores.npy", "json": out_dir / f"{name}.map.json",
-             "heatmap": out_dir / f"{name}.heatmap.png", "argmax": out_dir / f"{name}.argmax.png"}
-    for blob in heads:
-        names[f"head:{blob}"] = out_dir / f"{name}.{head_file_name(blob)}"
+def output_names(out_dir: Path, name: str, heads: tuple[str, ...] = (),
+                 save: frozenset[str] = DEFAULT_SAVE) -> dict[str, Path]:
+    """The files of one image that `save` (SAVE_ITEMS) asks for; "heads" adds NAME.BLOB.npy per head."""
+    names: dict[str, Path] = {}
+    if "scores" in save:
+        names["scores"] = out_dir / f"{name}.scores.npy"
+    if "topk" in save:
+        names["topk_classes"] = out_dir / f"{name}.topk_classes.npy"
+        names["topk_probs"] = out_dir / f"{name}.topk_probs.npy"
+    if "json" in save or "cells" in save:
+        names["json"] = out_dir / f"{name}.map.json"
+    if "pictures" in save:
+        names["heatmap"] = out_dir / f"{name}.heatmap.png"
+        names["argmax"] = out_dir / f"{name}.argmax.png"
+    if "heads" in save:
+        for blob in heads:
+            names[f"head:{blob}"] = out_dir / f"{name}.{head_file_name(blob)}"
     return names
+
+
+def written_line(paths: Sequence[Path], name: str, scales: Sequence[str] = ()) -> str:
+    """The files an image wrote, in one short line: 'wrote DIR/NAME.{scores.npy,map.json}'.
+
+    `name` is the image's output name, `scales` the suffixes of a pyramid's
+    per-scale names (NAME.x0.5 -> "x0.5"). Files written for every scale are
+    named once, the scales in braces, so a 9-scale run's line stays short.
+    """
+    by_scale: dict[str, list[str]] = {}
+    folders = {Path(p).parent for p in paths}
+    longest_first = sorted(scales, key=len, reverse=True)
+    for p in map(Path, paths):
+        rest = p.name[len(name) + 1:] if p.name.startswith(name + ".") else p.name
+        scale = next((s for s in longest_first if rest.startswith(s + ".")), "")
+        by_scale.setdefault(scale, []).append(rest[len(scale) + 1:] if scale else rest)
+    folder = str(next(iter(folders))) if len(folders) == 1 else ""
+    prefix = os.path.join(folder, name) + "."
+    parts = [prefix + _braced(by_scale.pop(""))] if "" in by_scale else []
+    same: dict[tuple[str, ...], list[str]] = {}
+    for scale, files in by_scale.items():
+        same.setdefault(tuple(files), []).append(scale)
+    for files, group in same.items():
+        parts.append(prefix + _braced(group) + "." + _braced(list(files)))
+    return "wrote " + ", ".join(parts)
+
+
+def _braced(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else "{" + ",".join(items) + "}"
 
 
 def _name_levels(path: Path, root: Path) -> tuple[str, ...]:
@@ -157,36 +223,45 @@ def failure_document(image: str | Path, exc) -> dict:
             "exit_code": getattr(exc, "exit_code", 1), "outputs": []}
 
 
-def check_outputs(out_dir: Path, name: str, force: bool, image: Path | None = None,
-                  heads: tuple[str, ...] = ()) -> None:
-    """Refuse an image's outputs before its work, naming the image and the file in the way."""
-    checker = OutputSet(force)
-    for final in output_names(Path(out_dir), name, heads).values():
-        try:
-            checker.check(final)
-        except OutputExists as exc:
-            raise OutputExists(exc.final, image) from None
-
-
 def save_outputs(dm, out_dir: Path, name: str | None, cls: int | None, top_k: int,
-                 command: str | None, *, force: bool, heat_scale: str = "unit") -> list[Path]:
-    """The four files for one image (and one .npy per other output head), written all at once."""
+                 command: str | None, *, force: bool, heat_scale: str = "unit",
+                 save: frozenset[str] = DEFAULT_SAVE) -> list[Path]:
+    """The files `save` asks for, for one image, all put in place together or none."""
     name = name or (dm.image_path.stem if dm.image_path else "image")
     cls = dm.default_class() if cls is None else cls
-    names = output_names(out_dir, name, tuple(dm.heads))
+    names = output_names(out_dir, name, tuple(dm.heads), save)
     out = OutputSet(force)
     for p in names.values():
         out.check(p)
     with out:
-        out.write_with(names["scores"], lambda p: save_npy(p, dm.probs))
-        # compact and streamed: a map of 10^5 cells would otherwise be a document of gigabytes in memory
-        out.write_with(names["json"], lambda p: write_map_json(
-            dm, p, top_k, command, {"heatmap_class": {"class": cls, "label": dm.label(cls)}}))
-        out.write_bytes(names["heatmap"], heatmap_png(dm, cls, heat_scale))
-        out.write_bytes(names["argmax"], argmax_png(dm))
-        for blob, values in dm.heads.items():
-            out.write_bytes(names[f"head:{blob}"], npy_bytes(values))
+        for key, path in names.items():
+            write_one(out, key, path, dm, cls, top_k, command, heat_scale, names, save)
     return list(names.values())
+
+
+def write_one(out: OutputSet, key: str, path: Path, dm, cls: int, top_k: int, command: str | None,
+              heat_scale: str, names: dict[str, Path], save: frozenset[str]) -> None:
+    """Stage one of an image's files (output_names' `key`) in `out`."""
+    if key == "scores":
+        out.write_with(path, lambda p: save_npy(p, dm.probs))
+    elif key == "topk_classes":
+        classes, probs = top_k_arrays(dm, top_k)
+        out.write_bytes(path, npy_bytes(classes, np.int32))
+        out.write_bytes(names["topk_probs"], npy_bytes(probs))
+    elif key == "json":
+        files = {k: p.name for k, p in names.items() if k not in ("json",) and not k.startswith("head:")}
+        extra = {"heatmap_class": {"class": cls, "label": dm.label(cls)}, "files": files,
+                 "top_k": {"k": min(top_k, dm.num_classes),
+                           "note": "NAME.topk_classes.npy (int32) and NAME.topk_probs.npy (float32), "
+                                   "k x rows x cols, best first (ties: the lower class first)"}}
+        out.write_with(path, lambda p: write_map_json(dm, p, top_k, command, extra, "cells" in save))
+    elif key == "heatmap":
+        out.write_bytes(path, heatmap_png(dm, cls, heat_scale))
+    elif key == "argmax":
+        out.write_bytes(path, argmax_png(dm))
+    elif key.startswith("head:"):
+        out.write_bytes(path, npy_bytes(dm.heads[key[5:]]))
+    # "topk_probs" is written with "topk_classes": one partition gives both
 
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
