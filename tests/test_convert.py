@@ -24,7 +24,7 @@ from fcnify.synthetic import random_blobs
 from conftest import call_fcnify, run_fcnify, write_model
 from nets import NIN, NIN_DENSE, PLAIN, V1_NET, input_layer, layer_text, small_net, vgg16, zoo
 
-COMPARISON = re.compile(r": (\S+) of the bound \[.*\]; top-1 and top-5 (same|DIFFERENT)")
+COMPARISON = re.compile(r": (\S+) of the bound \[.*\]; top-1(?: and top-5)? (same|DIFFERENT)")
 
 
 def comparisons(out: str) -> list[tuple[float, str]]:

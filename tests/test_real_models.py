@@ -387,6 +387,34 @@ def test_rnet_detect_one_box_per_face(tmp_path):
             assert area >= 0.3 * (face[2] - face[0]) * (face[3] - face[1]), (face, inside)
 
 
+def test_verify_reports_what_converts_check_reported(tmp_path):
+    """verify on the pair convert wrote (R-Net) checks the same inputs with the same preprocessing
+    (the FCN's card) and gives the same numbers, box head conv5-2 included with its own bound;
+    without a card, the preprocessing options give the same report."""
+    proto, weights = mtcnn_net(2)
+    run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", tmp_path / "det2",
+                      *MTCNN_OPTIONS, "--format", "json")
+    assert run.code == 0, run.err
+    converted = json.loads(run.out)["verification"]
+    fcn = tmp_path / "det2_full_conv.prototxt"
+    reports = {}
+    for how, extra in (("card", ()), ("options", ("--weights", weights, *MTCNN_OPTIONS))):
+        if how == "options":
+            (tmp_path / "det2_full_conv.json").unlink()
+        run = call_fcnify("verify", proto, fcn, *extra, "--format", "json")
+        assert run.code == 0, run.err
+        reports[how] = json.loads(run.out)
+    for report in reports.values():
+        for key in ("inputs", "top_probability", "added_for_saturation", "params_checked", "comparisons"):
+            assert report[key] == converted[key], key
+    compared = [(c["original"], c["converted"], c["kind"]) for c in converted["comparisons"]]
+    assert compared == [("conv5-1", "conv5-1-conv", "scores"), ("prob1", "prob1", "probabilities"),
+                        ("conv5-2", "conv5-2-conv", "scores")]
+    bounds = {c["original"]: c["bound"] for c in converted["comparisons"]}
+    assert bounds["conv5-2"] != bounds["conv5-1"]  # its own layer's bound, not the class scores'
+    assert not converted["saturated"] and min(converted["top_probability"]) < 0.999
+
+
 @pytest.mark.parametrize("args,message", [
     (["--box-head", "conv4"], "box head 'conv4' is not an output of the net; its outputs are "
                               "conv5-2-conv, prob1"),

@@ -382,13 +382,20 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
               help="Engine that runs both nets.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
+@click.option("--card", type=PATH,
+              help="Model card whose preprocessing the check uses (default: FCN's own card).")
+@_preprocess_options
 @click.pass_obj
-def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt):
+def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt, card, channels, raw_scale,
+           input_scale, mean, transpose):
     """Check that FCN reproduces ORIGINAL at ORIGINAL's input size (exit 1 if not).
 
     Scores before Softmax must agree within a float32 accumulation bound
-    (docs/verify.md); the report gives the largest difference and the share
-    of the bound it used.
+    (docs/verify.md), and so must every other output head both nets have
+    (a box regression too), each with its own bound; the report gives the
+    largest difference and the share of the bound it used. The inputs are
+    convert's (same seeds), preprocessed as FCN's card says (as convert
+    wrote it), or --card's, with the preprocessing options over it.
 
     \b
     Examples:
@@ -398,7 +405,8 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt):
     from .surgery.report import verify_document, verify_report
     from .convert import verify_files
     report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples=samples, gpu=gpu,
-                          verbose=obj.verbose, engine=engine)
+                          verbose=obj.verbose, engine=engine, card=card, channels=channels,
+                          raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose)
     click.echo(json.dumps(verify_document(report, Path(original), Path(fcn))) if fmt == "json"
                else verify_report(report))
     if not report.equivalent:

@@ -178,19 +178,61 @@ def blob_pairs(surgery: Surgery) -> list[tuple[str, str]]:
     return pairs
 
 
+def counterpart(blob: str, fcn, blob_map: dict[str, str]) -> str | None:
+    """The FCN's output for the original's output `blob`: its converted name, else its own."""
+    outs = output_blobs(fcn)
+    for name in (blob_map.get(blob), blob):
+        if name in outs:
+            return name
+    return None
+
+
+def check_conversion(original_net, converted_net, original, fcn, weights: Weights, pre: Preprocess,
+                     blob_map: dict[str, str], transplanted: dict | None = None,
+                     samples: int = 3, path: Path | None = None) -> VerifyReport:
+    """The equivalence check of convert, verify and export alike: one place that picks the
+    inputs (verify.sample_inputs' seeds at the original's input size, preprocessed by `pre`)
+    and what is compared, so the same pair gives the same report whichever command ran it.
+
+    Compared: the scores before Softmax and the final output (the score layer's bound), and
+    every other output head both nets have (a box regression: MTCNN's conv5-2), each against
+    its own layer's bound. `blob_map` names the FCN's blobs (surgery.blob_map).
+    """
+    try:
+        scores = score_layer(original, score_blob(original), weights)
+    except ValueError as exc:
+        raise ConversionError(f"cannot check the conversion: {exc}", path) from None
+    pairs = list(dict.fromkeys([(score_blob(original), counterpart(score_blob(original), fcn, blob_map)
+                                 or score_blob(fcn)),
+                                (output_blobs(original)[-1], counterpart(output_blobs(original)[-1], fcn,
+                                                                         blob_map) or output_blobs(fcn)[-1])]))
+    heads = []
+    for blob in output_blobs(original):
+        other = counterpart(blob, fcn, blob_map)
+        if blob in {a for a, _ in pairs} or other is None or score_blob(original, blob) != blob:
+            continue  # compared already, not in the FCN, or a Softmax (its scores' bound sets it)
+        try:
+            heads.append((blob, other, score_layer(original, blob, weights)))
+        except ValueError:
+            continue  # not made by a Convolution or InnerProduct: no bound to hold it to
+    blob, shape = next(iter(input_shapes(original).items()))
+    shape = (1,) + tuple(shape[1:])  # one image at a time: the declared batch adds nothing
+    return verify(original_net, converted_net, blob, shape, pairs, pre, transplanted, samples=samples,
+                  scores=scores, heads=heads)
+
+
 def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: Engine,
-               samples: int = 3) -> VerifyReport:
+               samples: int = 3, weights: Weights | None = None) -> VerifyReport:
     surgery = result.surgery
     if result.scores is None:
         raise ConversionError(f"cannot check the conversion: {result.scores_problem}", surgery.original.path)
     original = runner.load(surgery.original.path, result.card.weights)
     converted = runner.load(prototxt, caffemodel)
     try:
-        shapes = input_shapes(surgery.original.param)
-        blob, shape = next(iter(shapes.items()))
-        shape = (1,) + tuple(shape[1:])  # one image at a time: the declared batch adds nothing
-        return verify(original, converted, blob, shape, blob_pairs(surgery), result.card.preprocess,
-                      result.blobs, samples=samples, scores=result.scores)
+        return check_conversion(original, converted, surgery.original.param, surgery.net,
+                                weights if weights is not None else read_weights(result.card.weights),
+                                result.card.preprocess, surgery.blob_map, result.blobs, samples,
+                                surgery.original.path)
     finally:
         original.close()
         converted.close()
@@ -253,7 +295,7 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     if preprocess is not None:
         card = card_for(Path(model_def), Path(weights), card, preprocess)
     runner = runner if (runner is not None or not check) else make_engine("caffe", gpu)
-    result, _ = prepare(model_def, weights, input_size=input_size, card=card,
+    result, w = prepare(model_def, weights, input_size=input_size, card=card,
                         layer_types=runner.layer_types() if runner is not None else None,
                         engine=runner.name if runner is not None else "caffe",
                         keep_names=keep_output_names)
@@ -269,7 +311,7 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
         tmp_proto, tmp_model = write_net(out, result.surgery, result.blobs, names["prototxt"],
                                          names["caffemodel"])
         if check:
-            result.report = run_verify(result, tmp_proto, tmp_model, runner, samples)
+            result.report = run_verify(result, tmp_proto, tmp_model, runner, samples, w)
         out.write_text(names["card"], json.dumps(card_dict(result, names["prototxt"], names["caffemodel"],
                                                            names["card"]), indent=2) + "\n")
     result.outputs = names
@@ -299,7 +341,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
                       workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
     """Convert into a temporary folder (for classify-map on an unconverted net)."""
     runner = runner or make_engine("caffe")
-    result, _ = prepare(model_def, weights, card=card, layer_types=runner.layer_types(),
+    result, w = prepare(model_def, weights, card=card, layer_types=runner.layer_types(),
                         engine=runner.name)
     if not result.changed:
         raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
@@ -310,7 +352,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
     with out:
         tmp_proto, tmp_model = write_net(out, result.surgery, result.blobs, proto, model)
         if check:
-            result.report = run_verify(result, tmp_proto, tmp_model, runner)
+            result.report = run_verify(result, tmp_proto, tmp_model, runner, weights=w)
     if result.report is not None and not result.report.equivalent:
         raise NotEquivalentError("converting it in memory did not reproduce the original's outputs; "
                                  "run `fcnify convert` to see the report", Path(model_def))
@@ -319,21 +361,28 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
 
 def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
                  fcn_weights: str | Path | None = None, *, samples: int = 3, gpu: int | None = None,
-                 verbose: bool = False, engine: str = "caffe") -> VerifyReport:
+                 verbose: bool = False, engine: str = "caffe", card: str | Path | None = None,
+                 **preprocessing) -> VerifyReport:
     """`fcnify verify`: compare any fully-convolutional net with its original.
 
     The FCN may come from fcnify or be written by hand (Caffe's own
     net_surgery example): outputs are paired by role (scores before Softmax,
-    final output). When its layer names follow fcnify's surgery, every
-    parameter blob is also checked against the original's weights. Both nets
-    run on `engine` (engines.ENGINES).
+    final output) and by name (other heads). When its layer names follow
+    fcnify's surgery, every parameter blob is also checked against the
+    original's weights. Both nets run on `engine` (engines.ENGINES), on the
+    inputs convert's check uses (check_conversion), preprocessed as `card`
+    says (default: the FCN's own card, as convert wrote it; else the
+    original's card or Caffe's defaults), with `preprocessing` (channels=,
+    raw_scale=, input_scale=, mean=, transpose=) over it.
     """
+    from .io.preprocess import resolve_preprocess
     from .files import check_input_file
-    from .io.models import sibling_card
+    from .io.models import read_card, sibling_card
     fcn_weights = Path(fcn_weights) if fcn_weights else fcn.with_suffix(".caffemodel")
+    card_file = Path(card) if card is not None else sibling_card(fcn)
+    fcn_card = read_card(card_file) if card_file is not None else None
     if weights is None:
-        sib = sibling_card(fcn)
-        data = json.loads(sib.read_text()) if sib else {}
+        data = json.loads(card_file.read_text()) if card_file else {}
         weights = (data.get("source") or {}).get("weights")
         if weights is None:
             raise ConversionError("cannot tell the original's weights: pass --weights", fcn)
@@ -347,7 +396,7 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_layer_types(fcn_def.param, registered, fcn, runner.name)
     surgery = convert_net(original_def)
     check_correspondence(original_def, fcn_def, surgery)
-    card = card_for(original, Path(weights))
+    pre = resolve_preprocess((fcn_card or card_for(original, Path(weights))).preprocess, **preprocessing)
     w = read_weights(weights)
     checked = check_weights(infer(original_def.param, path=original), w, original)
     fw = read_weights(fcn_weights)
@@ -355,14 +404,6 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     transplanted = None
     if surgery.changed and {l.name for l in surgery.net.layer} == {l.name for l in fcn_def.param.layer}:
         transplanted, _ = transplant(surgery, w, checked)
-    try:
-        scores = score_layer(original_def.param, score_blob(original_def.param), w)
-    except ValueError as exc:
-        raise ConversionError(f"cannot check the conversion: {exc}", original) from None
-    blob, shape = next(iter(input_shapes(original_def.param).items()))
-    pairs = [(score_blob(original_def.param), score_blob(fcn_def.param)),
-             (output_blobs(original_def.param)[-1], output_blobs(fcn_def.param)[-1])]
-    pairs = list(dict.fromkeys(pairs))
     with runner.load(original, weights) as a, runner.load(fcn, fcn_weights) as b:
-        return verify(a, b, blob, (1,) + tuple(shape[1:]), pairs, card.preprocess, transplanted,
-                      samples=samples, scores=scores)
+        return check_conversion(a, b, original_def.param, fcn_def.param, w, pre, surgery.blob_map,
+                                transplanted, samples, original)

@@ -107,24 +107,16 @@ def export_onnx(card, out: str | Path, force: bool = False, check: bool = True,
 
 
 def check_against_caffe(card, net, params: dict, onnx_file: Path, samples: int = 3):
-    """verify.py's comparison: the card's net in Caffe (as given, before any conversion)
-    against the ONNX file in ONNX Runtime, scores before Softmax and outputs, plus every
-    initializer against the parameters that went in."""
-    from .surgery.bound import score_layer
+    """convert's check (convert.check_conversion): the card's net in Caffe (as given, before
+    any conversion) against the ONNX file in ONNX Runtime, scores before Softmax, outputs and
+    every other head, plus every initializer against the parameters that went in."""
+    from .convert import check_conversion
     from .engines import make_engine
-    from .errors import ConversionError
-    from .caffe.geometry import output_blobs, score_blob
     from .caffe.netdef import read_netdef
     from .engines.onnx_engine import OnnxFileNet
-    from .surgery.verify import verify
-    original = read_netdef(card.model_def).param
-    try:
-        scores = score_layer(original, score_blob(original), read_weights(card.weights))
-    except ValueError as exc:
-        raise ConversionError(f"cannot check the export: {exc}", card.model_def) from None
-    blob, shape = next(iter(input_shapes(original).items()))
-    pairs = list(dict.fromkeys([(score_blob(original), score_blob(net)),
-                                (output_blobs(original)[-1], output_blobs(net)[-1])]))
+    from .surgery.surgery import convert_net
+    netdef = read_netdef(card.model_def)
+    blob_map = convert_net(netdef).blob_map  # names only: which converted blob is which head
     with make_engine("caffe").load(card.model_def, card.weights) as a, OnnxFileNet(onnx_file) as b:
-        return verify(a, b, blob, (1,) + tuple(shape[1:]), pairs, card.preprocess, params,
-                      samples=samples, scores=scores)
+        return check_conversion(a, b, netdef.param, net, read_weights(card.weights), card.preprocess,
+                                blob_map, params, samples, card.model_def)

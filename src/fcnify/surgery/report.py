@@ -84,8 +84,9 @@ def verify_report(report) -> str:
     lines = [f"equivalence check at input {_shape(report.input_shape)} on {len(report.inputs)} inputs "
              f"({'; '.join(report.inputs)}):"]
     for c in report.comparisons:
-        ranks = ("top-1 and top-%d %s" % (TOP_K, "same" if c.top1_agree and c.topk_agree else "DIFFERENT")
-                 + f" ({c.near_ties} near-ties, {c.near_ties_excused} excused)")
+        same = "same" if c.top1_agree and c.topk_agree else "DIFFERENT"
+        ranked = "top-1" if 0 < c.classes <= TOP_K else f"top-1 and top-{TOP_K}"  # 2 classes: no top-5
+        ranks = f"{ranked} {same} ({c.near_ties} near-ties, {c.near_ties_excused} excused)"
         lines.append(f"  {c.original} vs {c.converted} ({c.kind}): largest difference {c.max_abs:.3g}, "
                      f"bound there {c.bound:.3g}: {c.fraction:.3g} of the bound"
                      f" [{c.worst_input}, index {c.worst_index}]; {ranks}")

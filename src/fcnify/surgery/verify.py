@@ -16,6 +16,7 @@ layer kept its initial values. docs/verify.md explains the bound.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class BlobComparison:
     topk_agree: bool = True         # the top-5 set, likewise at rank 5
     near_ties: int = 0              # ranks not required to agree (margin within twice the bound)
     near_ties_excused: int = 0      # ... of which the two nets really ordered differently
+    classes: int = 0                # values ranked at each position (a box head's 4, a net's classes)
 
     @property
     def ok(self) -> bool:
@@ -156,7 +158,7 @@ def compare(original: str, converted: str, a_list: list[np.ndarray], b_list: lis
     Items are N x C (x H x W) arrays; ranks are compared along axis 1 at
     every position.
     """
-    result = BlobComparison(original, converted, kind)
+    result = BlobComparison(original, converted, kind, classes=int(a_list[0].shape[1]) if a_list else 0)
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN outputs are reported, not warned about
         for name, a, b, tol in zip(names, a_list, b_list, tol_list):
             _compare_item(result, name, a, b, tol)
@@ -199,17 +201,22 @@ def _spread(name: str, x: np.ndarray, run) -> tuple[str, np.ndarray] | None:
 
 def verify(original_net, converted_net, input_blob: str, input_shape: tuple[int, ...],
            blob_pairs: list[tuple[str, str]], pre: Preprocess, transplanted: dict | None = None,
-           samples: int = 3, seed: int = 0, scores: ScoreLayer | None = None) -> VerifyReport:
+           samples: int = 3, seed: int = 0, scores: ScoreLayer | None = None,
+           heads: Sequence[tuple[str, str, ScoreLayer]] = ()) -> VerifyReport:
     """Run both loaded nets on the same inputs and compare `blob_pairs` (original, converted).
 
     The first pair is the scores before Softmax, the second (if any) the
     Softmax output; `scores` is the original's score layer (bound.score_layer),
-    which sets the bound.
+    which sets the bound. `heads` are the other outputs both nets have (a box
+    regression such as MTCNN's conv5-2), each (original, converted, its own
+    score layer), compared against their own bound.
     """
     if scores is None:
         raise ValueError("verify needs the original's score layer (bound.score_layer) for its bound")
     score_a, score_b = blob_pairs[0]
-    wanted_a = list(dict.fromkeys([a for a, _ in blob_pairs] + [scores.bottom]))
+    wanted_a = list(dict.fromkeys([a for a, _ in blob_pairs] + [scores.bottom]
+                                  + [h for h, _, _ in heads] + [layer.bottom for _, _, layer in heads]))
+    wanted_b = list(dict.fromkeys([b for _, b in blob_pairs] + [b for _, b, _ in heads]))
 
     def batch(x: np.ndarray) -> np.ndarray:
         return np.broadcast_to(x, (input_shape[0],) + x.shape).copy()
@@ -230,18 +237,25 @@ def verify(original_net, converted_net, input_blob: str, input_shape: tuple[int,
     outs_a: dict[str, list] = {a: [] for a, _ in blob_pairs}
     outs_b: dict[str, list] = {b: [] for _, b in blob_pairs}
     score_tols = []
+    head_runs = {a: ([], [], []) for a, _, _ in heads}  # original's, converted's, bounds
     for _, x in inputs:
         ra = original_net.forward({input_blob: batch(x)}, wanted_a)
-        rb = converted_net.forward({input_blob: batch(x)}, [b for _, b in blob_pairs])
+        rb = converted_net.forward({input_blob: batch(x)}, wanted_b)
         for a, b in blob_pairs:
             outs_a[a].append(ra[a][:1])
             outs_b[b].append(rb[b][:1])
         score_tols.append(scores.tolerance(ra[scores.bottom][:1]).reshape(ra[score_a][:1].shape))
+        for a, b, layer in heads:
+            head_runs[a][0].append(ra[a][:1])
+            head_runs[a][1].append(rb[b][:1])
+            head_runs[a][2].append(layer.tolerance(ra[layer.bottom][:1]).reshape(ra[a][:1].shape))
     comparisons = [compare(score_a, score_b, outs_a[score_a], outs_b[score_b], score_tols, names)]
     for a, b in blob_pairs[1:]:
         ptols = [probability_tolerance(pa, pb.reshape(pa.shape), t.reshape(pa.shape))
                  for pa, pb, t in zip(outs_a[a], outs_b[b], score_tols)]
         comparisons.append(compare(a, b, outs_a[a], outs_b[b], ptols, names, "probabilities"))
+    for a, b, _ in heads:
+        comparisons.append(compare(a, b, *head_runs[a], names))
     report = VerifyReport(names, comparisons, input_shape=tuple(input_shape), top_probability=tops,
                           added_for_saturation=added, accumulation_length=scores.length)
     if transplanted is not None:
