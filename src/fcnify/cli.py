@@ -12,9 +12,10 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -588,23 +589,37 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
                            channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
                            transpose=transpose, labels=labels_file, background_class=background_class,
                            box_head=box_head)
-    if out_dir:
-        _out_folder(Path(out_dir))
     spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
                      stride=stride, softmax=softmax)
-    if dask:
-        _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet)
-    else:
-        _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet)
+    with _out_folder(Path(out_dir)) if out_dir else nullcontext():
+        if dask:
+            _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet)
+        else:
+            _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet)
 
 
-def _out_folder(out: Path) -> None:
-    """--out: made if missing, refused before any work if it cannot hold the outputs."""
+@contextmanager
+def _out_folder(out: Path):
+    """--out: made if missing, refused before any work if it cannot hold the outputs.
+
+    A folder this run made is removed again when the run fails or is
+    interrupted and leaves it empty (as convert does with its folder).
+    """
     if out.exists() and not out.is_dir():
         raise InputError("--out exists and is not a folder", out)
+    made = [p for p in (out, *out.absolute().parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise InputError("--out folder is not writable", out)
+    try:
+        if not os.access(out, os.W_OK):
+            raise InputError("--out folder is not writable", out)
+        yield
+    except BaseException:
+        for folder in made:  # innermost first; one that is not empty stops it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def _not_saved(unmapped: Sequence[str]) -> None:
@@ -689,6 +704,19 @@ def _dask_usage(scheduler, workers, out_dir) -> None:
         raise click.UsageError("--scheduler/--workers write each map's files: give --out DIR")
 
 
+@contextmanager
+def _signals_to(stop: threading.Event):
+    """Ctrl-C and SIGTERM set `stop` instead of raising: raised inside Dask's waits, they print
+    its tracebacks; map_images asks `stop` and ends the run (and stops its workers) in order."""
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet) -> None:
     """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
     from .dense.distributed import connect, map_images, result_document
@@ -712,10 +740,13 @@ def _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt,
         if bar is not None:
             bar.update(1)
 
-    client = ctx.with_resource(connect(scheduler, workers))
-    with bar if bar is not None else nullcontext():
+    stop = threading.Event()
+    with _signals_to(stop), connect(scheduler, workers) as client, \
+            bar if bar is not None else nullcontext():
         report = map_images(paths, spec, out_dir, client, job=job, progress=progress,
-                            on_model=lambda info: _not_saved(info.unmapped_heads))
+                            on_model=lambda info: _not_saved(info.unmapped_heads), stop=stop.is_set)
+    if stop.is_set():
+        raise KeyboardInterrupt
     _err(f"fcnify: {report.summary()}")
     if report.failed:
         raise SystemExit(report.failed[0].exit_code if len(paths) == 1 else 1)
@@ -780,14 +811,50 @@ def demo(obj, out_dir):
 
 
 def _usage_line(exc: click.UsageError) -> str:
-    """A usage error in one line, as every other error, pointing at the command's --help."""
+    """A usage error in one line, as every other error, pointing at the command's --help.
+
+    A bare `fcnify` (click's NoArgsIsHelpError, whose message is the help) shows the help.
+    """
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return ""
     where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
     return exc.format_message() + where
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the CLI, turning fcnify errors into one line."""
-    args = list(argv if argv is not None else sys.argv[1:])
+    """Console entry point: run the CLI, turning fcnify errors into one line.
+
+    Run as the command (no `argv`), it stops Caffe's worker itself before
+    returning, with Ctrl-C recorded rather than raised: an interrupt that
+    lands then still exits 130, quietly, instead of a traceback from atexit.
+    """
+    code = _main(list(argv if argv is not None else sys.argv[1:]))
+    return code if argv is not None else _stop_engines(code)
+
+
+def _stop_engines(code: int) -> int:
+    from .engines.sandbox import close_all
+    hit: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # left recording: the process is about to exit
+        signal.signal(sig, lambda signum, frame: hit.append(signum))
+    close_all()
+    if hit and code != 130:
+        _err("fcnify: interrupted")
+        return 130
+    return code
+
+
+def _invoke(args: list[str]) -> int:
+    """click's main without its Ctrl-C handling (a blank line, then Abort): main says it in one line."""
+    try:
+        with cli.make_context("fcnify", args) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    return 0
+
+
+def _main(args: list[str]) -> int:
     _argv[:] = args
     debug = "--debug" in args
 
@@ -796,8 +863,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        cli.main(args=args, prog_name="fcnify", standalone_mode=False)
-        return 0
+        return _invoke(args)
     except FcnifyError as exc:
         if debug:
             traceback.print_exc()
@@ -805,17 +871,18 @@ def main(argv: list[str] | None = None) -> int:
                 _err("Caffe's worker process raised it:\n" + exc.worker_traceback.rstrip())
         _err(f"fcnify: error: {_one_line(_worded(exc))}")
         return exc.exit_code
-    except click.exceptions.Abort:
-        _err("fcnify: interrupted")
-        return 130
-    except KeyboardInterrupt:
-        _err("fcnify: interrupted")
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _err(("\n" if sys.stderr.isatty() else "") + "fcnify: interrupted")  # after the terminal's ^C
         return 130
     except click.BadParameter as exc:  # a bad option value: one line, as every bad input
         _err(f"fcnify: error: {_one_line(exc.format_message())}")
         return exc.exit_code
     except click.UsageError as exc:  # no such option or command, options that cannot go together
-        _err(f"fcnify: error: {_one_line(_usage_line(exc))}")
+        line = _usage_line(exc)
+        if not line:
+            exc.show()
+            return exc.exit_code
+        _err(f"fcnify: error: {_one_line(line)}")
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()

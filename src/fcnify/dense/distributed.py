@@ -22,8 +22,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import pickle
+import shutil
+import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -184,12 +188,42 @@ def connect(scheduler: str | None = None, workers: int | None = None,
         return
     if workers < 1:
         raise InputError(f"--workers {workers}: need at least one worker")
-    # no dashboard; the scheduler's small HTTP server (health, metrics) on a free loopback port
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  host="127.0.0.1", dashboard_address=None,
-                                  scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster, \
-            distributed.Client(cluster, timeout=timeout) as client:
-        yield client
+    import dask
+    scratch = tempfile.mkdtemp(prefix="fcnify-dask-")  # the workers' temporary files, whatever ends them
+    try:
+        with _sigint_ignored(), dask.config.set({"temporary-directory": scratch}):
+            # no dashboard; the scheduler's small HTTP server (health, metrics) on a free loopback port
+            cluster = distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                env={"TMPDIR": scratch}, local_directory=scratch)
+        with cluster, distributed.Client(cluster, timeout=timeout) as client, \
+                dask.config.set({"temporary-directory": scratch}):
+            try:
+                yield client
+            except BaseException:
+                _quiet_dask()  # stopped mid-task (Ctrl-C, a failure): "still alive, killing" is expected
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while the local cluster starts, so that its worker processes ignore it.
+
+    A Ctrl-C at the terminal signals the whole process group: the workers
+    would die mid-write. Ignoring is inherited by the processes spawned now,
+    so only the client sees it, and it cancels the run and stops the workers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def model_key(spec: ModelSpec) -> str:
@@ -210,7 +244,7 @@ def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir
                gpu: int | None = None, verbose: bool = False, stride: int | None = None,
                output: str | None = None, progress: Callable[[ImageResult, int, int], None] | None = None,
                on_model: Callable[[ModelInfo], None] | None = None, timeout: float | None = None,
-               **settings) -> MapReport:
+               stop: Callable[[], bool] | None = None, **settings) -> MapReport:
     """Map images on the Dask cluster behind `client`, writing each image's files into `out_dir`.
 
     `card` with engine/gpu/verbose/stride/output, or a pipeline.ModelSpec,
@@ -223,10 +257,14 @@ def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir
     here, on the client, as each image finishes, `on_model(info)` once the
     model has loaded. Paths must mean the same files on the workers (a
     shared file system). Raises what loading the model raises, InputError
-    for a bad `cls`, and TimeoutError after `timeout` s.
+    for a bad `cls`, and TimeoutError after `timeout` s. `stop()`, asked a
+    few times a second, ends the run early with KeyboardInterrupt (the CLI's
+    Ctrl-C). Interrupted, the images not finished leave nothing in `out_dir`:
+    a local cluster's workers are stopped first, then their staged files and
+    any output they renamed into place are removed.
     """
     started = time.perf_counter()
-    distributed = _dask()
+    _dask()
     spec = card if isinstance(card, ModelSpec) else ModelSpec(card=card, engine=engine, gpu=gpu,
                                                               verbose=verbose, output=output, stride=stride)
     job_map = job if job is not None else MapJob(**settings)
@@ -245,25 +283,83 @@ def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir
               workers_per_host=tuple(sorted(hosts.items())),
               names=tuple((str(p), n) for p, n in names.items()))
     owner: dict = {}  # future -> index of its image
+    finished: set[int] = set()  # images whose result the client has
     try:
-        info = client.submit(_probe, run, pure=False).result(timeout=timeout)
+        info = _result(client.submit(_probe, run, pure=False), timeout, stop)
         if isinstance(info, FcnifyError):
             raise info
         if on_model is not None:
             on_model(info)
         run = replace(run, heads=info.heads,
                       map=replace(job_map, cls=class_id(job_map.cls, info.num_classes, info.labels)))
-        results, cleaned = _run(client, distributed, run, paths, out, len(workers), owner,
-                                progress, timeout)
+        results, cleaned = _run(client, run, paths, out, len(workers), owner, finished,
+                                progress, timeout, stop)
+    except BaseException:
+        if owner:  # interrupted or timed out: what has not finished leaves nothing behind
+            _abandon(client, run, out, [p for i, p in enumerate(paths) if i not in finished], owner)
+        raise
     finally:
-        if owner:  # interrupted or timed out: tasks already running finish on their own
-            client.cancel(list(owner))
         _release(client, run.key)
     return MapReport(results, time.perf_counter() - started, len(workers), cleaned)
 
 
-def _run(client, distributed, job: Job, paths: list[Path], out: Path, workers: int,
-         owner: dict, progress, timeout: float | None) -> tuple[list[ImageResult], int]:
+def _quiet_dask() -> None:
+    """Only Dask's errors from here on (runs on the client and on each local worker)."""
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+POLL_S = 0.1  # how often the client looks at its tasks (and at `stop`)
+
+
+def _result(fut, timeout: float | None, stop: Callable[[], bool] | None):
+    """A future's value, waited for here: Dask's own wait prints tracebacks when Ctrl-C lands in it."""
+    next(_completed({fut: 0}, timeout, stop))
+    return fut.result()
+
+
+def _completed(owner: dict, timeout: float | None, stop: Callable[[], bool] | None) -> Iterator:
+    """The futures of `owner` as they finish; the caller removes each (and may add new ones)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while owner:
+        done = [f for f in list(owner) if f.done()]
+        for fut in done:
+            yield fut
+        if done:
+            continue
+        if stop is not None and stop():
+            raise KeyboardInterrupt
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"the Dask run did not finish within {timeout:g} s")
+        time.sleep(POLL_S)
+
+
+def _abandon(client, job: Job, out: Path, unfinished: list[Path], owner: dict) -> None:
+    """Cancel the run; once no worker can write any more, remove what the unfinished images wrote.
+
+    Their outputs did not exist before the run (or --force allowed replacing
+    them); a local cluster is closed here, so its workers stop first; a remote
+    cluster's running tasks end on their own, and what they write after this is theirs.
+    """
+    try:
+        local = client.cluster is not None
+        if local:  # stopping busy workers makes Dask warn, here and on them: expected, not news
+            client.run(_quiet_dask, on_error="ignore")
+            _quiet_dask()
+        client.cancel(list(owner))
+        if local:
+            client.cluster.close()
+    finally:
+        for path in unfinished:
+            name = job.name_for(str(path))
+            _remove_stale(out, name, job)
+            if not job.map.force:
+                for final in output_paths(out, name, job.map, job.heads):
+                    final.unlink(missing_ok=True)
+
+
+def _run(client, job: Job, paths: list[Path], out: Path, workers: int, owner: dict,
+         finished: set[int], progress, timeout: float | None,
+         stop: Callable[[], bool] | None) -> tuple[list[ImageResult], int]:
     """Submit every image, follow tiled ones through their tiles, collect the results in order."""
     results: list[ImageResult | None] = [None] * len(paths)
     done = 0
@@ -271,6 +367,7 @@ def _run(client, distributed, job: Job, paths: list[Path], out: Path, workers: i
     def finish(i: int, result: ImageResult) -> None:
         nonlocal done
         results[i] = result
+        finished.add(i)
         done += 1
         if progress:
             progress(result, done, len(paths))
@@ -281,14 +378,11 @@ def _run(client, distributed, job: Job, paths: list[Path], out: Path, workers: i
             finish(i, refused)
             continue
         owner[client.submit(_first_pass, job, str(path), pure=False)] = i
-    completed = distributed.as_completed(list(owner), timeout=timeout)
-    for fut in completed:
+    for fut in _completed(owner, timeout, stop):
         i = owner.pop(fut)
         value = _outcome(fut, paths[i])
         if isinstance(value, TilePlan):
-            stitch = _submit_tiles(client, job, str(paths[i]), value, workers)
-            owner[stitch] = i
-            completed.add(stitch)
+            owner[_submit_tiles(client, job, str(paths[i]), value, workers)] = i
             continue
         finish(i, value)
     # every task of this run has ended: what is still staged was left by a killed worker

@@ -187,7 +187,18 @@ def shared(*, verbose: bool = False) -> Sandbox:
     return box
 
 
-@atexit.register
-def _close_all() -> None:
+def close_all() -> None:
+    """Stop the shared workers (the CLI does it before exiting, where Ctrl-C is still its own)."""
     for box in _shared.values():
         box.close()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """A library user's workers, stopped at exit; Ctrl-C meanwhile kills them instead of a traceback."""
+    try:
+        close_all()
+    except KeyboardInterrupt:
+        for box in _shared.values():
+            if box._worker is not None and box._worker.alive():
+                box._worker.proc.kill()
