@@ -488,10 +488,22 @@ def test_gpu_on_a_cpu_only_build(tiny, images, out, command):
         pytest.skip("this Caffe build has CUDA")
     args = ["--out", out / "net"] if command == "convert" else [images["ok.png"], "--out", out]
     t0 = time.perf_counter()
-    run = run_fcnify(command, *model_args(tiny), "--gpu", "0", *args)
+    run = run_fcnify(command, *model_args(tiny), "--engine", "caffe", "--gpu", "0", *args)
     assert_error(run, 2, "--gpu 0: this Caffe", "was built CPU_ONLY")
     assert time.perf_counter() - t0 < 30
     assert_nothing_written(out)
+
+
+def test_verify_gpu_on_a_cpu_only_build(tiny):
+    """verify --gpu 0 on a CPU_ONLY Caffe: the same one line, exit 2 (README: classify-map, convert
+    and verify take --gpu)."""
+    from fcnify.engines.caffe_engine import caffe_build
+    if caffe_build().cuda:
+        pytest.skip("this Caffe build has CUDA")
+    proto, weights = tiny
+    run = run_fcnify("verify", proto, proto, "--weights", weights, "--fcn-weights", weights,
+                     "--engine", "caffe", "--gpu", "0")
+    assert_error(run, 2, "--gpu 0: this Caffe", "was built CPU_ONLY")
 
 
 # ------------------------------------------------------------------ 9. outputs that cannot be written

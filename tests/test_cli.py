@@ -106,6 +106,37 @@ def test_info_on_digits():
     assert "at 480x640: 114x154 cells" in run.out  # sizes height x width, as --input-size
 
 
+def test_info_smallest_input_and_exact_sizes_are_caffes(tmp_path):
+    """info's "smallest input giving one cell" and "sizes that tile exactly", read off the CLI and
+    checked in Caffe on the converted net: one cell at the smallest size and Caffe refuses one pixel
+    less; at each exact size the last window ends on the image's edge (no cell hangs over it)."""
+    from fcnify.convert import convert
+    from fcnify.engines.caffe_engine import CaffeRunner
+    from fcnify.errors import FcnifyError
+    from fcnify.io.models import find_model
+    digits = find_model("digits")
+    run = call_fcnify("info", digits.model_def)
+    assert run.code == 0, run.err
+    smallest = re.search(r"smallest input giving one cell: (\d+)x(\d+) px", run.out)
+    exact = re.search(r"sizes that tile exactly: ([\d, ]+), \.\.\. \((\d+) \+ (\d+)k\)", run.out)
+    assert smallest and exact, run.out
+    side = int(smallest.group(1))
+    sizes = [int(v) for v in exact.group(1).split(", ")]
+    window, stride = int(exact.group(2)), int(exact.group(3))
+    assert (side, window, stride) == (25, 28, 4) and sizes == [28 + 4 * k for k in range(6)]
+    files = convert(digits.model_def, digits.weights, tmp_path / "d", card=digits, check=False).outputs
+    with CaffeRunner().load(files["prototxt"], files["caffemodel"]) as net:
+        def cells(n: int) -> tuple[int, int]:
+            return net.forward({"data": np.zeros((1, 1, n, n), np.float32)}, ["ip2-conv"])["ip2-conv"].shape[2:]
+        assert cells(side) == (1, 1)
+        with pytest.raises(FcnifyError):
+            cells(side - 1)
+    with CaffeRunner().load(files["prototxt"], files["caffemodel"]) as net:
+        for n in sizes:
+            rows, cols = net.forward({"data": np.zeros((1, 1, n, n), np.float32)}, ["ip2-conv"])["ip2-conv"].shape[2:]
+            assert rows == cols and (rows - 1) * stride + window == n, (n, rows)
+
+
 def test_caffe_logs_quiet_unless_verbose(tmp_path):
     """Caffe's glog lines stay off stderr by default and come back with --verbose."""
     quiet = run_fcnify("convert", "--model", "digits", "--out", tmp_path / "q")
@@ -527,3 +558,35 @@ def test_usage_errors_take_one_line(args, message):
     assert run.code == 2 and run.out == ""
     assert run.err.startswith(f"fcnify: error: {message}") and len(run.err.splitlines()) == 1, run.err
     assert "--help" in run.err
+
+
+# Three outputs: `prob` (the class map, stride 2), `box` on its grid, `side` on conv1's (stride 1).
+UNALIGNED = """
+name: "unaligned"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_param { num_output: 4 kernel_size: 3 } }
+layer { name: "side" type: "Convolution" bottom: "conv1" top: "side" convolution_param { num_output: 2 kernel_size: 1 } }
+"""
+
+
+def test_unaligned_head_is_not_saved_and_said(tmp_path):
+    """A head on another grid than the class map's is not saved, and stderr says so in one line;
+    the head on the class map's grid is saved beside it (README: heads that do not line up)."""
+    from PIL import Image
+    from conftest import write_model
+    proto, weights = write_model(tmp_path, "unaligned", UNALIGNED, seed=2)
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    out = tmp_path / "maps"
+    run = call_fcnify("classify-map", tmp_path / "p.png", "--model-def", proto, "--weights", weights,
+                      "--output", "prob", "--out", out, "--quiet")
+    assert run.code == 0, run.err
+    assert run.err.strip().splitlines() == [
+        "fcnify: not saved: output(s) side (their cells do not line up with the class map's)"], run.err
+    names = sorted(p.name for p in out.iterdir())
+    assert "p.box.npy" in names and not [n for n in names if "side" in n], names
+    doc = json.loads((out / "p.map.json").read_text())
+    assert list(doc["heads"]) == ["box"]

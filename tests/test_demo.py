@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -76,10 +77,27 @@ def test_scene_score_detects_a_shifted_map(scene, tmp_path):
     assert s["digits_right"] < 0.5 * s["digits"]
 
 
+def _step_times(out: str) -> dict[str, float]:
+    """The demo's "== time per step" section: {step: seconds} (README: it prints how long each step took)."""
+    lines = out.split("== time per step\n", 1)[1].splitlines()
+    steps = {}
+    for line in lines:
+        found = re.fullmatch(r"   (\S.*?)\s+(\d+\.\d\d) s", line)
+        if not found:
+            break
+        steps[found.group(1)] = float(found.group(2))
+    return steps
+
+
 def test_demo_command(tmp_path):
     """`fcnify demo` runs end to end, explains itself and writes the pictures."""
+    t0 = time.perf_counter()
     run = run_fcnify("demo", "--out", tmp_path / "demo", env={"FCNIFY_MODELS": str(tmp_path / "none")})
+    wall = time.perf_counter() - t0
     assert run.code == 0, run.err
+    steps = _step_times(run.out)
+    assert list(steps) == ["convert digits", "map the scene"], run.out
+    assert all(t > 0 for t in steps.values()) and sum(steps.values()) < wall
     # "EQUIVALENT" alone would also match "NOT EQUIVALENT"
     assert re.search(r"^\s*result: EQUIVALENT\b", run.out, re.M), run.out
     assert "NOT EQUIVALENT" not in run.out and "ground truth" in run.out
@@ -96,5 +114,6 @@ def test_demo_with_caffenet_weights(tmp_path, caffenet):
     shutil.copy(weights, models / "bvlc_reference_caffenet.caffemodel")
     run = run_fcnify("demo", "--out", tmp_path / "demo", env={"FCNIFY_MODELS": str(tmp_path / "models")})
     assert run.code == 0, run.err
+    assert list(_step_times(run.out)) == ["convert digits", "map the scene", "convert caffenet", "map cat.jpg"]
     assert "cat.jpg" in run.out and "map 8x8 cells of 1000 classes" in run.out
     assert (tmp_path / "demo" / "cat.heatmap.png").is_file()

@@ -232,3 +232,33 @@ def test_cli_convert_writes_options_over_the_shipped_card(tmp_path):
     assert written.preprocess == Preprocess(channels="gray", raw_scale=2.0, mean=DIGITS.preprocess.mean,
                                             input_scale=-0.5)
     assert (written.labels, written.background_class) == (DIGITS.labels, DIGITS.background_class)
+
+
+def test_no_transpose_overrides_a_card_that_transposes(digits_card, tmp_path):
+    """--no-transpose on a card that says transpose: the map is the untransposed card's, bit for bit;
+    without it, the map is the untransposed net's on the transposed image, transposed back."""
+    data = json.loads(Path(digits_card).read_text())
+    data["preprocess"]["transpose"] = True
+    data["model_def"], data["weights"] = str(fcnify.read_card(digits_card).model_def), \
+        str(fcnify.read_card(digits_card).weights)
+    transposing = tmp_path / "transposing.json"
+    transposing.write_text(json.dumps(data))
+    image = tmp_path / "crop.png"
+    rgb = np.asarray(Image.open(SCENE).convert("RGB"))[:96, :128]
+    Image.fromarray(rgb).save(image)
+    maps, docs = {}, {}
+    for name, card, extra in (("plain", digits_card, []), ("flag", transposing, ["--no-transpose"]),
+                              ("card", transposing, [])):
+        run = call_fcnify("classify-map", image, "--card", card, "--engine", "caffe", "--out", tmp_path / name,
+                          "--quiet", *extra)
+        assert run.code == 0, run.err
+        maps[name] = np.load(tmp_path / name / "crop.scores.npy")
+        docs[name] = json.loads((tmp_path / name / "crop.map.json").read_text())["model"]["preprocess"]
+    assert (docs["flag"]["transpose"], docs["card"]["transpose"]) == (False, True)
+    assert np.array_equal(maps["flag"], maps["plain"])
+    model = fcnify.DenseModel(fcnify.read_card(digits_card), engine="caffe")
+    try:
+        on_transposed = model.classify(np.ascontiguousarray(rgb.transpose(1, 0, 2))).probs
+    finally:
+        model.close()
+    assert np.array_equal(maps["card"], on_transposed.transpose(0, 2, 1))

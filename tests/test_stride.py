@@ -10,6 +10,7 @@ original classifier on the crops under the cells.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -237,3 +238,22 @@ def test_cifar_quick_too_small_for_stride_names_the_image(cifar_card, tmp_path):
     assert run.code == 2, run.err
     assert run.err.startswith(f"fcnify: error: {tmp_path / 'small.png'}: image is 34x34 px")
     assert "at stride 4" in run.err and "fcnify-" not in run.err and len(run.err.splitlines()) == 1
+
+
+def test_map_json_says_how_the_stride_was_made(tmp_path):
+    """classify-map --stride 2 and 1 on digits (stride 4, LeNet's layers): map.json's "stride" says
+    à trous on pool2, and at 1 also 2x2 shift-and-stitch offsets (README: the run's JSON says which)."""
+    from PIL import Image
+    from conftest import call_fcnify
+    from fcnify.paths import prototxt_dir
+    image = tmp_path / "crop.png"
+    Image.open(prototxt_dir() / "digits" / "scene.png").crop((0, 0, 64, 48)).save(image)
+    atrous = "à trous (pool2 stride / 2, later convolutions dilated)"
+    for stride, method, shifts in ((2, atrous, 1), (1, atrous + " + shift-and-stitch (2x2 offsets)", 2)):
+        run = call_fcnify("classify-map", image, "--model", "digits", "--stride", stride, "--engine", "caffe",
+                          "--out", tmp_path / str(stride), "--quiet")
+        assert run.code == 0, run.err
+        doc = json.loads((tmp_path / str(stride) / "crop.map.json").read_text())
+        assert doc["stride"] == {"net_stride": 4, "stride": stride, "method": method, "atrous_factor": 2,
+                                 "atrous_layer": "pool2", "shift_offsets_per_axis": shifts}
+        assert doc["map"]["stride_px"] == [stride, stride]

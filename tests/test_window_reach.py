@@ -226,3 +226,22 @@ def test_convert_report_window_for_large_inputs(tmp_path):
     assert "window per cell: 64x64 px" in run.out
     card = json.loads((tmp_path / "big_full_conv.json").read_text())
     assert card["geometry"]["window"] == [64, 64]
+
+
+def test_map_json_reports_the_reach(tmp_path):
+    """classify-map's map.json gives the ResNet-style net's reach: 107 px from -23 px around the window's
+    start (conv_1 pad 3, two padded 3x3 at stride 4, two at stride 8: -3 - 4 - 4 - 4 - 8; the
+    global pool's 8 cells at stride 8 on the right), the reach pinned by test_padded_nets_reach_is_exact."""
+    proto, weights = write_model(tmp_path, "resnetish", RESNETISH, seed=4)
+    result = convert(proto, weights, tmp_path / "resnetish", check=False)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(image)
+    run = call_fcnify("classify-map", image, "--card", result.outputs["card"], "--engine", "caffe",
+                      "--out", tmp_path / "m", "--quiet")
+    assert run.code == 0, run.err
+    geometry = json.loads((tmp_path / "m" / "photo.map.json").read_text())["map"]
+    assert geometry["reach_px"] == [107, 107] and geometry["reach_offset_px"] == [-23, -23]
+    assert geometry["window_px"] == [64, 64] and geometry["stride_px"] == [8, 8]
+    fcn = read_netdef(result.outputs["prototxt"]).param
+    geo = map_geometry(fcn, score_blob(fcn))
+    assert (geo.reach, geo.y.reach_lo, geo.x.reach_lo) == ((107, 107), -23, -23)  # what the probe pinned
