@@ -188,12 +188,21 @@ def check_outputs(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = 
             raise OutputExists(exc.final, image) from None
 
 
-def map_image(model: DenseModel, path: Path, job: MapJob, progress: Progress | None = None) -> MapResult:
-    """Map one image as the job says: one DenseMap, or a pyramid (fused map, per-scale maps, boxes)."""
+def map_image(model: DenseModel, path: Path, job: MapJob, progress: Progress | None = None,
+              image: "Decoded | None" = None) -> MapResult:
+    """Map one image as the job says: one DenseMap, or a pyramid (fused map, per-scale maps, boxes).
+
+    `image` is the file already decoded (map_paths decodes the next image
+    while the engine runs); without it the file is read here.
+    """
     path = Path(path)
     if not job.pyramid:
         size, scale = job.feed(path)
-        return MapResult(path, model.classify(path, size, scale, job.budget, job.tile, progress))
+        dm = model.classify(path if image is None else image.rgb, size, scale, job.budget, job.tile,
+                            progress, path=path)
+        if image is not None:
+            dm.timings["load_image"] += image.seconds
+        return MapResult(path, dm)
     from .pyramid import map_pyramid
     detect = None
     if job.detect:
@@ -201,6 +210,23 @@ def map_image(model: DenseModel, path: Path, job: MapJob, progress: Progress | N
                   "detect": True, "classes": None if job.cls is None else [job.cls]}
     found = map_pyramid(model, path, job.scale_list, job.budget, job.tile, detect, progress)
     return MapResult(path, found.fused, found)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image decoded ahead of its turn, and what decoding it took."""
+
+    rgb: object  # H x W x 3 uint8
+    seconds: float
+
+
+def decode(path: Path) -> Decoded:
+    """io.images.load_image, timed: run on a worker thread while the engine maps the image before."""
+    import time
+    from ..io.images import load_image
+    t0 = time.perf_counter()
+    rgb = load_image(path)
+    return Decoded(rgb, time.perf_counter() - t0)
 
 
 def save(result: MapResult, out_dir: Path, name: str, job: MapJob, force: bool | None = None) -> list[Path]:
@@ -215,28 +241,67 @@ def save(result: MapResult, out_dir: Path, name: str, job: MapJob, force: bool |
 def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Path | None = None,
               names: dict[Path, str] | None = None,
               progress: ProgressFor | None = None) -> Iterator[MapResult]:
-    """Map images one after another with one loaded model, yielding each image's result.
+    """Map images with one loaded model, yielding each image's result in order.
 
     An image that fails (bad file, output in the way, too small) gives a
     result with its error and the batch goes on; `job` must have been
     through `for_model`. With `out_dir`, each image's files are written
     under `names[path]` (outputs.unique_names), refused before the work if
     one is in the way.
+
+    A pipeline, not a loop: while the engine maps image i (ONNX Runtime,
+    Caffe's worker and torch release the GIL), one thread decodes image i+1
+    and another writes image i-1's files (zlib and numpy release it too).
+    At most one image waits on each side, so memory stays that of three.
     """
-    for i, path in enumerate(paths):
-        path = Path(path)
-        name = (names or {}).get(path) or path.stem
-        try:
-            if out_dir is not None:
-                check_outputs(Path(out_dir), name, job, tuple(model.heads), path)
-            if progress is None:
-                result = map_image(model, path, job)
+    from concurrent.futures import ThreadPoolExecutor
+    paths = [Path(p) for p in paths]
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fcnify-io")
+    try:
+        ahead = _decode_ahead(pool, paths, 0, job)
+        writing = None  # (future of the finished MapResult) of the image before
+        for i, path in enumerate(paths):
+            name = (names or {}).get(path) or path.stem
+            mine, ahead = ahead, None
+            try:
+                if out_dir is not None:
+                    check_outputs(Path(out_dir), name, job, tuple(model.heads), path)
+                image = mine.result() if mine is not None else None
+                ahead = _decode_ahead(pool, paths, i + 1, job)
+                if progress is None:
+                    result = map_image(model, path, job, image=image)
+                else:
+                    with progress(i, path) as bar:
+                        result = map_image(model, path, job, bar, image=image)
+            except FcnifyError as exc:
+                result = MapResult(path, error=exc)
+            if ahead is None:
+                ahead = _decode_ahead(pool, paths, i + 1, job)
+            result.name = name
+            if writing is not None:
+                yield writing.result()
+                writing = None
+            if out_dir is not None and result.ok:
+                writing = pool.submit(_write, result, Path(out_dir), name, job)
             else:
-                with progress(i, path) as bar:
-                    result = map_image(model, path, job, bar)
-            if out_dir is not None:
-                save(result, Path(out_dir), name, job)
-        except FcnifyError as exc:
-            result = MapResult(path, error=exc)
-        result.name = name
-        yield result
+                yield result
+        if writing is not None:
+            yield writing.result()
+    finally:  # an interrupt: the files being written are finished (or not begun), nothing more
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_ahead(pool, paths: Sequence[Path], i: int, job: MapJob):
+    """Start decoding image i on `pool` (None past the end, or for a pyramid, which loads its own)."""
+    if i >= len(paths) or job.pyramid:
+        return None
+    return pool.submit(decode, paths[i])
+
+
+def _write(result: MapResult, out_dir: Path, name: str, job: MapJob) -> MapResult:
+    """save(), on the writing thread: a failure becomes the image's error, as in the loop it replaces."""
+    try:
+        save(result, out_dir, name, job)
+    except FcnifyError as exc:
+        return MapResult(result.path, error=exc, name=name)
+    return result
