@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import json
 import os
 import signal
 import struct
@@ -385,14 +386,17 @@ def test_fully_convolutional_net_with_wrong_weights(tiny, images, tmp_path):
 
 
 def test_net_without_inner_product(tmp_path, out):
-    """No InnerProduct: exit 0, says there is nothing to do, writes nothing."""
+    """No InnerProduct: exit 0, says there is nothing to convert, writes only the card, which points
+    at the net's own prototxt and caffemodel (docs/errors.md)."""
     text = TINY.replace('type: "InnerProduct"', 'type: "Convolution"').replace(
         "inner_product_param { num_output: 5 }", "convolution_param { num_output: 5 kernel_size: 8 }")
     proto, weights = write_model(tmp_path, "fcn", text)
     run = call_fcnify("convert", "--model-def", proto, "--weights", weights, "--out", out / "net")
     assert run.code == 0 and run.err == "", run
-    assert "no InnerProduct layer" in run.out and "nothing written" in run.out
-    assert_nothing_written(out)
+    assert run.out.startswith(f"nothing to convert in {proto}"), run.out
+    assert sorted(p.name for p in out.iterdir()) == ["net_full_conv.json"]
+    card = json.loads((out / "net_full_conv.json").read_text())
+    assert (Path(card["model_def"]).resolve(), Path(card["weights"]).resolve()) == (proto.resolve(), weights.resolve())
 
 
 def test_inner_product_that_cannot_become_a_convolution(tmp_path, out):

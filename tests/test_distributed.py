@@ -205,8 +205,8 @@ def test_cli_local_workers_and_usage(crops, tmp_path):
     both = call_fcnify("classify-map", crops[6], "--model", "digits", "--out", out, "--workers", "1",
                        "--scheduler", "tcp://127.0.0.1:1")
     assert both.code == 2 and "either --scheduler or --workers, not both" in both.err, both.err
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"crop6.{k}" for k in
-                                                           ("scores.npy", "map.json", "heatmap.png", "argmax.png"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"crop6.{k}" for k in (
+        "scores.npy", "map.json", "heatmap.png", "argmax.png", "topk_classes.npy", "topk_probs.npy"))
 
 
 def test_tiled_image_spread_over_workers(client, single, card, tmp_path):
