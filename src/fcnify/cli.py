@@ -243,7 +243,7 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "classify-map": {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
-        "Map": ("size", "scale", "long_side", "short_side", "tile", "stride", "scales"),
+        "Map": ("size", "scale", "long_side", "short_side", "level", "tile", "stride", "scales"),
         "Outputs": ("out_dir", "save", "output", "softmax", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
@@ -506,6 +506,8 @@ def _export_card(net: str, options: dict):
               help="Resize so the longer side is N px, keeping the aspect ratio.")
 @click.option("--short-side", type=click.IntRange(min=1), metavar="N",
               help="Resize so the shorter side is N px, keeping the aspect ratio.")
+@click.option("--level", type=IntIn("must be 0 or more", min=0), metavar="N",
+              help="Map level N of a tiled TIFF's pyramid (0: full resolution; read a tile at a time).")
 @click.option("--top-k", type=IntIn("must be at least 1", min=1), default=5, show_default=True,
               help="Classes listed per cell and overall.")
 @click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
@@ -547,7 +549,7 @@ def _export_card(net: str, options: dict):
 @_softmax_option
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
-                 top_k, cls, out_dir, save,
+                 level, top_k, cls, out_dir, save,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
                  channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
@@ -580,7 +582,7 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
                  tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
                  top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale,
-                 save=save)
+                 save=save, level=level)
     paths = list_images(images)
     names = unique_names(paths) if out_dir else {}
     for line in renamed_note(names):

@@ -73,6 +73,13 @@ class ImageError(FcnifyError):
     """An image that cannot be read or is too small/large for the net."""
 
 
+class CorruptTileError(ImageError):
+    """A tile of a windowed image that cannot be decoded, found mid-run: the work failed (exit 1),
+    the input was not refused up front; the message names the file and the tile's position."""
+
+    exit_code = 1
+
+
 class ResourceError(FcnifyError):
     """A request that would exceed Caffe's blob limit or the memory budget."""
 

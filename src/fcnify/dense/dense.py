@@ -21,6 +21,7 @@ from ..errors import ImageError, InputError, ResourceError
 from ..caffe.geometry import (MapGeometry, SoftmaxPlan, hw, map_geometry, map_size, output_blobs,
                               score_blob, softmax_plan)
 from ..io.images import load_image, resize
+from ..io.windows import open_windows, windowed
 from ..io.labels import Labels
 from ..engines import check_layer_types
 from ..io.models import ModelCard
@@ -338,33 +339,37 @@ class DenseModel:
                 stitched_cells(width, self.shifts, step, lambda n: self.cells(height, n)[1]))
 
     def plan(self, height: int, width: int, budget: int | None = None,
-             tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
-        """Tiles for an image (in its own orientation): one whole-image tile when it fits the budget."""
+             tile: int | None = None, reader=None) -> tuple[list[Tile], tuple[int, int] | None]:
+        """Tiles for an image (in its own orientation): one whole-image tile when it fits the budget.
+
+        With a windowed `reader` (io.windows), each tile's budget also holds the reader's buffers.
+        """
         if not self.transposed:
-            return self._plan_net(height, width, budget, tile)
-        tiles, size = self._plan_net(width, height, budget, tile)
+            return self._plan_net(height, width, budget, tile, reader)
+        tiles, size = self._plan_net(width, height, budget, tile, reader)
         return ([Tile(t.x, t.y) for t in tiles], None if size is None else (size[1], size[0]))
 
     def _plan_net(self, height: int, width: int, budget: int | None = None,
-                  tile: int | None = None) -> tuple[list[Tile], tuple[int, int] | None]:
+                  tile: int | None = None, reader=None) -> tuple[list[Tile], tuple[int, int] | None]:
         """Tiles for an input as the net sees it."""
         net = self.netdef.param
+        memory = self._memory(reader)
         rows, cols = map_size(net, height, width, self.score_blob)
         gy, gx = self.net_geometry.y, self.net_geometry.x
         fy = lambda n: map_size(net, n, width, self.score_blob)[0]  # noqa: E731
         fx = lambda n: map_size(net, height, n, self.score_blob)[1]  # noqa: E731
         if tile is None:
             budget = budget or default_budget()
-            if fits(net, height, width, budget, memory=self.runner.memory):
+            if fits(net, height, width, budget, memory=memory):
                 return plan(height, width, rows, cols, (height, width), gy, gx, fy, fx), None
             smallest = max(min_tile(gy), min_tile(gx))
             step, limit = max(gy.stride, gx.stride), max(height, width)
-            side = largest_square(net, budget, step, smallest, limit, memory=self.runner.memory)
+            side = largest_square(net, budget, step, smallest, limit, memory=memory)
             if side is None:  # a net too big per pixel for the speed cap: the budget alone
                 side = largest_square(net, budget, step, smallest, limit, speed_cap=None,
-                                      memory=self.runner.memory)
+                                      memory=memory)
             if side is None:
-                need = self.runner.memory(net, smallest, smallest).total
+                need = memory(net, smallest, smallest).total
                 raise ResourceError(f"even the smallest exact tile ({smallest} px) needs about "
                                     f"{format_bytes(need)}, over the memory budget of "
                                     f"{format_bytes(budget)}; raise --max-memory")
@@ -407,11 +412,22 @@ class DenseModel:
                                     self.num_classes)
         return self._run_grid(rgb, budget, tile, progress, blocks)
 
+    def _memory(self, reader) -> Callable:
+        """The engine's memory model, plus what `reader` holds to read a window of that size."""
+        if reader is None or isinstance(reader, np.ndarray):
+            return self.runner.memory
+
+        def memory(net, height: int, width: int):
+            est = self.runner.memory(net, height, width)
+            return replace(est, io=est.io + reader.buffer_bytes(height, width))
+        return memory
+
     def _run_grid(self, rgb: np.ndarray, budget: int | None, tile: int | None,
                   progress: Progress | None, blocks: Callable) -> tuple[np.ndarray, dict]:
-        """One pass of the net over the image's tiles; `blocks` is run_tiles or score_tiles."""
+        """One pass of the net over the image's tiles (`rgb`: an array or an io.windows reader);
+        `blocks` is run_tiles or score_tiles."""
         h, w = rgb.shape[:2]
-        tiles, tile_size = self.plan(h, w, budget, tile)
+        tiles, tile_size = self.plan(h, w, budget, tile, reader=rgb)
         rows, cols = self.cells(h, w)
         probs = np.empty((self.num_classes, rows, cols), dtype=np.float32)
         heads = {name: np.empty((c, rows, cols), dtype=np.float32) for name, c in self.heads.items()}
@@ -461,7 +477,7 @@ class DenseModel:
         seconds = {} if seconds is None else seconds
         for t in tiles:
             t0 = time.perf_counter()
-            x = pre.apply(rgb[t.y.start:t.y.stop, t.x.start:t.x.stop])[None]
+            x = pre.apply(window(rgb, t))[None]
             t1 = time.perf_counter()
             outs = self.net.forward({self.input_blob: x}, wanted)
             seconds["forward"] = seconds.get("forward", 0.0) + time.perf_counter() - t1
@@ -479,18 +495,27 @@ class DenseModel:
     def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
                  scale: float | None = None, budget: int | None = None, tile: int | None = None,
                  progress: Progress | None = None, keep_image: bool = True,
-                 path: str | Path | None = None) -> DenseMap:
+                 path: str | Path | None = None, level: int | None = None) -> DenseMap:
         """Map one image (a path or an H x W x 3 uint8 RGB array; `path` names where an array
-        was read from, in errors and in the map, when a batch decoded it ahead)."""
+        was read from, in errors and in the map, when a batch decoded it ahead).
+
+        A tiled TIFF (io.windows.windowed) is read a tile's window at a time,
+        at pyramid `level`, and never decoded whole.
+        """
         t0 = time.perf_counter()
         path = Path(path) if path is not None else None
         if isinstance(image, (str, Path)):
             path = Path(image)
+            if windowed(path):
+                return self._classify_windows(path, level or 0, size, scale, budget, tile, progress,
+                                              keep_image)
             rgb = load_image(path)
         else:
             rgb = np.asarray(image)
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ImageError(f"expected an H x W x 3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
+        if level:
+            raise InputError(f"--level {level}: only a tiled (pyramidal) TIFF has levels", path)
         fed = resized(rgb, size, scale)
         t_load = time.perf_counter() - t0
         self.check_minimum(fed.shape[:2], resized=fed is not rgb, path=path)
@@ -498,6 +523,44 @@ class DenseModel:
         timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
         return self.dense_map(probs, info, image=rgb, fed=fed.shape[:2], path=path, timings=timings,
                               keep_image=keep_image)
+
+    def _classify_windows(self, path: Path, level: int, size, scale, budget: int | None,
+                          tile: int | None, progress: Progress | None, keep_image: bool) -> DenseMap:
+        """classify() of a tiled TIFF: each tile's window read from the file, the map held in memory
+        (it must fit the budget; a map that does not goes to a chunked store, store.py)."""
+        if size is not None or scale is not None:
+            raise InputError("a tiled TIFF is mapped at a pyramid level: give --level N, "
+                             "not --size/--scale/--long-side/--short-side", path)
+        if self.shifts > 1:
+            raise InputError("--stride finer than the net's is not supported on a tiled TIFF yet", path)
+        t0 = time.perf_counter()
+        with open_windows(path, level) as source:
+            self.check_minimum(source.shape, resized=False, path=path)
+            self.check_map_fits(source.shape, budget, path)
+            t_open = time.perf_counter() - t0
+            room = (budget or default_budget()) - self.map_bytes(source.shape)  # the tiles' share
+            probs, info = self.run(source, room, tile, progress)
+            t1 = time.perf_counter()
+            overview = source.overview() if keep_image else None
+            t_load = t_open + time.perf_counter() - t1
+        timings = {"load_image": t_load, "preprocess": info["preprocess"], "forward": info["forward"]}
+        return self.dense_map(probs, info, image=overview, fed=source.shape, path=path,
+                              timings=timings, image_size=source.shape)
+
+    def map_bytes(self, fed: tuple[int, int]) -> int:
+        """Bytes of the whole map of a `fed`-sized input held in memory: classes and heads, float32."""
+        rows, cols = self.map_cells(*fed)
+        return (self.num_classes + sum(self.heads.values())) * rows * cols * 4
+
+    def check_map_fits(self, fed: tuple[int, int], budget: int | None, path: Path | None) -> None:
+        """Refuse, with the numbers, a map too large for memory beside the tiles' budget."""
+        from ..caffe.planner import available_memory
+        need, room = self.map_bytes(fed), budget or available_memory() // 2
+        if need > room:
+            rows, cols = self.map_cells(*fed)
+            raise ResourceError(f"its map ({rows}x{cols} cells x {self.num_classes} classes) needs "
+                                f"{format_bytes(need)} in memory, over the budget of {format_bytes(room)}: "
+                                "write it to a chunked store instead (--store zarr)", path)
 
     def check_minimum(self, fed: tuple[int, int], *, resized: bool, path: Path | None = None) -> None:
         """Refuse an input smaller than one window before any work: its map would have no cell."""
@@ -508,13 +571,16 @@ class DenseModel:
                              f"{self.card.name} needs at least {hw(mh, mw)} px"
                              + (f" at stride {self.stride_plan.stride}" if self.stride_plan else ""), path)
 
-    def dense_map(self, probs: np.ndarray, info: dict, *, image: np.ndarray, fed: tuple[int, int],
-                  path: Path | None, timings: dict[str, float], keep_image: bool = True) -> DenseMap:
+    def dense_map(self, probs: np.ndarray, info: dict, *, image: np.ndarray | None, fed: tuple[int, int],
+                  path: Path | None, timings: dict[str, float], keep_image: bool = True,
+                  image_size: tuple[int, int] | None = None) -> DenseMap:
         """The DenseMap of stitched cells, for one process's run and for Dask's stitch alike.
 
         `info` is run()'s: mode, tiles, tile_size and the other heads' cells.
+        `image_size` is the image's when `image` is only its overview (a tiled TIFF).
         """
-        return DenseMap(probs=probs, geometry=self.geometry, image_size=image.shape[:2],
+        return DenseMap(probs=probs, geometry=self.geometry,
+                        image_size=tuple(image_size) if image_size else image.shape[:2],
                         input_size=tuple(fed), model=self.card, labels=self.labels, image_path=path,
                         mode=info["mode"], tiles=info["tiles"], tile_size=info["tile_size"],
                         timings=timings, image=image if keep_image else None, source=self.source,
@@ -536,6 +602,13 @@ class DenseModel:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+
+def window(source, t: Tile) -> np.ndarray:
+    """The pixels of tile `t`: a slice of an array, or a read of a windowed file (io.windows)."""
+    if isinstance(source, np.ndarray):
+        return source[t.y.start:t.y.stop, t.x.start:t.x.stop]
+    return source.read(t.y.start, t.y.stop, t.x.start, t.x.stop)
 
 
 def fed_size(original: tuple[int, int], size: tuple[int, int] | None = None,

@@ -65,6 +65,7 @@ class MapJob:
     force: bool = False
     heat_scale: str = "unit"
     save: frozenset[str] | None = None  # outputs.SAVE_ITEMS to write; None: outputs.DEFAULT_SAVE
+    level: int | None = None  # --level: the pyramid level of a tiled TIFF (io.windows)
 
     def __post_init__(self) -> None:
         given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]
@@ -75,6 +76,8 @@ class MapJob:
                              + ("/--long-side/--short-side" if set(given) - {"size", "scale"} else ""))
         if not 0.0 <= self.threshold <= 1.0:
             raise InputError(f"--threshold {self.threshold:g}: not a probability in [0, 1]")
+        if self.level is not None and self.pyramid:
+            raise InputError("--level picks one pyramid level of a tiled TIFF: drop --scales/--detect")
         if not 0.0 < self.nms_iou <= 1.0:
             raise InputError(f"--nms-iou {self.nms_iou:g}: not an overlap in (0, 1]")
 
@@ -199,7 +202,7 @@ def map_image(model: DenseModel, path: Path, job: MapJob, progress: Progress | N
     if not job.pyramid:
         size, scale = job.feed(path)
         dm = model.classify(path if image is None else image.rgb, size, scale, job.budget, job.tile,
-                            progress, path=path)
+                            progress, path=path, level=job.level)
         if image is not None:
             dm.timings["load_image"] += image.seconds
         return MapResult(path, dm)
@@ -293,7 +296,8 @@ def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Pa
 
 def _decode_ahead(pool, paths: Sequence[Path], i: int, job: MapJob):
     """Start decoding image i on `pool` (None past the end, or for a pyramid, which loads its own)."""
-    if i >= len(paths) or job.pyramid:
+    from ..io.windows import windowed
+    if i >= len(paths) or job.pyramid or windowed(paths[i]):  # a tiled TIFF is read by window, in its turn
         return None
     return pool.submit(decode, paths[i])
 
