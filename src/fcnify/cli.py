@@ -417,8 +417,10 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt, 
 @cli.command()
 @click.argument("net", type=PATH)
 @click.option("--input-size", type=SIZE, metavar="H[xW]", help="Input size to report shapes at.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: the card's fields, the surgery, the geometry and the shapes as one document.")
 @click.pass_obj
-def info(obj, net, input_size):
+def info(obj, net, input_size, fmt):
     """Per-layer shapes and the dense map's geometry, computed from the layers.
 
     Works on any deploy prototxt; a net with InnerProduct layers is converted
@@ -428,8 +430,9 @@ def info(obj, net, input_size):
     Example:
       fcnify info deploy.prototxt --input-size 451
     """
-    from .surgery.report import net_info
-    click.echo(net_info(Path(net), input_size))
+    from .surgery.report import net_document, net_info
+    click.echo(json.dumps(net_document(Path(net), input_size)) if fmt == "json"
+               else net_info(Path(net), input_size))
 
 
 @cli.command()
@@ -590,9 +593,9 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     the_card = _model_card(model_name, model_def=model_def, weights=weights, card=card,
                            channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
                            transpose=transpose, labels=labels_file, background_class=background_class,
-                           box_head=box_head)
+                           box_head=box_head, softmax=softmax)
     spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
-                     stride=stride, softmax=softmax)
+                     stride=stride)
     with _out_folder(Path(out_dir)) if out_dir else nullcontext():
         if dask:
             _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet)
@@ -673,17 +676,11 @@ def _bar(count: int):
 
 def _print_map(result, fmt: str, job, *, saved: bool) -> None:
     """One mapped image on stdout: a text summary, or its --format json line."""
-    from .io.outputs import map_document, text_summary
     dm = result.map
     if fmt == "json":
-        click.echo(json.dumps(map_document(dm.to_json(job.top_k, job.command), result.written)))
+        click.echo(json.dumps(result.document(job)))
         return
-    click.echo(text_summary(dm, job.top_k))
-    if result.detections is not None:
-        from .dense.detect import summary
-        click.echo(summary(result.detections, dm))
-    if saved:
-        click.echo(_wrote(result.written, result.name, job))
+    click.echo(result.text(job, _wrote(result.written, result.name, job) if saved else None))
     t = dm.timings
     click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
                f"image {t['load_image']:.2f} s\n")
@@ -733,6 +730,8 @@ def _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt,
         if fmt == "json":
             click.echo(json.dumps(result_document(result)))
         elif result.ok:
+            if result.text:  # the summary one process prints, made on the worker
+                click.echo(result.text)
             rows, cols = result.map_shape
             how = f"{result.tiles} tiles" if result.mode == "tiled" else result.mode
             click.echo(f"{result.path}: map {rows}x{cols} ({how}), {result.seconds:.2f} s on "

@@ -151,11 +151,9 @@ class DenseMap:
             "input_size": {"height": self.input_size[0], "width": self.input_size[1]},
             "scale": {"y": self.scale[0], "x": self.scale[1]},
             "command": command,
-            "model": {"name": shown.name, "model_def": str(shown.model_def),
+            "model": {**self.model.summary(), "name": shown.name, "model_def": str(shown.model_def),
                       "weights": str(shown.weights) if shown.weights else None,
-                      "converted_in_memory": self.source is not None,
-                      "preprocess": self.model.preprocess.to_dict(),
-                      "labels": self.model.labels},
+                      "converted_in_memory": self.source is not None},
             "map": {"rows": rows, "cols": cols, "classes": self.num_classes,
                     "stride_px": list(g.stride), "window_px": list(g.window),
                     "field_px": list(g.window),  # the window's old name

@@ -112,6 +112,8 @@ class ImageResult:
     pid: int | None = None  # process id of the worker that wrote the files
     loads: int = 0  # times that process loaded the model in this run (1; more after a Caffe crash)
     warnings: tuple[str, ...] = ()  # what DenseModel.warn said (costly forced tiles), for the client to show
+    text: str = ""  # the summary one process prints (pipeline.MapResult.text), made on the worker
+    document: dict | None = None  # the --format json document one process prints (MapResult.document)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -403,6 +405,8 @@ def result_document(result: ImageResult) -> dict:
         doc = failure_document(result.path, result.error or "failed")
         doc["exit_code"] = result.exit_code
         return doc | {"dask": dask}
+    if result.document is not None:  # the worker's, as one process makes it
+        return result.document | {"dask": dask}
     written = [Path(p) for p in result.outputs]
     doc = next((json.loads(p.read_text()) for p in written if p.name.endswith(".map.json")), {})
     return map_document(doc, written) | {"dask": dask}
@@ -551,7 +555,8 @@ def _save(job: Job, result: MapResult, seconds: float, workers: tuple[str, ...],
     dm = result.map
     return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=dm.shape,
                        mode=dm.mode, tiles=dm.tiles, seconds=seconds + time.perf_counter() - t0,
-                       workers=workers, pid=os.getpid(), loads=_loads[job.key], warnings=tuple(warnings))
+                       workers=workers, pid=os.getpid(), loads=_loads[job.key], warnings=tuple(warnings),
+                       text=result.text(job.map), document=result.document(job.map))
 
 
 def _probe(job: Job) -> ModelInfo | FcnifyError:

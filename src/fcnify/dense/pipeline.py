@@ -142,6 +142,28 @@ class MapResult:
     def detections(self) -> list | None:
         return getattr(self.pyramid, "detections", None)
 
+    def document(self, job: "MapJob") -> dict:
+        """The image's --format json document: the map's (DenseMap.to_json: card, map, softmax,
+        heads, run), the files written and the boxes (None without --detect). One process, the
+        Dask workers and the API return this one document."""
+        from ..io.outputs import map_document
+        doc = map_document(self.map.to_json(job.top_k, job.command), self.written)
+        found = self.detections
+        doc["detections"] = None if found is None else [d.to_dict() for d in found]
+        return doc
+
+    def text(self, job: "MapJob", wrote: str | None = None) -> str:
+        """The image's text summary (outputs.text_summary, then the boxes, then `wrote`): what one
+        process prints, and what a Dask worker sends back for the client to print."""
+        from ..io.outputs import text_summary
+        parts = [text_summary(self.map, job.top_k)]
+        if self.detections is not None:
+            from .detect import summary
+            parts.append(summary(self.detections, self.map))
+        if wrote:
+            parts.append(wrote)
+        return "\n".join(parts)
+
 
 def class_id(cls: int | str | None, num_classes: int, labels: Labels | None) -> int | None:
     """--class as a class index (an index, or a name when the net has labels), checked against the net."""

@@ -16,6 +16,9 @@ from ..paths import models_dir, prototxt_dir
 from .preprocess import IMAGENET_MEAN_BGR, Preprocess, default_preprocess  # noqa: F401 (re-exported)
 
 IMAGENET = "imagenet"
+# The card's truth that every output path carries (map JSON, text, Dask, info, convert, ONNX
+# metadata): ModelCard.summary() is the one place it is put together.
+CARD_FIELDS = ("name", "preprocess", "labels", "background_class", "box_head", "softmax")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,18 @@ class ModelCard:
         check_labels(labels, num_classes, where)
         return labels
 
+    def summary(self) -> dict:
+        """CARD_FIELDS as JSON values: what a run of this card says about the model."""
+        return {"name": self.name, "preprocess": self.preprocess.to_dict(), "labels": self.labels,
+                "background_class": self.background_class, "box_head": self.box_head,
+                "softmax": self.softmax}
+
+    def describe(self) -> str:
+        """The card's labels and detector fields in words (the text outputs' line)."""
+        return (f"labels {self.labels or 'none (class numbers)'}; background class "
+                f"{'none' if self.background_class is None else self.background_class}; box head "
+                f"{self.box_head or 'none'}")
+
     def to_dict(self, relative_to: Path | None = None) -> dict:
         def rel(p: Path | None) -> str | None:
             if p is None:
@@ -66,8 +81,7 @@ class ModelCard:
                 "preprocess": self.preprocess.to_dict(), "labels": labels,
                 "background_class": self.background_class,
                 "fully_convolutional": self.fully_convolutional,
-                **({"box_head": self.box_head} if self.box_head else {}),
-                "softmax": self.softmax}
+                "box_head": self.box_head, "softmax": self.softmax}
 
 
 def read_card(path: str | Path) -> ModelCard:

@@ -315,6 +315,7 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
         lines.append(f"class map: output '{dm.output}'"
                      + "".join(f"; also output '{b}' ({a.shape[0]} values per cell)"
                                for b, a in dm.heads.items()))
+    lines.append(f"model card: {dm.model.preprocess.describe()}; {dm.model.describe()}")
     if dm.softmax is not None:
         lines.append(f"values: {dm.softmax.describe()}")
     arg = dm.argmax()

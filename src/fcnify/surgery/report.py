@@ -53,7 +53,7 @@ def conversion_report(result) -> str:
         else:
             lines.append(f"  {c.layer}: {c.detail}")
     lines.append(f"preprocessing (written into the card): {result.card.preprocess.describe()}")
-    lines.append("card: " + card_line(result.card))
+    lines.append("card: " + result.card.describe())
     if result.unused_source_layers:
         lines.append("  weights not used (no layer of that name in the net): "
                      + ", ".join(result.unused_source_layers))
@@ -69,14 +69,6 @@ def conversion_report(result) -> str:
     if result.outputs:
         lines.append("wrote " + ", ".join(str(p) for p in result.outputs.values()))
     return "\n".join(lines)
-
-
-def card_line(card) -> str:
-    """The card's labels and detector fields in words (what --labels, --background-class and
-    --box-head wrote)."""
-    return (f"labels {card.labels or 'none (class numbers)'}; background class "
-            f"{'none' if card.background_class is None else card.background_class}; box head "
-            f"{card.box_head or 'none'}")
 
 
 def verify_report(report) -> str:
@@ -176,6 +168,55 @@ def net_info(path: Path, size: tuple[int, int] | None) -> str:
 
 # ------------------------------------------------------------------ JSON (--format json)
 
+def info_card(path: Path, declared, net):
+    """The card `info` describes: the one beside the net, else Caffe's defaults for it."""
+    from ..io.models import default_card, read_card, sibling_card
+    found = sibling_card(path)
+    if found is not None:
+        return read_card(found)
+    shapes = infer_partial(net, path=path).blobs.get(score_blob(net))
+    return default_card(path, None, declared[1] if len(declared) == 4 else 3,
+                        shapes[1] if shapes and len(shapes) >= 2 else None, net.name)
+
+
+def net_document(path: Path, size: tuple[int, int] | None) -> dict:
+    """`info --format json`: the card's fields (as every output path gives them), the surgery,
+    the map's geometry and size, and each layer's blob shapes for one image."""
+    from ..caffe.geometry import output_blobs, softmax_plan
+    netdef = read_netdef(path)
+    net = netdef.param
+    _, declared = image_input(net, path)
+    h, w = size or (declared[2], declared[3])
+    has_ip = needs_surgery(net, infer_partial(net, path=path))
+    surgery = convert_net(netdef) if has_ip else None
+    fcn = surgery.net if surgery is not None else net
+    card = info_card(path, declared, net)
+    shown = fcn if size else net
+    shapes = infer(shown, {next(iter(input_shapes(shown))): (1,) + tuple(declared[1:2]) + (h, w)}
+                   if len(declared) == 4 else None, path=path)
+    tops = {l.name: list(l.top) for l in shown.layer}
+    doc = {"net": str(path), "name": netdef.name, "upgraded_from": netdef.upgraded_from,
+           "model": card.summary(), "input_size": [h, w],
+           "surgery": [c.__dict__ | {"old_params": [list(p) for p in c.old_params],
+                                     "new_params": [list(p) for p in c.new_params]}
+                       for c in (surgery.conversions if surgery is not None else [])],
+           "layers": [{"name": ls.name, "type": ls.type, "top": top, "shape": list(shape)}
+                      for ls in shapes.layers for top, shape in zip(tops[ls.name], ls.tops)],
+           "map": None}
+    try:
+        geo = map_geometry(fcn, score_blob(fcn), path=path)
+    except Exception as exc:  # a net whose output is not spatial even after conversion
+        return json_safe(doc | {"map_problem": str(exc)})
+    rows, cols = map_size(fcn, h, w, score_blob(fcn))
+    classes = infer_partial(fcn, path=path).blobs[score_blob(fcn)][1]
+    doc["map"] = {"rows": rows, "cols": cols, "classes": classes, "stride_px": list(geo.stride),
+                  "window_px": list(geo.window), "reach_px": list(geo.reach), "offset_px": list(geo.offset),
+                  "reach_offset_px": [geo.y.reach_lo, geo.x.reach_lo], "output": output_blobs(fcn)[-1],
+                  "softmax": softmax_plan(fcn, None, card.softmax).to_dict(),
+                  "minimum_input": list(smallest_input(fcn, score_blob(fcn)))}
+    return json_safe(doc)
+
+
 def json_safe(value):
     """`value` with infinities and NaN as strings ("inf", "-inf", "nan"): strict JSON, still readable."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -203,6 +244,7 @@ def conversion_document(result, seconds: float | None = None) -> dict:
                                          "new_params": [list(p) for p in c.new_params]}
                            for c in s.conversions],
            "unused_source_layers": list(result.unused_source_layers),
+           "card": result.card.summary(),
            "geometry": result.geometry.to_dict() if result.geometry else None,
            "minimum_input": list(result.minimum_input) if result.minimum_input else None,
            "equivalent": result.equivalent,
