@@ -236,12 +236,14 @@ def test_killed_worker_images_run_elsewhere(client, single, card, crops, tmp_pat
     def progress(result, done, total):
         if not killed:
             busy = [w for w, keys in client.processing().items() if keys and w in pids]
-            os.kill(pids[busy[0] if busy else next(iter(pids))], signal.SIGKILL)
-            killed.append(result.pid)
+            victim = pids[busy[0] if busy else next(iter(pids))]
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
     report = map_images(crops, card, out, client, progress=progress, timeout=RUN_TIMEOUT)
     assert killed and not report.failed, [r.error for r in report.failed]
     assert len(report.done) == len(crops)
-    assert len({r.pid for r in report.done}) >= 2
+    # the other worker (or the killed one's restart) did the rest; which one is the scheduler's choice
+    assert {r.pid for r in report.done} - set(killed)
     assert report.cleaned >= 1 and not _staged(out)
     _reference(single, crops, tmp_path / "single")
     _assert_same_files([p.stem for p in crops], out, tmp_path / "single")
