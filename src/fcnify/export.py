@@ -17,7 +17,7 @@ from .caffe.caffemodel import read_weights
 from .caffe.shapes import infer, input_shapes
 from .engines.onnx_export import (EXPORTABLE, OPSET, ExportError, add_softmax, card_metadata,
                                   check_exportable, net_params,
-                                  onnx, require_onnx, to_onnx)
+                                  require_onnx, to_onnx)
 
 
 @dataclass
@@ -72,6 +72,7 @@ def export_onnx(card, out: str | Path, force: bool = False, check: bool = True,
     from .files import OutputSet
     from .caffe.geometry import score_blob, output_blobs, softmax_plan
     require_onnx()
+    import onnx
     out = Path(out)
     files = OutputSet(force)
     files.check(out)

@@ -26,6 +26,7 @@ from ..errors import DeviceError, FcnifyError, ResourceError, SetupError
 from ..caffe.geometry import output_blobs, score_blob
 from ..caffe.caffemodel import digest
 from ..caffe.netdef import read_netdef
+from .onnx_cache import cached_graph
 from .onnx_export import EXPORTABLE, check_exportable, net_params, to_onnx
 from ..caffe.planner import FLOAT, MemoryEstimate
 from ..caffe.shapes import conv_geometry, count, infer, input_shapes
@@ -53,6 +54,7 @@ class OnnxRunner:
     """Runs Caffe nets in ONNX Runtime, on the CPU or CUDA device `gpu`."""
 
     name = "onnx"
+    checks_weights = True  # load() reads the caffemodel once and checks it (net_params)
 
     def __init__(self, gpu: int | None = None, verbose: bool = False) -> None:
         if ort is None:
@@ -113,15 +115,11 @@ class OnnxNet(ShapeCheckedHandle):
         The weights reach ONNX Runtime as this object's own arrays (external
         initializers), not through protobuf: no copies of them while loading.
         """
-        model = to_onnx(self.net, self._params, list(outputs), self.model_def, external=True)
-        names, values = [], []
-        for init in model.graph.initializer:
-            layer, _, index = init.name.rpartition("/")
-            if init.data_location == init.EXTERNAL and layer in self._params:
-                names.append(init.name)
-                values.append(ort.OrtValue.ortvalue_from_numpy(self._params[layer][int(index)]))
-        data = model.SerializeToString()
-        del model
+        data, names = cached_graph(self.net, outputs, lambda: self._build(outputs))
+        values = []
+        for name in names:
+            layer, _, index = name.rpartition("/")
+            values.append(ort.OrtValue.ortvalue_from_numpy(self._params[layer][int(index)]))
         options = ort.SessionOptions()
         options.log_severity_level = 0 if self.runner.verbose else 3
         options.add_external_initializers(names, values)
@@ -136,6 +134,13 @@ class OnnxNet(ShapeCheckedHandle):
             raise DeviceError(f"--gpu {self.runner.gpu}: ONNX Runtime's CUDA execution provider did "
                               "not start (no NVIDIA GPU or driver, or no such device?)")
         self._outputs = outputs
+
+    def _build(self, outputs: tuple[str, ...]) -> tuple[bytes, list[str]]:
+        """The serialized graph with `outputs`, and the names of its external initializers (LAYER/INDEX)."""
+        model = to_onnx(self.net, self._params, list(outputs), self.model_def, external=True)
+        names = [init.name for init in model.graph.initializer
+                 if init.data_location == init.EXTERNAL and init.name.rpartition("/")[0] in self._params]
+        return model.SerializeToString(), names
 
     # -- the engine contract (engines.LoadedNet)
 

@@ -41,11 +41,9 @@ from ..errors import FcnifyError, NetDefinitionError, SetupError, WeightsError
 from ..caffe.shapes import Shape, canonical_axis, conv_geometry, infer, input_shapes, pool_geometry, rounds_up
 from ..surgery.transplant import check_weights
 
-try:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-except ImportError:  # the optional extra (pip install 'fcnify[onnx]') is not installed
-    onnx = TensorProto = helper = numpy_helper = None
+# imported by require_onnx() when a graph is built: `import onnx` alone costs ~0.7 s of CPU (its
+# ml_dtypes), which a classify-map run whose graph is cached (onnx_cache.py) never pays
+onnx = TensorProto = helper = numpy_helper = None
 
 OPSET = 17
 EXPORTABLE = frozenset({
@@ -59,8 +57,16 @@ INT64 = np.int64
 
 
 def require_onnx() -> None:
-    if onnx is None:
-        raise SetupError("ONNX export needs the onnx package: pip install 'fcnify[onnx]'")
+    """Import onnx (once); SetupError when the optional extra (pip install 'fcnify[onnx]') is missing."""
+    global onnx, TensorProto, helper, numpy_helper
+    if onnx is not None:
+        return
+    try:
+        import onnx as module
+        from onnx import TensorProto as tensor_proto, helper as helpers, numpy_helper as arrays
+    except ImportError:
+        raise SetupError("ONNX export needs the onnx package: pip install 'fcnify[onnx]'") from None
+    onnx, TensorProto, helper, numpy_helper = module, tensor_proto, helpers, arrays
 
 
 class Unexportable(NetDefinitionError):
@@ -508,6 +514,7 @@ SOFTMAX_SUFFIX = "_softmax"
 def add_softmax(model: "onnx.ModelProto", scores: str) -> str:
     """Append a Softmax over the classes (axis 1) of the output `scores`, as a further output
     named SCORES_softmax, for a net that has none of its own (--softmax on); returns its name."""
+    require_onnx()
     name = scores + SOFTMAX_SUFFIX
     source = next(o for o in model.graph.output if o.name == scores)
     model.graph.node.append(helper.make_node("Softmax", [scores], [name], axis=1, name="fcnify" + SOFTMAX_SUFFIX))
