@@ -305,7 +305,10 @@ def _weights_for(tmp_path: Path, text: str) -> Path:
     (("num_output: 5 }", "num_output: 7 }"),
      "layer 'fc1' weights: the net definition needs (5, 256), other.caffemodel has (7, 256) "
      "(a different num_output: fine-tuned for other classes?)"),
-], ids=["fc-shape", "no-bias", "fine-tuned"])
+    (("num_output: 4 kernel_size: 3 stride: 1 pad: 1", "num_output: 8 kernel_size: 5 stride: 1 pad: 2"),
+     "layer 'conv1' weights: the net definition needs (4, 3, 3, 3), other.caffemodel has (8, 3, 5, 5) "
+     "(another kernel size or input channel count: weights of a different net?)"),
+], ids=["fc-shape", "no-bias", "fine-tuned", "other-net"])
 def test_weights_that_do_not_fit(tiny, out, tmp_path, change, words):
     """Weights saved for another net: the layer, both shapes and a hint, before Caffe runs."""
     weights = _weights_for(tmp_path, TINY.replace(*change))

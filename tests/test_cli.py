@@ -278,7 +278,7 @@ def test_classify_map_character_map_for_large_maps(digits_model):
     run = call_fcnify("classify-map", SCENE, "--model", "digits")
     assert run.code == 0, run.err
     assert "argmax class per cell" not in run.out
-    header = "argmax map, one character per 2x2 cells (8 px), '.' = background:"
+    header = "argmax map, one character per 2x2 block of cells (8 px), '.' = background:"
     chars = [row.strip() for row in _section(run.out, header, 57)]
     probs = digits_model.classify(SCENE).probs
     assert chars == _char_map(probs, 10, 2)
@@ -590,3 +590,30 @@ def test_unaligned_head_is_not_saved_and_said(tmp_path):
     assert "p.box.npy" in names and not [n for n in names if "side" in n], names
     doc = json.loads((out / "p.map.json").read_text())
     assert list(doc["heads"]) == ["box"]
+
+
+def test_character_map_of_a_1000_class_map(digits_model):
+    """A map of more classes than characters (1000, as SqueezeNet's 58x81) still prints a character
+    map: the most frequent classes get characters, the rest '+', each cell its argmax's."""
+    from dataclasses import replace
+    from fcnify.io.outputs import text_summary
+    dm = digits_model.classify(SCENE)
+    rng = np.random.default_rng(0)
+    probs = rng.random((1000, 58, 81)).astype(np.float32)
+    probs[7, :29] += 2  # class 7 wins the top half, class 900 the bottom
+    probs[900, 29:] += 2
+    big = replace(dm, probs=probs, labels=None)
+    text = text_summary(big)
+    assert "argmax grid not printed" not in text
+    header = ("argmax map, one character per cell (4 px), '.' = 10; the 2 classes that win the most cells "
+              "by character, '+' = any other:")
+    rows = [row.strip() for row in _section(text, header, 58)]
+    assert rows[:29] == [rows[0]] * 29 and set(rows[0]) == {rows[0][0]} and len(rows[0]) == 81
+    assert set(rows[-1]) == {rows[-1][0]} and rows[0][0] != rows[-1][0]
+    assert f"where {rows[0][0]}=7, {rows[-1][0]}=900" in text or f"where {rows[-1][0]}=900, {rows[0][0]}=7" in text
+
+
+def test_sizes_in_legends_are_rounded():
+    """Image-pixel sizes print to a tenth (68.8x68.4), not 68.8x68.3544."""
+    from fcnify.caffe.geometry import hw
+    assert hw(68.8, 68.3544) == "68.8x68.4" and hw(24, 24) == "24x24"

@@ -146,3 +146,13 @@ def test_classify_map_corrupt_binaryproto_one_line(tmp_path):
     assert run.code == 2
     assert run.err.count("\n") == 1 and "mean.binaryproto" in run.err and "binaryproto" in run.err
     assert not (tmp_path / "maps").exists() or not any((tmp_path / "maps").iterdir())
+
+
+def test_channel_order_against_a_kept_mean_says_whose_mean():
+    """--channels gray over a 3-value mean: the message does not claim a card when there is none."""
+    from fcnify.errors import InputError
+    from fcnify.io.preprocess import default_preprocess, resolve_preprocess
+    with pytest.raises(InputError) as caught:
+        resolve_preprocess(default_preprocess(3), channels="gray")
+    assert "3-value mean it would keep (the card's, or without a card Caffe's default)" in str(caught.value)
+    assert "give --mean as well" in str(caught.value)

@@ -30,8 +30,9 @@ from .shapes import conv_geometry, infer, infer_any_size, infer_partial, input_s
 
 def hw(height: int | float, width: int | float) -> str:
     """A size as fcnify writes every size: height x width, the order of --size and of numpy."""
-    return f"{height:g}x{width:g}" if isinstance(height, float) or isinstance(width, float) \
-        else f"{height}x{width}"
+    if isinstance(height, float) or isinstance(width, float):  # image pixels: a tenth is plenty
+        return f"{round(height, 1):g}x{round(width, 1):g}"
+    return f"{height}x{width}"
 
 
 

@@ -267,6 +267,18 @@ def write_one(out: OutputSet, key: str, path: Path, dm, cls: int, top_k: int, co
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
+OTHER = "+"
+
+
+def char_table(dm, background: int | None) -> dict[int, str]:
+    """class -> its character: the class's own digit/letter when the net has few enough classes,
+    else the most frequent classes' (by cells won), so a 1000-class map still prints."""
+    if dm.num_classes <= len(CHARS):
+        return {c: CHARS[c] for c in range(dm.num_classes)}
+    won = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0 and e["class"] != background]
+    return {c: CHARS[i] for i, c in enumerate(won[:len(CHARS)])}
+
+
 def char_map(dm, width: int = 100) -> list[str]:
     """The argmax map as one character per block of cells ('.' = background).
 
@@ -278,8 +290,12 @@ def char_map(dm, width: int = 100) -> list[str]:
     arg = dm.argmax()
     bg = dm.model.background_class
     peak = dm.probs.max(axis=0)
-    out = [f"argmax map, one character per {f}x{f} cells ({f * dm.geometry.stride[1]} px), "
-           f"'.' = {dm.short(bg) if bg is not None else 'none'}:"]
+    chars = char_table(dm, bg)
+    block = "cell" if f == 1 else f"{f}x{f} block of cells"
+    out = [f"argmax map, one character per {block} ({f * dm.geometry.stride[1]} px), "
+           f"'.' = {dm.short(bg) if bg is not None else 'none'}"
+           + (f"; the {len(chars)} classes that win the most cells by character, '{OTHER}' = any other"
+              if dm.num_classes > len(CHARS) else "") + ":"]
     for r0 in range(0, rows, f):
         line = []
         for c0 in range(0, cols, f):
@@ -289,10 +305,10 @@ def char_map(dm, width: int = 100) -> list[str]:
                 line.append(".")
             else:
                 i = np.unravel_index(int(score.argmax()), block.shape)
-                line.append(CHARS[int(block[i])])
+                line.append(chars.get(int(block[i]), OTHER))
         out.append("  " + "".join(line))
-    legend = ", ".join(f"{CHARS[c]}={dm.short(c)}" for c in range(dm.num_classes)
-                       if c != bg and dm.short(c) != CHARS[c])
+    legend = ", ".join(f"{ch}={dm.short(c)}" for c, ch in chars.items()
+                       if c != bg and dm.short(c) != ch)
     if legend:
         out.append(f"  where {legend}")
     return out
@@ -327,10 +343,8 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
             lines.append("  " + " ".join(str(int(v)).rjust(width) for v in arg[r]))
         legend = ", ".join(f"{c}={dm.short(c)}" for c in used[:20])
         lines.append(f"  where {legend}" + (" ..." if len(used) > 20 else ""))
-    elif dm.num_classes <= len(CHARS):
-        lines += char_map(dm)
     else:
-        lines.append(f"argmax grid not printed ({rows}x{cols} cells); see --out for the pictures")
+        lines += char_map(dm)
     what = "probability" if dm.softmax is None or dm.softmax.applied else "score"
     lines.append(f"top classes over the map (cells won, peak {what}):")
     for e in dm.top_classes(top_k):

@@ -152,7 +152,8 @@ def resolve_preprocess(card: Preprocess, *, channels: str | None = None,
     if channels is not None and mean is None and card.mean is not None \
             and len(card.mean) not in (1, 1 if changes["channels"] == "gray" else 3):
         raise InputError(f"bad preprocessing: channel order {changes['channels']} does not fit the "
-                         f"card's {len(card.mean)}-value mean; give a mean as well")
+                         f"{len(card.mean)}-value mean it would keep (the card's, or without a card "
+                         "Caffe's default); give --mean as well")
     if mean is not None:
         order = changes.get("channels", card.channels)
         changes["mean"], source = parse_mean(mean, 1 if order == "gray" else 3)

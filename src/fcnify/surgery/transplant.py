@@ -66,8 +66,13 @@ def check_weights(shapes: NetShapes, weights: Weights, prototxt: Path | None = N
         for i, (want, blob) in enumerate(zip(shapes_expected, lw.blobs)):
             if not shapes_match(want, blob, legacy=lw.legacy[i] if i < len(lw.legacy) else False):
                 hint = ""
-                if i in (0, 1) and len(want) >= 1 and blob.ndim >= 1 and want[0] != blob.shape[0]:
+                # only the outputs differ: the same layer re-trained for another class count; a
+                # kernel of other channels or size ((20,1,5,5) vs (32,3,5,5)) is another net
+                if i in (0, 1) and len(want) == blob.ndim >= 1 and want[0] != blob.shape[0] \
+                        and tuple(want[1:]) == tuple(blob.shape[1:]):
                     hint = " (a different num_output: fine-tuned for other classes?)"
+                elif i == 0 and len(want) == blob.ndim and tuple(want[1:]) != tuple(blob.shape[1:]):
+                    hint = " (another kernel size or input channel count: weights of a different net?)"
                 raise ShapeMismatchError(
                     f"layer '{name}' {BLOB_ROLES.get(i, f'blob {i}')}: the net definition needs "
                     f"{tuple(want)}, {wname} has {tuple(blob.shape)}{hint}", wpath)
