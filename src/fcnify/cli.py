@@ -244,7 +244,8 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
         "Map": ("size", "scale", "long_side", "short_side", "level", "tile", "stride", "scales"),
-        "Outputs": ("out_dir", "save", "output", "softmax", "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
+        "Outputs": ("out_dir", "save", "store", "classes", "resume", "output", "softmax",
+                    "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
         "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
@@ -516,6 +517,14 @@ def _export_card(net: str, options: dict):
 @click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
 @click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs (see --save).")
 @click.option("--save", "save", type=SAVE, metavar="LIST", help=save_help())
+@click.option("--store", "store", type=click.Choice(["npy", "zarr"]), default="npy", show_default=True,
+              help="npy: the map in memory, saved as .npy; zarr: written a chunk at a time into "
+                   "OUT/NAME.zarr as tiles finish (maps larger than memory; docs/large.md).")
+@click.option("--classes", "classes", metavar="LIST",
+              help="--store zarr: keep the scores of these classes only (names or ids, comma-separated).")
+@click.option("--resume", is_flag=True,
+              help="--store zarr: continue the store of an interrupted run of the same command; "
+                   "only its missing chunks run.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Print a text summary, or one JSON document per image.")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
@@ -552,7 +561,7 @@ def _export_card(net: str, options: dict):
 @_softmax_option
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
-                 level, top_k, cls, out_dir, save,
+                 level, top_k, cls, out_dir, save, store, classes, resume,
                  fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
                  channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
@@ -582,10 +591,13 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     dask = scheduler is not None or workers is not None
     if dask:
         _dask_usage(scheduler, workers, out_dir)
+        if store == "zarr":
+            raise click.UsageError("--store zarr runs in one process for now; drop --workers/--scheduler")
     job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
                  tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
                  top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale,
-                 save=save, level=level)
+                 save=save, level=level, store=store, resume=resume,
+                 classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None)
     paths = list_images(images)
     names = unique_names(paths) if out_dir else {}
     for line in renamed_note(names):
@@ -681,6 +693,8 @@ def _print_map(result, fmt: str, job, *, saved: bool) -> None:
         click.echo(json.dumps(result.document(job)))
         return
     click.echo(result.text(job, _wrote(result.written, result.name, job) if saved else None))
+    if dm is None:  # --store zarr: the summary said it all
+        return
     t = dm.timings
     click.echo(f"time: forward {t['forward']:.2f} s, preprocess {t['preprocess']:.2f} s, "
                f"image {t['load_image']:.2f} s\n")

@@ -66,6 +66,9 @@ class MapJob:
     heat_scale: str = "unit"
     save: frozenset[str] | None = None  # outputs.SAVE_ITEMS to write; None: outputs.DEFAULT_SAVE
     level: int | None = None  # --level: the pyramid level of a tiled TIFF (io.windows)
+    store: str = "npy"  # --store: "npy" (the map in memory, .npy files) or "zarr" (chunked.py)
+    classes: tuple[int | str, ...] | None = None  # --classes: the scores a store keeps
+    resume: bool = False  # --resume: continue a store, running only its missing chunks
 
     def __post_init__(self) -> None:
         given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]
@@ -78,6 +81,11 @@ class MapJob:
             raise InputError(f"--threshold {self.threshold:g}: not a probability in [0, 1]")
         if self.level is not None and self.pyramid:
             raise InputError("--level picks one pyramid level of a tiled TIFF: drop --scales/--detect")
+        if self.store == "zarr" and self.pyramid:
+            raise InputError("--store zarr maps one scale: drop --scales/--detect")
+        if (self.classes is not None or self.resume) and self.store != "zarr":
+            raise InputError(f"{'--classes' if self.classes is not None else '--resume'} "
+                             "goes with --store zarr")
         if not 0.0 < self.nms_iou <= 1.0:
             raise InputError(f"--nms-iou {self.nms_iou:g}: not an overlap in (0, 1]")
 
@@ -100,7 +108,9 @@ class MapJob:
         """This job with --class checked against the model and turned into its index, and the
         card's background class and (for --detect) box head checked against the net."""
         self.check_card(model)
-        return replace(self, cls=class_id(self.cls, model.num_classes, model.labels))
+        classes = None if self.classes is None else tuple(
+            class_id(c, model.num_classes, model.labels, "--classes") for c in self.classes)
+        return replace(self, cls=class_id(self.cls, model.num_classes, model.labels), classes=classes)
 
     def check_card(self, model: DenseModel) -> None:
         """A background class the net does not have, or a box head that is not a 4-value output
@@ -133,6 +143,7 @@ class MapResult:
     written: list[Path] = field(default_factory=list)
     error: FcnifyError | None = None
     name: str | None = None  # the output name (outputs.unique_names) when written
+    store: object | None = None  # chunked.StoreRun for --store zarr (then `map` is None)
 
     @property
     def ok(self) -> bool:
@@ -147,6 +158,9 @@ class MapResult:
         heads, run), the files written and the boxes (None without --detect). One process, the
         Dask workers and the API return this one document."""
         from ..io.outputs import map_document
+        if self.store is not None:
+            return {"image": str(self.path), "ok": True, "error": None, "exit_code": 0,
+                    "outputs": [str(p) for p in self.written], "store": self.store.summary()}
         doc = map_document(self.map.to_json(job.top_k, job.command), self.written)
         found = self.detections
         doc["detections"] = None if found is None else [d.to_dict() for d in found]
@@ -156,6 +170,8 @@ class MapResult:
         """The image's text summary (outputs.text_summary, then the boxes, then `wrote`): what one
         process prints, and what a Dask worker sends back for the client to print."""
         from ..io.outputs import text_summary
+        if self.store is not None:
+            return "\n".join([f"{self.path}: {self.store.summary()}"] + ([wrote] if wrote else []))
         parts = [text_summary(self.map, job.top_k)]
         if self.detections is not None:
             from .detect import summary
@@ -165,8 +181,10 @@ class MapResult:
         return "\n".join(parts)
 
 
-def class_id(cls: int | str | None, num_classes: int, labels: Labels | None) -> int | None:
-    """--class as a class index (an index, or a name when the net has labels), checked against the net."""
+def class_id(cls: int | str | None, num_classes: int, labels: Labels | None,
+             option: str = "--class") -> int | None:
+    """--class (or --classes' items) as a class index (an index, or a name when the net has
+    labels), checked against the net."""
     if cls is None:
         return None
     if labels is not None:
@@ -176,16 +194,19 @@ def class_id(cls: int | str | None, num_classes: int, labels: Labels | None) -> 
         try:
             index = int(cls)
         except ValueError:
-            raise InputError(f"--class {cls}: this model has no labels; give a class number "
+            raise InputError(f"{option} {cls}: this model has no labels; give a class number "
                              "(or a labels file with --labels)") from None
     if not 0 <= index < num_classes:
-        raise InputError(f"--class {cls}: the net has classes 0..{num_classes - 1}")
+        raise InputError(f"{option} {cls}: the net has classes 0..{num_classes - 1}")
     return index
 
 
 def output_paths(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = ()) -> list[Path]:
     """Every file an image's run writes: its map's, each scale's (a pyramid), its detections'."""
     from ..io.outputs import output_names
+    if job.store == "zarr":  # the store itself is checked when it is opened (--resume, --force)
+        from .chunked import store_outputs
+        return [p for k, p in store_outputs(Path(out_dir), name, job.items).items() if k != "store"]
     names = [name] + scale_names(name, job)
     paths = [p for n in names for p in output_names(Path(out_dir), n, tuple(heads), job.items).values()]
     if job.detect:
@@ -205,7 +226,11 @@ def check_outputs(out_dir: Path, name: str, job: MapJob, heads: Sequence[str] = 
                   image: Path | None = None, force: bool | None = None) -> None:
     """Refuse an image's outputs before its work, naming the image and the file in the way."""
     from ..files import OutputSet
-    checker = OutputSet(job.force if force is None else force)
+    if job.store == "zarr" and not (job.resume or job.force) and (Path(out_dir) / f"{name}.zarr").exists():
+        from ..errors import OutputError
+        raise OutputError("map store already exists: continue it with --resume, or start over with "
+                          "--force", Path(out_dir) / f"{name}.zarr")
+    checker = OutputSet((job.force or job.resume) if force is None else force)  # resumed: its own files
     for final in output_paths(out_dir, name, job, heads):
         try:
             checker.check(final)
@@ -293,7 +318,9 @@ def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Pa
                     check_outputs(Path(out_dir), name, job, tuple(model.heads), path)
                 image = mine.result() if mine is not None else None
                 ahead = _decode_ahead(pool, paths, i + 1, job)
-                if progress is None:
+                if job.store == "zarr":
+                    result = _map_store(model, path, job, out_dir, name, progress, i)
+                elif progress is None:
                     result = map_image(model, path, job, image=image)
                 else:
                     with progress(i, path) as bar:
@@ -306,7 +333,7 @@ def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Pa
             if writing is not None:
                 yield writing.result()
                 writing = None
-            if out_dir is not None and result.ok:
+            if out_dir is not None and result.ok and result.store is None:
                 writing = pool.submit(_write, result, Path(out_dir), name, job)
             else:
                 yield result
@@ -316,10 +343,22 @@ def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Pa
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _map_store(model: DenseModel, path: Path, job: MapJob, out_dir: Path | None, name: str,
+               progress: ProgressFor | None, i: int) -> MapResult:
+    """--store zarr: the image's chunks into OUT/NAME.zarr as its tiles finish (chunked.py)."""
+    from contextlib import nullcontext
+    from .chunked import map_into_store
+    if out_dir is None:
+        raise InputError("--store zarr writes the map into --out DIR: give --out")
+    with (progress(i, path) if progress is not None else nullcontext()) as bar:
+        run, written = map_into_store(model, path, Path(out_dir), name, job, bar)
+    return MapResult(path, written=written, store=run)
+
+
 def _decode_ahead(pool, paths: Sequence[Path], i: int, job: MapJob):
     """Start decoding image i on `pool` (None past the end, or for a pyramid, which loads its own)."""
     from ..io.windows import windowed
-    if i >= len(paths) or job.pyramid or windowed(paths[i]):  # a tiled TIFF is read by window, in its turn
+    if i >= len(paths) or job.pyramid or job.store == "zarr" or windowed(paths[i]):  # a tiled TIFF is read by window, in its turn
         return None
     return pool.submit(decode, paths[i])
 

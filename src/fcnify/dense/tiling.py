@@ -119,3 +119,39 @@ def plan(height: int, width: int, rows: int, cols: int, tile: tuple[int, int],
     xs = plan_axis(width, cols, tile[1], gx, cells_for_x)
     tiles = [Tile(y, x) for y in ys for x in xs]
     return sorted(tiles, key=lambda t: (t.shape, t.y.start, t.x.start))
+
+
+def chunk_axis(length: int, cells: int, chunk: int, axis: AxisGeometry, cells_for) -> list[Span]:
+    """Spans whose kept cells are the fixed blocks [k*chunk, (k+1)*chunk): a chunked store's chunks.
+
+    Each span starts on the stride grid `lead` cells before its block (the
+    cells a tile loses at its inner start) and stops where the block's last
+    cell's reach ends, or at the image's edge, so every kept cell is exact
+    as in plan_axis.
+    """
+    s = axis.stride
+    lead = math.ceil(max(0, -axis.reach_lo) / s)
+    spans = []
+    for first in range(0, cells, chunk):
+        last = min(cells, first + chunk) - 1
+        start = max(0, (first - lead) * s)
+        offset = start // s
+        stop = min(length, start + (last - offset) * s + axis.reach_hi + 1)
+        while stop < length and cells_for(stop - start) - 1 < last - offset:  # Caffe's rounding
+            stop = min(length, stop + s)
+        spans.append(Span(start, stop, first, last, offset))
+    return spans
+
+
+def chunk_cells(tile: int, axis: AxisGeometry) -> int:
+    """Cells per chunk along an axis so that a chunk's tile is at most `tile` px (at least one)."""
+    lead = math.ceil(max(0, -axis.reach_lo) / axis.stride)
+    return max(1, (tile - axis.reach_hi - 1) // axis.stride - lead + 1)
+
+
+def plan_chunks(height: int, width: int, rows: int, cols: int, chunk: tuple[int, int],
+                gy: AxisGeometry, gx: AxisGeometry, cells_for_y, cells_for_x) -> list[Tile]:
+    """Tiles, one per chunk of chunk[0] x chunk[1] cells, in row-major chunk order."""
+    ys = chunk_axis(height, rows, chunk[0], gy, cells_for_y)
+    xs = chunk_axis(width, cols, chunk[1], gx, cells_for_x)
+    return [Tile(y, x) for y in ys for x in xs]

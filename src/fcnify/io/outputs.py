@@ -120,6 +120,9 @@ def output_names(out_dir: Path, name: str, heads: tuple[str, ...] = (),
     if "topk" in save:
         names["topk_classes"] = out_dir / f"{name}.topk_classes.npy"
         names["topk_probs"] = out_dir / f"{name}.topk_probs.npy"
+    if "argmax" in save:
+        names["argmax_classes"] = out_dir / f"{name}.argmax.npy"
+        names["argmax_probs"] = out_dir / f"{name}.argmax_prob.npy"
     if "json" in save or "cells" in save:
         names["json"] = out_dir / f"{name}.map.json"
     if "pictures" in save:
@@ -248,6 +251,10 @@ def write_one(out: OutputSet, key: str, path: Path, dm, cls: int, top_k: int, co
         classes, probs = top_k_arrays(dm, top_k)
         out.write_bytes(path, npy_bytes(classes, np.int32))
         out.write_bytes(names["topk_probs"], npy_bytes(probs))
+    elif key == "argmax_classes":
+        classes, probs = top_k_arrays(dm, 1)
+        out.write_bytes(path, npy_bytes(classes[0], np.int32))
+        out.write_bytes(names["argmax_probs"], npy_bytes(probs[0]))
     elif key == "json":
         files = {k: p.name for k, p in names.items() if k not in ("json",) and not k.startswith("head:")}
         extra = {"heatmap_class": {"class": cls, "label": dm.label(cls)}, "files": files,
@@ -261,7 +268,7 @@ def write_one(out: OutputSet, key: str, path: Path, dm, cls: int, top_k: int, co
         out.write_bytes(path, argmax_png(dm))
     elif key.startswith("head:"):
         out.write_bytes(path, npy_bytes(dm.heads[key[5:]]))
-    # "topk_probs" is written with "topk_classes": one partition gives both
+    # "topk_probs" is written with "topk_classes", "argmax_probs" with "argmax_classes"
 
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"

@@ -12,6 +12,8 @@ SAVE_ITEMS: dict[str, str] = {
     "scores": "NAME.scores.npy, every class's probability per cell (4 bytes x classes x cells)",
     "topk": "NAME.topk_classes.npy and NAME.topk_probs.npy, each cell's --top-k classes and "
             "probabilities (8 bytes x k x cells)",
+    "argmax": "NAME.argmax.npy (int32) and NAME.argmax_prob.npy (float32), each cell's winning "
+              "class and its probability (8 bytes x cells; off by default)",
     "json": "NAME.map.json, the map's metadata and geometry (a few kB whatever its size)",
     "pictures": "NAME.heatmap.png and NAME.argmax.png (10-20 ms each on a 2-core CPU)",
     "heads": "NAME.BLOB.npy for each other output of the net (as scores)",

@@ -1,0 +1,273 @@
+"""Map an image into a chunked store: one tile per chunk of cells, written as it finishes.
+
+For images whose map does not fit in memory (a whole-slide image's is tens of
+GB): the tiles are planned on a fixed grid of cell chunks (tiling.plan_chunks)
+sized by the memory budget, each tile's window is read from the file
+(io.windows), run, reduced to what is kept (store.Keep) and written as one
+chunk of each array. Nothing holds more than one tile's pixels and one
+chunk's cells, whatever the image's size. `--resume` keeps the chunks a
+previous run of the same command finished (checked by reading them back) and
+runs only the others, so the store equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..caffe.geometry import map_size
+from ..caffe.planner import default_budget, format_bytes
+from ..errors import InputError, ResourceError
+from ..io.store import Keep, MapStore, fingerprint, reduce_block
+from ..io.windows import ArrayWindows, open_windows, windowed
+from .dense import DenseModel, softmax
+from .tiling import Tile, chunk_cells, plan_chunks
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class StoreRun:
+    """What a run into a store did: where, how many chunks there are, which ones this run computed."""
+
+    path: Path
+    cells: tuple[int, int]
+    chunk: tuple[int, int]
+    chunks: int
+    ran: int  # chunks computed by this run
+    kept: int  # chunks a previous run had finished, checked and kept (--resume)
+    image_size: tuple[int, int]
+    tile_size: tuple[int, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+    arrays: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        rows, cols = self.cells
+        resumed = f", {self.kept} kept from the previous run (checked)" if self.kept else ""
+        return (f"map {rows}x{cols} cells in {self.chunks} chunks of {self.chunk[0]}x{self.chunk[1]} "
+                f"cells (tiles up to {self.tile_size[0]}x{self.tile_size[1]} px): ran {self.ran}{resumed}; "
+                f"store {self.path} ({', '.join(self.arrays)})")
+
+
+def source_for(path: Path, level: int | None):
+    """The windowed reader of a tiled TIFF, or an ordinary image decoded whole (as classify does)."""
+    if windowed(path):
+        return open_windows(path, level or 0)
+    if level:
+        raise InputError(f"--level {level}: only a tiled (pyramidal) TIFF has levels", path)
+    from ..io.images import load_image
+    return ArrayWindows(load_image(path), path)
+
+
+def chunk_plan(model: DenseModel, size: tuple[int, int], budget: int, tile: int | None,
+               reader, chunk: tuple[int, int] | None = None
+               ) -> tuple[list[Tile], tuple[int, int], tuple[int, int]]:
+    """(tiles, cells per chunk, largest tile) for a store: chunks whose tiles fit the budget.
+
+    `chunk` is a resumed store's own grid: kept, and its largest tile checked against the budget.
+    """
+    if model.transposed or model.shifts > 1:
+        raise InputError("--store zarr does not take a transposed net or a --stride finer than the "
+                         "net's yet")
+    net = model.netdef.param
+    h, w = size
+    rows, cols = map_size(net, h, w, model.score_blob)
+    gy, gx = model.net_geometry.y, model.net_geometry.x
+    if chunk is None:
+        if tile is None:
+            _, tile_size = model.plan(h, w, budget, None, reader=reader)
+            side = max(tile_size) if tile_size else max(h, w)
+        else:
+            side = tile
+        chunk = (min(rows, chunk_cells(side, gy)), min(cols, chunk_cells(side, gx)))
+    fy = lambda n: map_size(net, n, w, model.score_blob)[0]  # noqa: E731
+    fx = lambda n: map_size(net, h, n, model.score_blob)[1]  # noqa: E731
+    tiles = plan_chunks(h, w, rows, cols, chunk, gy, gx, fy, fx)
+    largest = max((t.shape for t in tiles), key=lambda s: s[0] * s[1])
+    need = model._memory(reader)(net, *largest).total
+    if tile is None and need > budget:
+        raise ResourceError(f"the store's chunks of {chunk[0]}x{chunk[1]} cells need tiles of "
+                            f"{largest[0]}x{largest[1]} px, about {format_bytes(need)} with the "
+                            f"reader's buffers, over the memory budget of {format_bytes(budget)}; "
+                            "raise --max-memory", getattr(reader, "path", None))
+    return tiles, chunk, largest
+
+
+def map_to_store(model: DenseModel, path: Path, out: Path, *, keep: Keep, level: int | None = None,
+                 budget: int | None = None, tile: int | None = None, resume: bool = False,
+                 force: bool = False, options: dict | None = None,
+                 progress: Progress | None = None) -> StoreRun:
+    """Map the image at `path` into the store `out`, chunk by chunk (see the module docstring).
+
+    `options` are what else changes the cells (recorded in the fingerprint,
+    so --resume refuses a store another run made). A tile that fails (a
+    corrupt file tile) leaves the finished chunks in the store, marked done,
+    and the store marked incomplete.
+    """
+    t0 = time.perf_counter()
+    budget = budget or default_budget()
+    reader = source_for(Path(path), level)
+    try:
+        size = reader.shape
+        model.check_minimum(size, resized=False, path=Path(path))
+        print_ = {"level": level or 0, "image": Path(path).name, "image_size": list(size),
+                  "keep": _keep_dict(keep), **(options or {})}
+        prints = fingerprint([model.card.model_def, model.card.weights], print_)
+        store = MapStore.resume(out, prints) if resume and out.exists() else None
+        tiles, chunk, largest = chunk_plan(model, size, budget, tile, reader,
+                                           store.chunk if store is not None else None)
+        rows, cols = model.cells(*size)
+        if store is None:
+            store = MapStore.create(out, shape=(rows, cols), chunk=chunk, num_classes=model.num_classes,
+                                    keep=_checked(keep, model.num_classes), fingerprint=prints,
+                                    geometry=geometry(model, size, level), force=force)
+        done = store.finished() if resume else set()
+        todo = [t for t in tiles if _chunk_of(t, chunk) not in done]
+        seconds = {"preprocess": 0.0, "forward": 0.0, "write": 0.0}
+        for n, t in enumerate(todo):
+            block = _scores(model, reader, t, seconds)
+            t1 = time.perf_counter()
+            store.write(*_chunk_of(t, chunk), reduce_block(block, keep))
+            seconds["write"] += time.perf_counter() - t1
+            if progress:
+                progress(n + 1, len(todo))
+        seconds["total"] = time.perf_counter() - t0
+        store.mark_complete(True, seconds={k: round(v, 3) for k, v in seconds.items()})
+        return StoreRun(out, (rows, cols), chunk, len(tiles), len(todo), len(done), tuple(size),
+                        tuple(largest), seconds, tuple(store.names()))
+    finally:
+        if hasattr(reader, "close"):
+            reader.close()
+
+
+def _scores(model: DenseModel, reader, t: Tile, seconds: dict[str, float]) -> np.ndarray:
+    """One tile's class block as the map holds it: probabilities unless --softmax off (or the net's own)."""
+    blob = model.output_blob if model.softmax.by == "net" else model.score_blob
+    ((_, (block, _)),) = model._forward_tiles(reader, [t], blob, seconds)
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    return softmax(block) if model.softmax.by not in ("net", None) else block
+
+
+def _chunk_of(t: Tile, chunk: tuple[int, int]) -> tuple[int, int]:
+    return t.y.first // chunk[0], t.x.first // chunk[1]
+
+
+def _keep_dict(keep: Keep) -> dict:
+    return {"scores": keep.scores, "classes": list(keep.classes) if keep.classes else None,
+            "topk": keep.topk, "argmax": keep.argmax}
+
+
+def _checked(keep: Keep, num_classes: int) -> Keep:
+    bad = [c for c in keep.classes or () if not 0 <= c < num_classes]
+    if bad:
+        raise InputError(f"--classes {bad[0]}: the net has classes 0..{num_classes - 1}")
+    if not (keep.scores or keep.topk or keep.argmax):
+        raise InputError("--store zarr: nothing to keep (--save needs scores, topk or argmax)")
+    return keep
+
+
+def geometry(model: DenseModel, size: tuple[int, int], level: int | None) -> dict:
+    """The map's geometry as map.json states it, in the mapped level's pixels."""
+    g = model.geometry
+    rows, cols = model.cells(*size)
+    return {"image_size": list(size), "level": level or 0, "rows": rows, "cols": cols,
+            "classes": model.num_classes, "stride_px": list(g.stride), "window_px": list(g.window),
+            "offset_px": list(g.offset), "reach_px": list(g.reach),
+            "reach_offset_px": [g.y.reach_lo, g.x.reach_lo], "output": model.output_blob,
+            "softmax": model.softmax.to_dict(),
+            "cell_window_px": {"x_first": g.x.box_lo, "x_step": g.x.stride, "width": g.x.window,
+                               "y_first": g.y.box_lo, "y_step": g.y.stride, "height": g.y.window},
+            "labels": model.labels.names if model.labels else None}
+
+
+def keep_for(items: frozenset[str], top_k: int, classes: tuple[int, ...] | None) -> Keep:
+    """What a store keeps, from --save's items ("scores", "topk", "argmax") and --classes."""
+    return Keep(scores="scores" in items, classes=classes, topk=top_k if "topk" in items else 0,
+                argmax="argmax" in items)
+
+
+def store_outputs(out_dir: Path, name: str, items: frozenset[str]) -> dict[str, Path]:
+    """The files beside a store: NAME.zarr always, NAME.map.json ("json"), NAME.overview.png ("pictures")."""
+    names = {"store": Path(out_dir) / f"{name}.zarr"}
+    if "json" in items:
+        names["json"] = Path(out_dir) / f"{name}.map.json"
+    if "pictures" in items:
+        names["overview"] = Path(out_dir) / f"{name}.overview.png"
+    return names
+
+
+def map_into_store(model: DenseModel, path: Path, out_dir: Path, name: str, job,
+                   progress: Progress | None = None) -> tuple[StoreRun, list[Path]]:
+    """`classify-map --store zarr`: the store, then its map.json and overview picture (`job`: a MapJob)."""
+    from ..files import OutputSet
+    names = store_outputs(out_dir, name, job.items)
+    keep = keep_for(job.items, job.top_k, job.classes)
+    side = OutputSet(job.force or job.resume)  # a resumed run rewrites its own json and overview
+    for key, p in names.items():
+        if key != "store":
+            side.check(p)
+    options = {"output": model.output_blob, "softmax": model.softmax.to_dict(),
+               "preprocess": model.card.preprocess.to_dict()}
+    run = map_to_store(model, path, names["store"], keep=keep, level=job.level, budget=job.budget,
+                       tile=job.tile, resume=job.resume, force=job.force, options=options,
+                       progress=progress)
+    with side:
+        if "json" in names:
+            doc = store_document(model, run, path, job.command, job.level)
+            side.write_bytes(names["json"], (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+        if "overview" in names:
+            side.write_bytes(names["overview"], overview_png(run.path, Path(path), job.level))
+    return run, list(names.values())
+
+
+def store_document(model: DenseModel, run: StoreRun, path: Path, command: str | None,
+                   level: int | None) -> dict:
+    """NAME.map.json of a store: geometry and metadata only (the cells are in the store)."""
+    shown = model.source or model.card
+    return {"image": str(path), "command": command,
+            "model": {"name": shown.name, "model_def": str(shown.model_def),
+                      "weights": str(shown.weights) if shown.weights else None},
+            "map": geometry(model, run.image_size, level),
+            "store": {"path": run.path.name, "arrays": list(run.arrays), "chunk_cells": list(run.chunk),
+                      "chunks": run.chunks, "ran": run.ran, "kept": run.kept,
+                      "note": "zarr v3 group; scores/topk arrays are values x rows x cols, argmax "
+                              "rows x cols; done[i, j] marks chunk (i, j) written"},
+            "run": {"mode": "store", "tile_size": list(run.tile_size),
+                    "seconds": {k: round(v, 3) for k, v in run.seconds.items()}}}
+
+
+def overview_png(store_dir: Path, image: Path, level: int | None, limit: int = 1024) -> bytes:
+    """A small picture of a huge map: each shown cell's winning class coloured over the image's overview.
+
+    Every f-th cell only (f brings the map's long side to `limit`), read from
+    the store's argmax, its top-1 or its scores, never a full-size picture.
+    """
+    from PIL import Image
+    from ..io.pictures import PALETTE, encode_png
+    from ..io.store import _zarr
+    root = _zarr().open_group(str(store_dir), mode="r")
+    rows, cols = dict(root.attrs["fcnify"])["cells"]
+    f = max(1, -(-max(rows, cols) // limit))
+    if "argmax" in root:
+        win = np.asarray(root["argmax"][::f, ::f])
+    elif "topk_classes" in root:
+        win = np.asarray(root["topk_classes"][0, ::f, ::f])
+    else:
+        win = np.asarray(root["scores"][:, ::f, ::f]).argmax(axis=0)
+        classes = dict(root.attrs["fcnify"])["keep"]["classes"]
+        if classes:
+            win = np.asarray(classes)[win]
+    colours = np.asarray(PALETTE, np.uint8)[np.clip(win, 0, None) % len(PALETTE)]
+    reader = source_for(image, level)
+    try:
+        photo = reader.overview(max(win.shape) * 2)
+    finally:
+        if hasattr(reader, "close"):
+            reader.close()
+    h, w = win.shape
+    back = np.asarray(Image.fromarray(np.ascontiguousarray(photo)).resize((w, h), Image.BILINEAR))
+    return encode_png(((back.astype(np.uint16) + colours.astype(np.uint16)) // 2).astype(np.uint8))
