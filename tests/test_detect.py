@@ -180,3 +180,23 @@ def test_cli_bad_values_one_line(red_card, tmp_path, args, message):
     assert run.code == 2
     assert message in run.err and len(run.err.strip().splitlines()) == 1, run.err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_detection_measure_counts_recall_false_boxes_and_iou():
+    """scripts/measure_detection.py's scoring: a box finds a digit of its class at IoU >= 0.5 once;
+    a second box on it, a box of another class or a box beside it is false."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "measure_detection.py"
+    spec = importlib.util.spec_from_file_location("measure_detection", path)
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    truth = [{"class": 3, "window": 28, "box": [0, 0, 28, 28]},
+             {"class": 5, "window": 42, "box": [100, 100, 142, 142]}]
+    boxes = [{"class": 3, "score": 0.99, "box": [0, 0, 28, 28]},        # finds the 3 (IoU 1)
+             {"class": 3, "score": 0.95, "box": [2, 0, 30, 28]},        # the 3 again: false
+             {"class": 7, "score": 0.98, "box": [100, 100, 142, 142]},  # wrong class: false
+             {"class": 5, "score": 0.97, "box": [107, 100, 149, 142]}]  # finds the 5, IoU 35/49
+    got = md.score(boxes, truth)
+    assert (got["recall_28px"], got["recall_42px"], got["false_boxes"], got["boxes"]) == (1.0, 1.0, 2, 4)
+    assert got["mean_iou"] == pytest.approx((1 + 35 * 42 / (2 * 42 * 42 - 35 * 42)) / 2)
