@@ -75,3 +75,40 @@ def caffenet(tmp_path_factory, caffe_root) -> tuple[Path, Path]:
     from fcnify.caffe.netdef import read_netdef
     write_random_caffemodel(read_netdef(proto), weights, seed=1)
     return proto, weights
+
+
+# ------------------------------------------------------------------ nothing left in the temporary folder
+
+LEAK_PREFIX = "fcnify-"  # what fcnify names its temporary files and folders
+_made_by: dict[str, str] = {}  # leftover name -> the test during which it appeared
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_tmpdir(tmp_path_factory):
+    """The whole session (and every process it starts) uses a fresh temporary folder; at the end
+    nothing named fcnify-* may be left in it: a run that leaks a conversion or a staged file fails the suite."""
+    import tempfile
+    folder = tmp_path_factory.mktemp("tmpdir")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # gettempdir() looks again
+    yield folder
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
+    left = sorted(p.name for p in folder.iterdir() if p.name.startswith(LEAK_PREFIX))
+    assert not left, "left in the temporary folder: " + "; ".join(
+        f"{name} ({', '.join(sorted(q.name for q in (folder / name).iterdir())) if (folder / name).is_dir() else 'a file'}; "
+        f"appeared during {_made_by.get(name, 'a fixture')})" for name in left)
+
+
+@pytest.fixture(autouse=True)
+def _note_leaks(fresh_tmpdir, request):
+    """Which test each fcnify-* entry appeared during, for the session's message."""
+    before = set(os.listdir(fresh_tmpdir))
+    yield
+    for name in set(os.listdir(fresh_tmpdir)) - before:
+        if name.startswith(LEAK_PREFIX):
+            _made_by.setdefault(name, request.node.nodeid)

@@ -478,10 +478,28 @@ def _model(job: Job) -> "DenseModel":
     """The worker's copy of the model, loaded on first use (call with _lock held)."""
     model = _models.get(job.key)
     if model is None:
-        model = job.model.load()
+        with _in_worker_directory():
+            model = job.model.load()
         _models[job.key] = model
         _loads[job.key] += 1
     return model
+
+
+@contextmanager
+def _in_worker_directory() -> Iterator[None]:
+    """Temporary files made now (an in-memory conversion, an à trous prototxt) go into the Dask
+    worker's own folder: if the worker is killed, Dask removes that folder, not /tmp's."""
+    import tempfile
+    from distributed import get_worker
+    try:
+        folder = get_worker().local_directory
+    except ValueError:  # not on a worker (a test calling the task directly)
+        folder = None
+    saved, tempfile.tempdir = tempfile.tempdir, folder or tempfile.tempdir
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def _forget(key: str) -> None:
