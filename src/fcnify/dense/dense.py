@@ -27,7 +27,7 @@ from ..engines import check_layer_types
 from ..io.models import ModelCard
 from ..io.outputs import head_file_name
 from ..caffe.netdef import read_netdef
-from ..caffe.planner import default_budget, fits, format_bytes, largest_square
+from ..caffe.planner import HEADROOM, default_budget, fits, format_bytes, largest_square
 from ..io.preprocess import Preprocess
 from ..resolve import resolve_card
 from ..caffe.shapes import image_input, infer, infer_partial
@@ -370,8 +370,10 @@ class DenseModel:
             if side is None:
                 need = memory(net, smallest, smallest).total
                 raise ResourceError(f"even the smallest exact tile ({smallest} px) needs about "
-                                    f"{format_bytes(need)}, over the memory budget of "
-                                    f"{format_bytes(budget)}; raise --max-memory")
+                                    f"{format_bytes(need)}, over the {format_bytes(int(budget * HEADROOM))} "
+                                    f"that a memory budget of {format_bytes(budget)} lets a pass use "
+                                    f"({HEADROOM:.0%}: the rest is room for what the allocator keeps); "
+                                    "raise --max-memory")
             tile = side
         else:
             smallest = max(min_tile(gy), min_tile(gx))

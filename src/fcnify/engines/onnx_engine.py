@@ -8,11 +8,11 @@ yet a graph output. Runs on the CPU, or with --gpu on ONNX Runtime's CUDA
 execution provider (TF32 off, so results match Caffe's to float rounding;
 TensorRT when FCNIFY_ORT_TENSORRT=1, whose TF32 default does not).
 
-Memory for the tile planner is modelled on what ONNX Runtime holds, with
-factors measured by scripts/bench_dense.py against the process's peak RSS:
-the weights and ONNX Runtime's reordered copies of them, and the activations
-alive at the same time (its allocation planner frees a tensor after its last
-reader) with the largest im2col buffer.
+Memory for the tile planner is this process's, as --max-memory means it:
+what the process held before the first net (measured when the runner
+starts), the weights and ONNX Runtime's reordered copies of them, and the
+activations alive at the same time (its allocation planner frees a tensor
+after its last reader), with factors measured against the process's peak RSS.
 """
 from __future__ import annotations
 
@@ -29,25 +29,34 @@ from ..caffe.netdef import read_netdef
 from .onnx_cache import cached_graph
 from .onnx_export import EXPORTABLE, check_exportable, net_params, to_onnx
 from ..caffe.planner import FLOAT, MemoryEstimate
-from ..caffe.shapes import conv_geometry, count, infer, input_shapes
+from ..caffe.shapes import count, infer, input_shapes
 
 try:
     import onnxruntime as ort
 except ImportError:  # the optional extra (pip install 'fcnify[onnx]') is not installed
     ort = None
 
-# ONNX Runtime's memory is in this process, whose base is already spent when the
-# planner asks: only the net's own memory counts.
-ORT_BASE = 0
 # Measured (scripts/bench_dense.py, section (f), a fresh process per size, CaffeNet's
 # 233 MB of weights): after loading, 2.3-2.4x the weights stay resident (fcnify's arrays,
 # which ONNX Runtime reads in place, and its own reordered NCHWc/prepacked copies);
 # loading peaks at 4.6-4.8x, which `total` models as held weights twice.
 ORT_WEIGHT_COPIES = 2.4
-# Peak RSS growth of a pass over the modelled live activations: 0.40 at 899 px,
-# 0.49 at 1795 px (the allocation planner shares buffers more than liveness alone
-# shows); 0.6 keeps a margin.
-ORT_SLACK = 0.6
+# Peak RSS growth of one pass over the activations alive together (each freed after
+# its last reader), a fresh process per net and size: 1.09-1.10 for 3x3 and 1x1
+# convolutions (600-1400 px), 1.93-2.16 for GoogLeNet (its NCHWc reorders, LRN and
+# concatenations; 600-1400 px), at most 1.67 for CaffeNet (2600 px). ONNX Runtime
+# runs convolutions without Caffe's im2col buffer (the old model counted it, and
+# over-estimated 3x3 nets 3x while under-estimating GoogLeNet and 1x1 nets 2x).
+ORT_LIVE = 3.0
+
+
+def process_rss() -> int:
+    """This process's resident memory now, in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class OnnxRunner:
@@ -62,6 +71,9 @@ class OnnxRunner:
         self.gpu = gpu
         self.verbose = verbose
         self.providers = execution_providers(gpu)
+        # ONNX Runtime runs in this process: what it held before any net counts against
+        # the budget (Python, numpy, ONNX Runtime's libraries; about 80-100 MiB)
+        self.base = process_rss()
 
     def load(self, model_def: str | Path, weights: str | Path | None = None) -> "OnnxNet":
         return OnnxNet(Path(model_def), Path(weights) if weights else None, self)
@@ -70,7 +82,7 @@ class OnnxRunner:
         return EXPORTABLE
 
     def memory(self, net, height: int, width: int) -> MemoryEstimate:
-        return onnx_memory(net, height, width)
+        return onnx_memory(net, height, width, base=self.base)
 
     def close(self) -> None:
         """Sessions belong to the nets, which close themselves."""
@@ -186,38 +198,35 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def onnx_memory(net, height: int, width: int) -> MemoryEstimate:
-    """ONNX Runtime's memory for one pass of height x width: the weights, the activations
-    alive together (each freed after its last reader) and the largest im2col buffer."""
+def onnx_memory(net, height: int, width: int, base: int = 0) -> MemoryEstimate:
+    """This process's memory for one ONNX Runtime pass of height x width: `base` (what it
+    held before the net), the weights, the activations alive together (each freed after
+    its last reader) and the input and outputs on their way in and out."""
     name, declared = next(iter(input_shapes(net).items()))
+    shape = (1, declared[1], height, width)
     try:
-        shapes = infer(net, {name: (1, declared[1], height, width)})
+        shapes = infer(net, {name: shape})
     except FcnifyError as exc:
         raise ResourceError(f"an input of {width}x{height} px cannot be run: {exc.message}") from None
     size: dict[tuple[str, int], int] = {}  # (blob, layer that wrote it) -> bytes
     end: dict[tuple[str, int], int] = {}  # -> index of the last layer that reads it
     current: dict[str, tuple[str, int]] = {}
-    im2col = 0
     for i, (layer, ls) in enumerate(zip(net.layer, shapes.layers)):
         for b in layer.bottom:
             end[current[b]] = i
-        for top, shape in zip(layer.top, ls.tops):
+        for top, top_shape in zip(layer.top, ls.tops):
             current[top] = (top, i)
-            size[(top, i)], end[(top, i)] = count(shape) * FLOAT, i
-        if ls.type == "Convolution" and ls.bottoms:
-            p = layer.convolution_param
-            kernel = conv_geometry(p, len(ls.bottoms[0]) - 2)[0]
-            if count(tuple(kernel)) > 1:
-                rows = ls.bottoms[0][1] // max(1, p.group) * count(tuple(kernel))
-                im2col = max(im2col, rows * count(ls.tops[0][2:]) * FLOAT)
-    for blob in output_blobs(net):  # returned to the caller: alive to the end
+            size[(top, i)], end[(top, i)] = count(top_shape) * FLOAT, i
+    outputs = output_blobs(net)
+    for blob in outputs:  # returned to the caller: alive to the end
         end[current[blob]] = len(net.layer)
     peak = max((sum(n for v, n in size.items() if v[1] <= i <= end[v]) for i in range(len(net.layer))),
                default=0)
     params = int(sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT * ORT_WEIGHT_COPIES)
+    io = 2 * (count(shape) + sum(count(shapes.blobs[b]) for b in outputs)) * FLOAT
     largest = max(shapes.blobs.items(), key=lambda kv: count(kv[1]))
-    return MemoryEstimate(blobs=peak, buffers=im2col, params=params, largest_blob=count(largest[1]),
-                          largest_blob_name=largest[0], io=0, base=ORT_BASE, slack=ORT_SLACK)
+    return MemoryEstimate(blobs=peak, buffers=0, params=params, largest_blob=count(largest[1]),
+                          largest_blob_name=largest[0], io=io, base=base, slack=ORT_LIVE)
 
 
 class OnnxFileNet(NetHandle):
