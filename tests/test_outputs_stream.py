@@ -86,12 +86,12 @@ def test_map_json_of_a_6000x4000_map_stays_small(tmp_path):
 
 
 def test_preview_is_small_and_box_averaged():
-    """A 5000x3000 photo is drawn from a <= 2048-px copy whose pixels are block means."""
+    """A 5000x3000 photo is drawn from a <= 1280-px copy whose pixels are block means."""
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (3000, 5000, 3), dtype=np.uint8)
     small = preview(image)
-    assert max(small.shape[:2]) <= 2048 and small.shape == (1000, 1666, 3)
-    block = image[300:303, 600:603].astype(np.float64).mean(axis=(0, 1))
+    assert max(small.shape[:2]) <= 1280 and small.shape == (750, 1250, 3)
+    block = image[400:404, 800:804].astype(np.float64).mean(axis=(0, 1))
     assert np.array_equal(small[100, 200], np.rint(block).astype(np.uint8))
     tiny = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
     assert preview(tiny) is tiny

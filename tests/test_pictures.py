@@ -189,6 +189,9 @@ def test_picture_file_is_the_drawing(tmp_path):
 
 
 def test_area_size_keeps_the_long_side_within_bounds():
-    assert pictures.area_size((256, 256)) == (512, 512)
-    assert pictures.area_size((4000, 6000)) == (683, 1024)
-    assert pictures.area_size((600, 800)) == (600, 800)
+    """Small photos are enlarged to 256 px, large ones shrunk to 640 (the old figures' map area);
+    in between they are drawn pixel for pixel."""
+    assert pictures.area_size((28, 28)) == (256, 256)
+    assert pictures.area_size((256, 200)) == (256, 200)
+    assert pictures.area_size((4000, 6000)) == (427, 640)
+    assert pictures.area_size((600, 800)) == (480, 640)

@@ -114,26 +114,35 @@ class DenseMap:
         order = np.argsort(-p, kind="stable")[:k]
         return [(int(c), float(p[c])) for c in order]
 
-    def top_classes(self, k: int = 5) -> list[dict]:
-        """Classes ranked by the number of cells they win, then by their peak probability.
+    def class_ranking(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(classes in rank order, cells won per class, peak probability per class).
 
-        Whole-map reductions per class, one numpy call each: a batch asks for
-        this several times per image (text, JSON, both pictures).
+        Ranked by cells won, then by peak probability, then by class index;
+        whole-map reductions, one numpy call each: a batch asks for this
+        several times per image (text, JSON, both pictures).
         """
         flat = self.probs.reshape(self.num_classes, -1)
         won = np.bincount(self.argmax().ravel(), minlength=self.num_classes)
         peak = flat.max(axis=1)
-        order = np.lexsort((np.arange(self.num_classes), -peak, -won))[:k]
-        mean = flat[order].mean(axis=1)
+        return np.lexsort((np.arange(self.num_classes), -peak, -won)), won, peak
+
+    def top_classes(self, k: int = 5) -> list[dict]:
+        """The k classes that win the most cells (then by peak), with their cells, peak and mean."""
+        order, won, peak = self.class_ranking()
+        order = order[:k]
+        mean = self.probs.reshape(self.num_classes, -1)[order].mean(axis=1)
         return [{"class": int(c), "label": self.label(int(c)), "cells": int(won[c]),
                  "max_prob": float(peak[c]), "mean_prob": float(m)} for c, m in zip(order, mean)]
 
+    def classes_present(self) -> list[int]:
+        """The classes that win at least one cell, in rank order (class_ranking)."""
+        order, won, _ = self.class_ranking()
+        return [int(c) for c in order if won[c] > 0]
+
     def default_class(self) -> int:
         """The class to draw when none is asked for: the top one that is not background."""
-        for entry in self.top_classes(self.num_classes):
-            if entry["class"] != self.model.background_class:
-                return entry["class"]
-        return 0
+        order, _, _ = self.class_ranking()
+        return next((int(c) for c in order if c != self.model.background_class), 0)
 
     def to_json(self, top_k: int = 5, command: str | None = None, cells: bool = False) -> dict:
         """The map's metadata and geometry as a JSON document; with `cells`, the per-cell list too.
@@ -225,6 +234,8 @@ class DenseModel:
         self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}  # _map_size's
+        self._estimates: dict[tuple[int, int], object] = {}  # _estimate's
         self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
         self._strided: tempfile.TemporaryDirectory | None = None  # an à trous rewrite's prototxt
         converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
@@ -325,9 +336,17 @@ class DenseModel:
     def cells(self, height: int, width: int) -> tuple[int, int]:
         """(rows, cols) of the map of a height x width image, in the image's orientation."""
         if self.transposed:
-            cols, rows = map_size(self.netdef.param, width, height, self.score_blob)
+            cols, rows = self._map_size(width, height)
             return rows, cols
-        return map_size(self.netdef.param, height, width, self.score_blob)
+        return self._map_size(height, width)
+
+    def _map_size(self, height: int, width: int) -> tuple[int, int]:
+        """map_size of the net's input height x width, remembered: a batch of same-sized images
+        would otherwise infer every layer's shape several times per image."""
+        key = (height, width)
+        if key not in self._sizes:
+            self._sizes[key] = map_size(self.netdef.param, height, width, self.score_blob)
+        return self._sizes[key]
 
     def map_cells(self, height: int, width: int) -> tuple[int, int]:
         if self.shifts == 1:
@@ -353,7 +372,7 @@ class DenseModel:
         """Tiles for an input as the net sees it."""
         net = self.netdef.param
         memory = self._memory(reader)
-        rows, cols = map_size(net, height, width, self.score_blob)
+        rows, cols = self._map_size(height, width)
         gy, gx = self.net_geometry.y, self.net_geometry.x
         fy = lambda n: map_size(net, n, width, self.score_blob)[0]  # noqa: E731
         fx = lambda n: map_size(net, height, n, self.score_blob)[1]  # noqa: E731
@@ -413,10 +432,20 @@ class DenseModel:
                                     self.num_classes)
         return self._run_grid(rgb, budget, tile, progress, blocks)
 
+    def _estimate(self, net, height: int, width: int):
+        """The engine's memory model at height x width, remembered per size (as _map_size)."""
+        if net is not self.netdef.param:  # another net (a shifted pass): not remembered
+            return self.runner.memory(net, height, width)
+        key = (height, width)
+        if key not in self._estimates:
+            self._estimates[key] = self.runner.memory(net, height, width)
+        return self._estimates[key]
+
     def _memory(self, reader) -> Callable:
         """The engine's memory model, plus what `reader` holds to read a window of that size."""
         if reader is None or isinstance(reader, np.ndarray):
-            return self.runner.memory
+            return self._estimate
+
 
         def memory(net, height: int, width: int):
             est = self.runner.memory(net, height, width)

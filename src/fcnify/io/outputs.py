@@ -342,7 +342,7 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
     if dm.softmax is not None:
         lines.append(f"values: {dm.softmax.describe()}")
     arg = dm.argmax()
-    used = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0]
+    used = dm.classes_present()
     if cols <= max_cols and rows <= 60:
         width = max(len(str(c)) for c in used) if used else 1
         lines.append("argmax class per cell (rows top to bottom):")

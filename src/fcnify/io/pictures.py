@@ -2,7 +2,7 @@
 
 A batch writes two pictures per image, so they must cost milliseconds, not
 the hundreds a plotting library's figure costs. Each picture is the photo
-(scaled so its long side is 512-1024 px) with the map's cells blended over
+(scaled so its long side is 256-640 px) with the map's cells blended over
 it, every cell a stride-sized square centred on its window, drawn in
 original-image pixels whatever --size/--scale fed the net; one cell's window
 (the crop the classifier would be given for it) and reach (every pixel that
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..caffe.geometry import hw
 
-MIN_SIDE, MAX_SIDE = 512, 1024  # the map area's long side, in picture pixels
+MIN_SIDE, MAX_SIDE = 256, 640  # the map area's long side, in picture pixels (as the old 800-px figures)
 PREVIEW_PX = 2 * MAX_SIDE  # box-average a large photo to about this before the final resize
 HEAT_ALPHA = 153  # 0.6 of 255: the heatmap over a photo
 CLASS_ALPHA = 140  # 0.55: the argmax picture over a photo, when the net has no background class
@@ -237,7 +237,7 @@ def argmax_picture(dm, max_legend: int = 12) -> Picture:
     """Winning class per cell, with a legend of the classes that win cells (most cells first)."""
     arg = dm.argmax()
     won = np.bincount(arg.ravel(), minlength=dm.num_classes)
-    present = [e["class"] for e in dm.top_classes(dm.num_classes) if e["cells"] > 0]
+    present = dm.classes_present()
     bg = dm.model.background_class
     colour = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(present)}
     if bg in colour:
