@@ -591,8 +591,6 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     dask = scheduler is not None or workers is not None
     if dask:
         _dask_usage(scheduler, workers, out_dir)
-        if store == "zarr":
-            raise click.UsageError("--store zarr runs in one process for now; drop --workers/--scheduler")
     job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
                  tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
                  top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale,

@@ -15,13 +15,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..caffe.geometry import map_size
 from ..caffe.planner import default_budget, format_bytes
-from ..errors import InputError, ResourceError
+from ..errors import InputError, OutputError, ResourceError
 from ..io.store import Keep, MapStore, fingerprint, reduce_block
 from ..io.windows import ArrayWindows, open_windows, windowed
 from .dense import DenseModel, softmax
@@ -97,22 +97,38 @@ def chunk_plan(model: DenseModel, size: tuple[int, int], budget: int, tile: int 
     return tiles, chunk, largest
 
 
-def map_to_store(model: DenseModel, path: Path, out: Path, *, keep: Keep, level: int | None = None,
-                 budget: int | None = None, tile: int | None = None, resume: bool = False,
-                 force: bool = False, options: dict | None = None,
-                 progress: Progress | None = None) -> StoreRun:
-    """Map the image at `path` into the store `out`, chunk by chunk (see the module docstring).
+@dataclass(frozen=True)
+class StorePlan:
+    """A store opened for a run: its chunk grid, every tile, the chunks still to compute.
+
+    Plain data, so that one Dask worker can make it and the others run its tiles.
+    """
+
+    path: Path
+    image: Path
+    level: int | None
+    keep: Keep
+    size: tuple[int, int]
+    cells: tuple[int, int]
+    chunk: tuple[int, int]
+    tiles: tuple[Tile, ...]
+    todo: tuple[Tile, ...]
+    kept: int
+    largest: tuple[int, int]
+
+
+def prepare(model: DenseModel, path: Path, out: Path, *, keep: Keep, level: int | None = None,
+            budget: int | None = None, tile: int | None = None, resume: bool = False,
+            force: bool = False, options: dict | None = None) -> StorePlan:
+    """Open the image, plan the chunks, make the store (or check the one to resume): no tile runs yet.
 
     `options` are what else changes the cells (recorded in the fingerprint,
-    so --resume refuses a store another run made). A tile that fails (a
-    corrupt file tile) leaves the finished chunks in the store, marked done,
-    and the store marked incomplete.
+    so --resume refuses a store another run made).
     """
-    t0 = time.perf_counter()
     budget = budget or default_budget()
     reader = source_for(Path(path), level)
     try:
-        size = reader.shape
+        size = tuple(reader.shape)
         model.check_minimum(size, resized=False, path=Path(path))
         print_ = {"level": level or 0, "image": Path(path).name, "image_size": list(size),
                   "keep": _keep_dict(keep), **(options or {})}
@@ -120,28 +136,68 @@ def map_to_store(model: DenseModel, path: Path, out: Path, *, keep: Keep, level:
         store = MapStore.resume(out, prints) if resume and out.exists() else None
         tiles, chunk, largest = chunk_plan(model, size, budget, tile, reader,
                                            store.chunk if store is not None else None)
-        rows, cols = model.cells(*size)
-        if store is None:
-            store = MapStore.create(out, shape=(rows, cols), chunk=chunk, num_classes=model.num_classes,
-                                    keep=_checked(keep, model.num_classes), fingerprint=prints,
-                                    geometry=geometry(model, size, level), force=force)
-        done = store.finished() if resume else set()
-        todo = [t for t in tiles if _chunk_of(t, chunk) not in done]
-        seconds = {"preprocess": 0.0, "forward": 0.0, "write": 0.0}
-        for n, t in enumerate(todo):
-            block = _scores(model, reader, t, seconds)
-            t1 = time.perf_counter()
-            store.write(*_chunk_of(t, chunk), reduce_block(block, keep))
-            seconds["write"] += time.perf_counter() - t1
-            if progress:
-                progress(n + 1, len(todo))
-        seconds["total"] = time.perf_counter() - t0
-        store.mark_complete(True, seconds={k: round(v, 3) for k, v in seconds.items()})
-        return StoreRun(out, (rows, cols), chunk, len(tiles), len(todo), len(done), tuple(size),
-                        tuple(largest), seconds, tuple(store.names()))
     finally:
         if hasattr(reader, "close"):
             reader.close()
+    rows, cols = model.cells(*size)
+    if store is None:
+        store = MapStore.create(out, shape=(rows, cols), chunk=chunk, num_classes=model.num_classes,
+                                keep=_checked(keep, model.num_classes), fingerprint=prints,
+                                geometry=geometry(model, size, level), force=force)
+    done = store.finished() if resume else set()
+    todo = tuple(t for t in tiles if _chunk_of(t, chunk) not in done)
+    return StorePlan(Path(out), Path(path), level, keep, size, (rows, cols), chunk, tuple(tiles), todo,
+                     len(done), tuple(largest))
+
+
+def run_chunks(model: DenseModel, plan: StorePlan, tiles: Sequence[Tile],
+               progress: Progress | None = None) -> dict[str, float]:
+    """Compute `tiles` of the plan and write each one's chunk as it finishes (on any process that
+    sees the store: each reads its own windows). Returns the seconds spent, by step.
+
+    A tile that fails (a corrupt file tile) leaves the chunks written so far marked done.
+    """
+    seconds = {"preprocess": 0.0, "forward": 0.0, "write": 0.0}
+    store = MapStore.open(plan.path)
+    reader = source_for(plan.image, plan.level)
+    try:
+        for n, t in enumerate(tiles):
+            block = _scores(model, reader, t, seconds)
+            t1 = time.perf_counter()
+            store.write(*_chunk_of(t, plan.chunk), reduce_block(block, plan.keep))
+            seconds["write"] += time.perf_counter() - t1
+            if progress:
+                progress(n + 1, len(tiles))
+    finally:
+        if hasattr(reader, "close"):
+            reader.close()
+    return seconds
+
+
+def finish(plan: StorePlan, seconds: dict[str, float]) -> StoreRun:
+    """Mark the store complete (every chunk must be marked done) and say what the run did."""
+    store = MapStore.open(plan.path)
+    missing = int((np.asarray(store.root["done"][...]) == 0).sum())
+    if missing:
+        raise OutputError(f"{missing} chunk(s) of the store were not written; run again with --resume",
+                          plan.path)
+    store.mark_complete(True, seconds={k: round(v, 3) for k, v in seconds.items()})
+    return StoreRun(plan.path, plan.cells, plan.chunk, len(plan.tiles), len(plan.todo), plan.kept,
+                    plan.size, plan.largest, seconds, tuple(store.names()))
+
+
+def map_to_store(model: DenseModel, path: Path, out: Path, *, keep: Keep, level: int | None = None,
+                 budget: int | None = None, tile: int | None = None, resume: bool = False,
+                 force: bool = False, options: dict | None = None,
+                 progress: Progress | None = None) -> StoreRun:
+    """Map the image at `path` into the store `out`, chunk by chunk, in this process (prepare,
+    run_chunks, finish; distributed.py spreads run_chunks over Dask workers)."""
+    t0 = time.perf_counter()
+    plan = prepare(model, path, out, keep=keep, level=level, budget=budget, tile=tile, resume=resume,
+                   force=force, options=options)
+    seconds = run_chunks(model, plan, plan.todo, progress)
+    seconds["total"] = time.perf_counter() - t0
+    return finish(plan, seconds)
 
 
 def _scores(model: DenseModel, reader, t: Tile, seconds: dict[str, float]) -> np.ndarray:
@@ -200,28 +256,44 @@ def store_outputs(out_dir: Path, name: str, items: frozenset[str]) -> dict[str, 
     return names
 
 
+def store_options(model: DenseModel) -> dict:
+    """The model's settings that change a store's cells, for its fingerprint (whoever runs it)."""
+    return {"output": model.output_blob, "softmax": model.softmax.to_dict(),
+            "preprocess": model.card.preprocess.to_dict()}
+
+
+def prepare_job(model: DenseModel, path: Path, out_dir: Path, name: str, job,
+                budget: int | None = None) -> StorePlan:
+    """prepare() as a MapJob (`job`) asks, the store named NAME.zarr in `out_dir`."""
+    return prepare(model, path, store_outputs(out_dir, name, job.items)["store"],
+                   keep=keep_for(job.items, job.top_k, job.classes), level=job.level,
+                   budget=budget or job.budget, tile=job.tile, resume=job.resume, force=job.force,
+                   options=store_options(model))
+
+
 def map_into_store(model: DenseModel, path: Path, out_dir: Path, name: str, job,
                    progress: Progress | None = None) -> tuple[StoreRun, list[Path]]:
     """`classify-map --store zarr`: the store, then its map.json and overview picture (`job`: a MapJob)."""
+    t0 = time.perf_counter()
+    plan = prepare_job(model, path, out_dir, name, job)
+    seconds = run_chunks(model, plan, plan.todo, progress)
+    seconds["total"] = time.perf_counter() - t0
+    run = finish(plan, seconds)
+    return run, write_beside(model, run, path, out_dir, name, job)
+
+
+def write_beside(model: DenseModel, run: StoreRun, path: Path, out_dir: Path, name: str, job) -> list[Path]:
+    """NAME.map.json ("json") and NAME.overview.png ("pictures") of a finished store; every file's path."""
     from ..files import OutputSet
     names = store_outputs(out_dir, name, job.items)
-    keep = keep_for(job.items, job.top_k, job.classes)
-    side = OutputSet(job.force or job.resume)  # a resumed run rewrites its own json and overview
-    for key, p in names.items():
-        if key != "store":
-            side.check(p)
-    options = {"output": model.output_blob, "softmax": model.softmax.to_dict(),
-               "preprocess": model.card.preprocess.to_dict()}
-    run = map_to_store(model, path, names["store"], keep=keep, level=job.level, budget=job.budget,
-                       tile=job.tile, resume=job.resume, force=job.force, options=options,
-                       progress=progress)
+    side = OutputSet(True)  # checked before the run (pipeline.check_outputs); a resumed run rewrites its own
     with side:
         if "json" in names:
             doc = store_document(model, run, path, job.command, job.level)
             side.write_bytes(names["json"], (json.dumps(doc, separators=(",", ":")) + "\n").encode())
         if "overview" in names:
             side.write_bytes(names["overview"], overview_png(run.path, Path(path), job.level))
-    return run, list(names.values())
+    return list(names.values())
 
 
 def store_document(model: DenseModel, run: StoreRun, path: Path, command: str | None,

@@ -292,8 +292,11 @@ def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir
             raise info
         if on_model is not None:
             on_model(info)
+        classes = None if job_map.classes is None else tuple(
+            class_id(c, info.num_classes, info.labels, "--classes") for c in job_map.classes)
         run = replace(run, heads=info.heads,
-                      map=replace(job_map, cls=class_id(job_map.cls, info.num_classes, info.labels)))
+                      map=replace(job_map, cls=class_id(job_map.cls, info.num_classes, info.labels),
+                                  classes=classes))
         results, cleaned = _run(client, run, paths, out, len(workers), owner, finished,
                                 progress, timeout, stop)
     except BaseException:
@@ -379,12 +382,16 @@ def _run(client, job: Job, paths: list[Path], out: Path, workers: int, owner: di
         if refused is not None:
             finish(i, refused)
             continue
-        owner[client.submit(_first_pass, job, str(path), pure=False)] = i
+        first = _store_prepare if job.map.store == "zarr" else _first_pass
+        owner[client.submit(first, job, str(path), pure=False)] = i
     for fut in _completed(owner, timeout, stop):
         i = owner.pop(fut)
         value = _outcome(fut, paths[i])
         if isinstance(value, TilePlan):
             owner[_submit_tiles(client, job, str(paths[i]), value, workers)] = i
+            continue
+        if not isinstance(value, ImageResult):  # a store's plan (chunked.StorePlan)
+            owner[_submit_store(client, job, value, workers)] = i
             continue
         finish(i, value)
     # every task of this run has ended: what is still staged was left by a killed worker
@@ -591,6 +598,17 @@ def _probe(job: Job) -> ModelInfo | FcnifyError:
         return exc
 
 
+def _windows(path: str, job: Job):
+    """The windowed reader of a tiled TIFF at the job's --level (io.windows)."""
+    from ..io.windows import open_windows
+    return open_windows(path, job.map.level or 0)
+
+
+def windowed(path: str) -> bool:
+    from ..io.windows import windowed as is_windowed
+    return is_windowed(path)
+
+
 def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
     """Map an image that fits whole (or a pyramid, or a shift-and-stitched map); else return the plan.
 
@@ -606,9 +624,13 @@ def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
         with _loaded(job, said) as model:
             from ..io.images import image_size
             settings = replace(job.map, budget=_budget(job))
-            if not settings.pyramid and model.shifts == 1:
+            if windowed(path):  # a tiled TIFF: its own size at --level, read by window (no resizing)
+                with _windows(path, job) as reader:
+                    feed, fed = (None, None), reader.shape
+            elif not settings.pyramid and model.shifts == 1:
                 feed = settings.feed(Path(path))
                 fed = fed_size(image_size(path), *feed)
+            if not settings.pyramid and model.shifts == 1:
                 small = fed[0] < model.minimum[0] or fed[1] < model.minimum[1]  # classify says so
                 if not small:
                     tiles, tile_size = model.plan(*fed, settings.budget, settings.tile)
@@ -621,6 +643,73 @@ def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
         return _failure(path, exc)
 
 
+# --store zarr: one worker opens the store and plans its chunks, every worker computes a share of
+# them (reading its own windows, writing its own chunks), one marks it complete and writes map.json.
+
+@dataclass(frozen=True)
+class StoreShare:
+    """What one worker did for a share of a store's chunks."""
+
+    chunks: int
+    timings: dict
+    seconds: float
+    worker: str
+
+
+def _store_prepare(job: Job, path: str):
+    """chunked.prepare on a worker: the StorePlan (plain data: tiles and chunk grid), or a failure."""
+    from .chunked import prepare_job
+    try:
+        with _loaded(job) as model:
+            return prepare_job(model, Path(path), Path(job.out_dir), job.name_for(path), job.map,
+                               budget=_budget(job))
+    except FcnifyError as exc:
+        return _failure(path, exc)
+
+
+def _store_tiles(job: Job, plan, tiles: tuple[Tile, ...]) -> StoreShare | ImageResult:
+    """Some of a store's chunks, computed and written here."""
+    from .chunked import run_chunks
+    t0 = time.perf_counter()
+    try:
+        with _loaded(job) as model:
+            timings = run_chunks(model, plan, tiles)
+        return StoreShare(len(tiles), timings, time.perf_counter() - t0, _here())
+    except FcnifyError as exc:
+        return _failure(str(plan.image), exc)
+
+
+def _store_finish(job: Job, plan, *shares: StoreShare | ImageResult) -> ImageResult:
+    """Mark the store complete once every share is written; its map.json and overview."""
+    from .chunked import finish, write_beside
+    path = str(plan.image)
+    failed = [s for s in shares if isinstance(s, ImageResult)]
+    if failed:
+        return failed[0]
+    try:
+        with _loaded(job) as model:
+            timings = {k: sum(s.timings.get(k, 0.0) for s in shares) for k in ("preprocess", "forward", "write")}
+            run = finish(plan, timings)
+            written = write_beside(model, run, Path(path), Path(job.out_dir), job.name_for(path), job.map)
+        result = MapResult(Path(path), written=written, store=run)
+        workers = tuple(dict.fromkeys(s.worker for s in shares)) or (_here(),)
+        return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=run.cells, mode="store",
+                           tiles=run.chunks, seconds=sum(s.seconds for s in shares), workers=workers,
+                           pid=os.getpid(), loads=_loads[job.key], text=result.text(job.map),
+                           document=result.document(job.map) | {"chunks_per_worker": {
+                               s.worker: s.chunks for s in shares}})
+    except FcnifyError as exc:
+        return _failure(path, exc)
+
+
+def _submit_store(client, job: Job, plan, workers: int):
+    """A store's missing chunks in interleaved shares, one per worker, then the finishing task."""
+    shares = max(1, min(len(plan.todo), workers))
+    parts = [client.submit(_store_tiles, job, plan, plan.todo[k::shares], pure=False, priority=1)
+             for k in range(shares)]
+    return client.submit(_store_finish, job, plan, *parts, pure=False, priority=1)
+
+
 def _run_tiles(job: Job, path: str, plan: TilePlan, tiles: tuple[Tile, ...]) -> TileCells | ImageResult:
     """The map cells of some of an image's tiles (and of the net's other outputs)."""
     from .dense import resized
@@ -628,14 +717,18 @@ def _run_tiles(job: Job, path: str, plan: TilePlan, tiles: tuple[Tile, ...]) -> 
     t0 = time.perf_counter()
     try:
         with _loaded(job) as model:
-            pixels = resized(load_image(path), *plan.feed)
-            if pixels.shape[:2] != tuple(plan.fed):
+            pixels = _windows(path, job) if windowed(path) else resized(load_image(path), *plan.feed)
+            if tuple(pixels.shape[:2]) != tuple(plan.fed):
                 raise ImageError(f"image is now {pixels.shape[0]}x{pixels.shape[1]} px (height x width), "
                                  f"planned at {plan.fed[0]}x{plan.fed[1]}; did it change during the run?",
                                  path)
             timings = {"load_image": time.perf_counter() - t0}
-            cells = tuple((part.copy(), {k: v.copy() for k, v in heads.items()})
-                          for _, (part, heads) in model.run_tiles(pixels, tiles, seconds=timings))
+            try:
+                cells = tuple((part.copy(), {k: v.copy() for k, v in heads.items()})
+                              for _, (part, heads) in model.run_tiles(pixels, tiles, seconds=timings))
+            finally:
+                if hasattr(pixels, "close"):
+                    pixels.close()
         return TileCells(tiles, cells, timings, time.perf_counter() - t0, _here())
     except FcnifyError as exc:
         return _failure(path, exc)
@@ -664,9 +757,15 @@ def _stitch(job: Job, path: str, plan: TilePlan, *shares: TileCells | ImageResul
                 raise FcnifyError(f"got {placed} of {len(plan.tiles)} tiles back", path)
             timings = {k: sum(s.timings.get(k, 0.0) for s in shares)
                        for k in ("load_image", "preprocess", "forward")}
-            rgb = load_image(path)  # the pictures are drawn over the original
+            if windowed(path):  # the pictures are drawn over the original, or a tiled TIFF's overview
+                with _windows(path, job) as reader:
+                    rgb, size = reader.overview(), reader.shape
+            else:
+                rgb = load_image(path)
+                size = rgb.shape[:2]
             info = {"mode": "tiled", "tiles": len(plan.tiles), "tile_size": plan.tile_size, "heads": heads}
-            dm = model.dense_map(probs, info, image=rgb, fed=plan.fed, path=Path(path), timings=timings)
+            dm = model.dense_map(probs, info, image=rgb, fed=plan.fed, path=Path(path), timings=timings,
+                                 image_size=size)
             seconds = plan.seconds + sum(s.seconds for s in shares) + time.perf_counter() - t0
             workers = tuple(dict.fromkeys([plan.worker, *(s.worker for s in shares), _here()]))
             return _save(job, MapResult(Path(path), dm), seconds, workers, plan.warnings)

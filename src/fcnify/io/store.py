@@ -109,6 +109,11 @@ class MapStore:
         return cls(path, root)
 
     @classmethod
+    def open(cls, path: Path) -> "MapStore":
+        """A store this run made or resumed, opened again (by a Dask worker, or to finish it)."""
+        return cls(Path(path), _zarr().open_group(str(path), mode="r+"))
+
+    @classmethod
     def resume(cls, path: Path, fingerprint: dict) -> "MapStore":
         """The store at `path`, refused in one line when another net or other options made it."""
         zarr = _zarr()
