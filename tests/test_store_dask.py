@@ -54,3 +54,20 @@ def test_store_chunks_spread_over_both_workers(client, card, like_workers, tmp_p
     got, want = _arrays(out / "slide.zarr"), _arrays(tmp_path / "ref.zarr")
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     assert (out / "slide.map.json").is_file()
+
+
+def test_tiled_tiff_spread_in_the_ordinary_mode(client, card, like_workers, tmp_path):
+    """A tiled TIFF under Dask without a store: its tiles spread over both workers, each reading
+    windows, and the .npy map equals one process's bit for bit."""
+    slide = tmp_path / "slide.tif"
+    levels = write_pyramid(slide, _image(333, 410, seed=8), levels=2)
+    out = tmp_path / "dask"
+    out.mkdir()
+    job = MapJob(tile=90, level=1, save=frozenset({"scores"}))
+    report = map_images([slide], card, out, client, job=job, timeout=RUN_TIMEOUT)
+    (result,) = report.results
+    assert result.ok, result.error
+    assert result.mode == "tiled" and len(set(result.workers)) == 2, result.workers
+    want = like_workers(card).classify(slide, tile=90, level=1, keep_image=False)
+    assert want.image_size == levels[1].shape[:2]
+    assert np.array_equal(np.load(out / "slide.scores.npy"), want.probs)
