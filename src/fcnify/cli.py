@@ -191,7 +191,20 @@ def _one_line(text: str) -> str:
                    for c in str(text))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Group(click.Group):
+    """The command group, run by main(): click's main without its own error and Ctrl-C handling
+    (a usage block; a blank line, then Abort), which main turns into one line each."""
+
+    def main(self, args: Sequence[str], prog_name: str, **_) -> int:
+        try:
+            with self.make_context(prog_name, list(args)) as ctx:
+                self.invoke(ctx)
+        except click.exceptions.Exit as exc:  # --help, --version
+            return exc.exit_code
+        return 0
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", message="fcnify %(version)s")
 @click.option("--verbose", is_flag=True, help="Show Caffe's own log lines (glog).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
@@ -857,16 +870,6 @@ def _stop_engines(code: int) -> int:
     return code
 
 
-def _invoke(args: list[str]) -> int:
-    """click's main without its Ctrl-C handling (a blank line, then Abort): main says it in one line."""
-    try:
-        with cli.make_context("fcnify", args) as ctx:
-            cli.invoke(ctx)
-    except click.exceptions.Exit as exc:  # --help, --version
-        return exc.exit_code
-    return 0
-
-
 def _main(args: list[str]) -> int:
     _argv[:] = args
     debug = "--debug" in args
@@ -876,7 +879,7 @@ def _main(args: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        return _invoke(args)
+        return cli.main(args=args, prog_name="fcnify")
     except FcnifyError as exc:
         if debug:
             traceback.print_exc()

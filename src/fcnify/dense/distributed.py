@@ -175,7 +175,9 @@ def connect(scheduler: str | None = None, workers: int | None = None,
 
     Local workers listen on loopback only, run one thread each (one Caffe
     process per worker; more threads would only queue on it) and are stopped
-    when the block ends.
+    when the block ends. They ignore SIGINT (the client decides what Ctrl-C
+    means) and keep their temporary files in one folder, removed at the end
+    however they ended.
     """
     distributed = _dask()
     if (scheduler is None) == (workers is None):
