@@ -71,8 +71,7 @@ class Case:
 def run_main(*args: str) -> Case:
     """fcnify's main() in this process, noting which exception (if any) it reported."""
     seen: dict[str, BaseException] = {}
-    group = cli_module.cli
-    original = group.main
+    original = cli_module._invoke  # what main() calls to run the command, errors raised through it
 
     def spy(*a, **k):
         try:
@@ -82,7 +81,7 @@ def run_main(*args: str) -> Case:
             raise
 
     out, err = io.StringIO(), io.StringIO()
-    group.main = spy
+    cli_module._invoke = spy
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
@@ -90,7 +89,7 @@ def run_main(*args: str) -> Case:
             warnings.simplefilter("always")
             code = cli_module.main([str(a) for a in args])
     finally:
-        del group.main
+        cli_module._invoke = original
     # A warning would be one more line on a real run's stderr.
     shown = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
     return Case(code, out.getvalue(), err.getvalue() + shown, seen.get("error"),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import call_fcnify, write_model
+from fcnify.surgery.bound import factor
 from float_bound import rounding_bound
 from nets import input_layer, layer_text, pycaffe
 
@@ -143,7 +144,8 @@ def test_softmax_setting_agrees_in_files_json_text_and_onnx(tmp_path):
         got = outputs[meta["fcnify.class_output"]][0].astype(np.float64)
         assert got.shape == npy.shape == (10, 13, 13)
         if applied:
-            assert np.allclose(npy.sum(axis=0), 1, atol=1e-5)
+            # fcnify's float32 Softmax over 10 classes: an exp, a sum of 10, a division (bound.py)
+            assert np.abs(npy.sum(axis=0) - 1).max() <= factor(10 + 2)
             # p = exp(s - lse(s)): score errors of at most `spread` move p by a factor exp(2 spread);
             # each Softmax adds a few float32 roundings of its own (exp, sum, divide: 16 u) and may
             # flush values under float32's smallest normal to 0
