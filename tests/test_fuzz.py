@@ -71,7 +71,8 @@ class Case:
 def run_main(*args: str) -> Case:
     """fcnify's main() in this process, noting which exception (if any) it reported."""
     seen: dict[str, BaseException] = {}
-    original = cli_module._invoke  # what main() calls to run the command, errors raised through it
+    group = cli_module.cli
+    original = group.main
 
     def spy(*a, **k):
         try:
@@ -81,7 +82,7 @@ def run_main(*args: str) -> Case:
             raise
 
     out, err = io.StringIO(), io.StringIO()
-    cli_module._invoke = spy
+    group.main = spy
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
@@ -89,7 +90,7 @@ def run_main(*args: str) -> Case:
             warnings.simplefilter("always")
             code = cli_module.main([str(a) for a in args])
     finally:
-        cli_module._invoke = original
+        del group.main
     # A warning would be one more line on a real run's stderr.
     shown = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
     return Case(code, out.getvalue(), err.getvalue() + shown, seen.get("error"),
