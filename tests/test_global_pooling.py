@@ -186,3 +186,23 @@ def test_softmax_off_on_a_net_with_its_own_gives_its_scores(tmp_path):
     assert json.loads(on.out)["map"]["softmax"]["by"] == "net"
     refused = call_fcnify("classify-map", tmp_path / "x.png", "--card", card, "--softmax", "off", "--detect")
     assert refused.code == 2 and refused.err.count("\n") == 1 and "--softmax off" in refused.err
+
+
+def test_one_step_export_makes_the_net_dense_and_writes_its_preprocessing(tmp_path):
+    """export of the unconverted global-pooling net runs convert's surgery: the file maps a 40-px
+    input to 13x13 (not 1x1), as its metadata's geometry says; preprocessing options given to
+    export are in the metadata (LeNet's 1/256 scale would otherwise be lost)."""
+    import json
+    onnx = pytest.importorskip("onnx")
+    proto, weights = write_model(tmp_path, "squeeze", TRUNK, seed=4)
+    out = tmp_path / "sq.onnx"
+    run = call_fcnify("export", proto, "--weights", weights, "--out", out, "--input-scale", "0.00390625",
+                      "--channels", "rgb")
+    assert run.code == 0, run.err
+    assert "converted to fully convolutional" in run.out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    pre = json.loads(meta["fcnify.preprocess"])
+    assert (pre["input_scale"], pre["channels"]) == (0.00390625, "RGB")
+    assert json.loads(meta["fcnify.geometry"])["stride"] == [2, 2]
+    x = np.random.default_rng(0).normal(0, 50, (3, 40, 40)).astype(np.float32)
+    assert _onnx_outputs(out, x)["gpool"].shape == (1, 10, 13, 13)
