@@ -387,6 +387,16 @@ def test_rnet_detect_one_box_per_face(tmp_path):
             assert area >= 0.3 * (face[2] - face[0]) * (face[3] - face[1]), (face, inside)
 
 
+def test_two_class_comparisons_say_top_1_only(rnet_card):
+    """R-Net's 2 classes (and its 4-value box head) have no top-5: the report says 'top-1 same'."""
+    proto, _ = mtcnn_net(2)
+    run = call_fcnify("verify", proto, rnet_card.with_suffix(".prototxt"))
+    assert run.code == 0, run.err
+    lines = [l for l in run.out.splitlines() if " vs " in l]
+    assert len(lines) == 3 and all("; top-1 same (" in l for l in lines), lines
+    assert "top-5" not in run.out
+
+
 def test_verify_reports_what_converts_check_reported(tmp_path):
     """verify on the pair convert wrote (R-Net) checks the same inputs with the same preprocessing
     (the FCN's card) and gives the same numbers, box head conv5-2 included with its own bound;
