@@ -206,7 +206,7 @@ def connect(scheduler: str | None = None, workers: int | None = None,
             try:
                 yield client
             except BaseException:
-                _quiet_dask()  # stopped mid-task (Ctrl-C, a failure): "still alive, killing" is expected
+                _quiet(client)  # stopped mid-task (Ctrl-C, a failure): "still alive, killing" is expected
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -315,6 +315,16 @@ def _quiet_dask() -> None:
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
 
+def _quiet(client) -> None:
+    """_quiet_dask here and on a local cluster's workers (a remote cluster's logs are not ours)."""
+    _quiet_dask()
+    if client.cluster is not None:
+        try:
+            client.run(_quiet_dask, on_error="ignore")
+        except Exception:  # noqa: BLE001 - a worker already gone says nothing either
+            pass
+
+
 POLL_S = 0.1  # how often the client looks at its tasks (and at `stop`)
 
 
@@ -348,12 +358,10 @@ def _abandon(client, job: Job, out: Path, unfinished: list[Path], owner: dict) -
     cluster's running tasks end on their own, and what they write after this is theirs.
     """
     try:
-        local = client.cluster is not None
-        if local:  # stopping busy workers makes Dask warn, here and on them: expected, not news
-            client.run(_quiet_dask, on_error="ignore")
-            _quiet_dask()
+        if client.cluster is not None:  # stopping busy workers makes Dask warn: expected, not news
+            _quiet(client)
         client.cancel(list(owner))
-        if local:
+        if client.cluster is not None:
             client.cluster.close()
     finally:
         for path in unfinished:
@@ -361,7 +369,10 @@ def _abandon(client, job: Job, out: Path, unfinished: list[Path], owner: dict) -
             _remove_stale(out, name, job)
             if not job.map.force:
                 for final in output_paths(out, name, job.map, job.heads):
-                    final.unlink(missing_ok=True)
+                    try:
+                        final.unlink(missing_ok=True)
+                    except OSError:  # not ours to remove (a folder): the interrupt is what is reported
+                        pass
 
 
 def _run(client, job: Job, paths: list[Path], out: Path, workers: int, owner: dict,
