@@ -175,6 +175,39 @@ def run_measured(args: list[str], env: dict | None = None) -> dict:
             "code": proc.returncode, "stdout": out, "stderr": err}
 
 
+def done_chunks(store: Path) -> tuple[int, int | None]:
+    """(chunks marked done, chunks in all) of a store being written; (0, None) before it exists."""
+    meta = store / "zarr.json"
+    if not meta.is_file():
+        return 0, None
+    try:
+        grid = json.loads(meta.read_text())["attributes"]["fcnify"]["grid"]
+    except (ValueError, KeyError):
+        return 0, None
+    return sum(1 for _ in (store / "done" / "c").glob("*/*")), grid[0] * grid[1]
+
+
+def killed_and_resumed(cmd: list[str], store: Path, env: dict | None) -> dict:
+    """Run `cmd`, SIGKILL its process group once about half its chunks are done, then run it again
+    with --resume: how many chunks each part ran."""
+    import signal
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **(env or {})), start_new_session=True)
+    done, total = 0, None
+    while proc.poll() is None:
+        done, total = done_chunks(store)
+        if total and done >= total // 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    done, total = done_chunks(store)
+    again = run_measured(cmd + ["--resume", "--format", "json"], env)
+    summary = json.loads(again["stdout"].strip().splitlines()[-1])["store"] if again["code"] == 0 else again["stderr"]
+    return {"chunks": total, "done_when_killed": done, "resume_code": again["code"], "resume_summary": summary,
+            "resume_seconds": round(again["seconds"], 2)}
+
+
 def same_stores(a: Path, b: Path) -> dict:
     """Whether two stores hold the same arrays, chunk for chunk (a chunk row of cells at a time)."""
     import zarr
@@ -338,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folder", type=Path, default=None, help="work folder (default: a new one in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the TIFF and the store")
     ap.add_argument("--json", type=Path, default=Path("bench_large.json"))
+    ap.add_argument("--resume-check", action="store_true",
+                    help="also kill a second run at about half-way, --resume it, and compare the stores")
+    ap.add_argument("--tile", type=int, default=None, help="--tile for the runs (default: from the budget)")
     ap.add_argument("--digits", action="store_true",
                     help="the digits model on its scene pasted at four places (see digits_run)")
     ap.add_argument("--workers", type=int, default=0,
@@ -358,12 +394,21 @@ def main(argv: list[str] | None = None) -> int:
                "--model-def", str(proto), "--weights", str(weights), "--engine", "caffe",
                "--store", "zarr", "--out", str(folder / "out"), "--max-memory", args.max_memory,
                "--softmax", "off", "--save", "scores,argmax,json,pictures", "--quiet"]
+        if args.tile:
+            cmd += ["--tile", str(args.tile)]
         env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"} if args.workers else None
         run = run_measured(cmd, env)
         if run["code"] != 0:
             print(run["stderr"], file=sys.stderr)
             return 1
         crops = check_crops(folder / "out" / "big.zarr", proto, weights, spots, args.size, folder)
+        resumed = None
+        if args.resume_check:
+            rcmd = [a if a != str(folder / "out") else str(folder / "out_resumed") for a in cmd]
+            resumed = killed_and_resumed(rcmd, folder / "out_resumed" / "big.zarr", env)
+            resumed["store_vs_uninterrupted"] = same_stores(folder / "out" / "big.zarr",
+                                                            folder / "out_resumed" / "big.zarr")
+            shutil.rmtree(folder / "out_resumed", ignore_errors=True)
         dask = None
         if args.workers:
             wcmd = [a if a != str(folder / "out") else str(folder / "out_dask") for a in cmd]
@@ -385,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                "command": " ".join(cmd[1:]), "summary": run["stdout"].strip(),
                "seconds": round(run["seconds"], 2), "peak_rss": run["peak_rss"],
                "max_memory": budget, "allowance": ALLOWANCE,
-               "rss_within": run["peak_rss"] <= budget + ALLOWANCE, "crops": crops, "dask": dask}
+               "rss_within": run["peak_rss"] <= budget + ALLOWANCE, "crops": crops, "dask": dask,
+               "resumed": resumed}
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
         print(f"{args.size} x {args.size} px tiled deflate pyramid ({len(sides)} levels, "
               f"{format_bytes(doc['image']['tiff_bytes'])}, made in {make_s:.1f} s)")
@@ -401,8 +447,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--workers {args.workers}: {dask['seconds']:.1f} s, client peak RSS "
                   f"{format_bytes(dask['client_peak_rss'])}, chunks per worker {dask['chunks_per_worker']}, "
                   f"same store as one process: {dask['store_vs_one_process']['same']}")
+        if resumed:
+            print(f"killed at {resumed['done_when_killed']} of {resumed['chunks']} chunks; --resume: "
+                  f"{resumed['resume_summary']}; same store as uninterrupted: "
+                  f"{resumed['store_vs_uninterrupted']['same']}")
         print(f"wrote {args.json}")
         good = doc["rss_within"] and all(c["within_bound"] and c["argmax_same"] for c in crops)
+        if resumed:
+            good = good and resumed["resume_code"] == 0 and resumed["store_vs_uninterrupted"]["same"]
         if dask:
             good = good and dask["store_vs_one_process"]["same"] and dask["client_peak_rss"] < 300 * 2**20
         return 0 if good else 1

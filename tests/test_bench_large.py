@@ -22,11 +22,12 @@ def _bench():
 def test_small_pyramid_crops_memory_and_workers(tmp_path):
     """A 2400 px pyramid: every pattern's crop mapped as a PNG matches the store's cells within the
     float32 bound with the same argmax on aligned grids, the RSS stays under the budget plus the
-    allowance, and 2 Dask workers write the same store, both of them writing chunks."""
+    allowance, 2 Dask workers write the same store, both of them writing chunks, and a run killed
+    part-way and resumed runs only its missing chunks and gives the uninterrupted store."""
     bench = _bench()
     out = tmp_path / "b.json"
     code = bench.main(["--size", "2400", "--max-memory", "200MiB", "--json", str(out), "--workers", "2",
-                       "--folder", str(tmp_path / "work")])
+                       "--tile", "256", "--resume-check", "--folder", str(tmp_path / "work")])
     doc = json.loads(out.read_text())
     assert code == 0, doc
     assert len(doc["crops"]) == 4 and all(c["grid_aligned"] and c["within_bound"] and c["argmax_same"]
@@ -34,6 +35,11 @@ def test_small_pyramid_crops_memory_and_workers(tmp_path):
     assert doc["peak_rss"] <= doc["max_memory"] + doc["allowance"]
     assert doc["dask"]["store_vs_one_process"]["same"]
     assert len(doc["dask"]["chunks_per_worker"]) == 2
+    resumed = doc["resumed"]  # killed (SIGKILL) part-way, then --resume
+    assert 0 < resumed["done_when_killed"] < resumed["chunks"]
+    assert f"ran {resumed['chunks'] - resumed['done_when_killed']}, {resumed['done_when_killed']} kept" \
+        in resumed["resume_summary"]
+    assert resumed["store_vs_uninterrupted"]["same"]
     assert doc["image"]["levels"][0] == 2400 and (tmp_path / "work" / "big.tif").is_file()
 
 
