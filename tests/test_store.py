@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import zarr
 
-from fcnify.caffe.planner import HEADROOM
 from fcnify.convert import card_for_model_def, convert
 from fcnify.dense.chunked import chunk_plan, map_to_store
 from fcnify.dense.dense import DenseModel

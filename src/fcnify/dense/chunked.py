@@ -320,8 +320,8 @@ def overview_png(store_dir: Path, image: Path, level: int | None, limit: int = 1
     """
     from PIL import Image
     from ..io.pictures import PALETTE, encode_png
-    from ..io.store import _zarr
-    root = _zarr().open_group(str(store_dir), mode="r")
+    from ..io.store import zarr_module
+    root = zarr_module().open_group(str(store_dir), mode="r")
     rows, cols = dict(root.attrs["fcnify"])["cells"]
     f = max(1, -(-max(rows, cols) // limit))
     if "argmax" in root:

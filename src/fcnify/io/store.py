@@ -24,7 +24,6 @@ import numpy as np
 
 from ..errors import InputError, OutputError, SetupError
 
-STORE_SUFFIX = ".zarr"
 NO_CLASS = -1  # fill of the integer arrays: a cell not computed yet
 
 
@@ -86,7 +85,7 @@ class MapStore:
     def create(cls, path: Path, *, shape: tuple[int, int], chunk: tuple[int, int], num_classes: int,
                keep: Keep, fingerprint: dict, geometry: dict, force: bool = False) -> "MapStore":
         """A new, empty store; an existing one is refused (OutputExists) unless `force` replaces it."""
-        zarr = _zarr()
+        zarr = zarr_module()
         path = Path(path)
         if path.exists():
             if not force:
@@ -111,12 +110,12 @@ class MapStore:
     @classmethod
     def open(cls, path: Path) -> "MapStore":
         """A store this run made or resumed, opened again (by a Dask worker, or to finish it)."""
-        return cls(Path(path), _zarr().open_group(str(path), mode="r+"))
+        return cls(Path(path), zarr_module().open_group(str(path), mode="r+"))
 
     @classmethod
     def resume(cls, path: Path, fingerprint: dict) -> "MapStore":
         """The store at `path`, refused in one line when another net or other options made it."""
-        zarr = _zarr()
+        zarr = zarr_module()
         path = Path(path)
         try:
             root = zarr.open_group(str(path), mode="r+")
@@ -187,18 +186,10 @@ def fingerprint(model_files: list[Path | None], options: dict) -> dict:
     return {"net": digest.hexdigest()[:16], **{k: json.loads(json.dumps(v)) for k, v in options.items()}}
 
 
-def store_path(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / f"{name}{STORE_SUFFIX}"
-
-
-def _zarr():
+def zarr_module():
+    """zarr, or one line saying how to get it (imported only for maps written to a store)."""
     try:
         import zarr
     except ImportError:
-        raise SetupError("--store zarr needs zarr: pip install 'fcnify[large]'") from None
+        raise SetupError("--store zarr needs zarr 3 (Python 3.11 or later): pip install 'zarr>=3'") from None
     return zarr
-
-
-def check_writable(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise OutputError("is in the way of the map store (a file, not a folder)", path)
