@@ -442,14 +442,19 @@ class DenseModel:
         return self._estimates[key]
 
     def _memory(self, reader) -> Callable:
-        """The engine's memory model, plus what `reader` holds to read a window of that size."""
+        """The engine's memory model, plus what this process holds for a tile read from `reader`:
+        the reader's buffers, the preprocessed input and its copy on the way to the engine.
+
+        An image decoded whole is counted apart (today's bar: budget + image + map); a
+        windowed one is not, so its tiles' whole cost must fit the budget.
+        """
         if reader is None or isinstance(reader, np.ndarray):
             return self._estimate
-
+        held = lambda h, w: reader.buffer_bytes(h, w) + 2 * h * w * self.channels * 4  # noqa: E731
 
         def memory(net, height: int, width: int):
-            est = self.runner.memory(net, height, width)
-            return replace(est, io=est.io + reader.buffer_bytes(height, width))
+            est = self._estimate(net, height, width)
+            return replace(est, io=est.io + held(height, width))
         return memory
 
     def _run_grid(self, rgb: np.ndarray, budget: int | None, tile: int | None,
