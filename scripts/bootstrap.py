@@ -20,7 +20,7 @@ Environment:
   FCNIFY_CACHE   cache folder (default: $XDG_CACHE_HOME/fcnify or ~/.cache/fcnify).
   FCNIFY_VENV    virtualenv folder (default: .venv in the checkout).
   FCNIFY_PYTHON  interpreter for a new virtualenv (default: the one running this).
-  FCNIFY_EXTRAS  pip extras to install (default: test,torch,onnx).
+  FCNIFY_EXTRAS  pip extras to install (default: test,torch,onnx,openvino).
 
 Only the standard library is used: this runs before the virtualenv exists.
 """
@@ -609,7 +609,7 @@ def setup(args: argparse.Namespace) -> dict:
     cache = cache_root()
     venv = Path(os.environ.get("FCNIFY_VENV", REPO / ".venv")).resolve()
     base_python = os.environ.get("FCNIFY_PYTHON", sys.executable)
-    extras = os.environ.get("FCNIFY_EXTRAS", "test,torch,onnx")
+    extras = os.environ.get("FCNIFY_EXTRAS", "test,torch,onnx,openvino")
 
     packages = BUILD_PACKAGES
     if cuda and not nvcc_major():

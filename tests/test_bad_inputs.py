@@ -452,7 +452,7 @@ def test_image_header_claims_too_many_pixels(tiny, images):
 def test_memory_budget_too_small_for_one_tile(tiny, images, out):
     """--max-memory below what the smallest exact tile needs: the line states both sizes."""
     run = call_fcnify("classify-map", images["ok.png"], *model_args(tiny), "--max-memory", "1MB",
-                      "--out", out)
+                      "--engine", "caffe", "--out", out)  # Caffe's memory model
     assert_error(run, 2, f"even the smallest exact tile ({MIN_TILE} px) needs about",
                  "that a memory budget of 976.56 KiB lets a pass use (95%")
     assert_nothing_written(out)
@@ -493,7 +493,7 @@ def test_gpu_on_a_cpu_only_build(tiny, images, out, command):
     from fcnify.engines.caffe_engine import caffe_build
     if caffe_build().cuda:
         pytest.skip("this Caffe build has CUDA")
-    args = ["--out", out / "net"] if command == "convert" else [images["ok.png"], "--out", out]
+    args = ["--out", out / "net"] if command == "convert" else [images["ok.png"], "--engine", "caffe", "--out", out]
     t0 = time.perf_counter()
     run = run_fcnify(command, *model_args(tiny), "--engine", "caffe", "--gpu", "0", *args)
     assert_error(run, 2, "--gpu 0: this Caffe", "was built CPU_ONLY")

@@ -195,7 +195,7 @@ def three(tmp_path_factory):
     small = rng.integers(40, 216, (12, 16, 3), dtype=np.uint8)
     img = np.asarray(Image.fromarray(small).resize((160, 120), Image.BILINEAR))
     Image.fromarray(img).save(tmp / "photo.png")
-    model = DenseModel(card_for_model_def(proto, weights))
+    model = DenseModel(card_for_model_def(proto, weights), engine="caffe")  # planner.estimate's engine
     yield {"proto": proto, "weights": weights, "image": tmp / "photo.png", "rgb": img, "model": model}
     model.close()
 
@@ -212,7 +212,7 @@ def _three_map(three, out, *options, image=None):
     """classify-map on the THREE net with --out; returns (run, scores.npy, map.json)."""
     image = image or three["image"]
     run = call_fcnify("classify-map", image, "--model-def", three["proto"], "--weights", three["weights"],
-                      "--out", out, *options)
+                      "--engine", "caffe", "--out", out, *options)
     assert run.code == 0, run.err
     stem = Path(image).stem
     return run, np.load(out / f"{stem}.scores.npy"), json.loads((out / f"{stem}.map.json").read_text())

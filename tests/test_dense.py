@@ -63,7 +63,7 @@ def red_model(tmp_path_factory):
     from dataclasses import replace
     from fcnify.io.preprocess import Preprocess
     card = replace(card, preprocess=Preprocess(channels="RGB", raw_scale=255.0))
-    model = DenseModel(card)
+    model = DenseModel(card, engine="caffe")  # its worker is crashed on purpose
     yield model
     model.close()
 

@@ -137,7 +137,7 @@ def test_maps_match_single_process(client, single, card, crops, tmp_path):
     """Every file equals the single process's, and each worker loaded the net once."""
     paths = crops[:5]
     (tmp_path / "dask").mkdir()
-    report = map_images(paths, card, tmp_path / "dask", client, timeout=RUN_TIMEOUT)
+    report = map_images(paths, card, tmp_path / "dask", client, engine="caffe", timeout=RUN_TIMEOUT)
     _reference(single, paths, tmp_path / "single")
     assert [r.path for r in report.done] == [str(p) for p in paths] and not report.failed
     _assert_same_files([p.stem for p in paths], tmp_path / "dask", tmp_path / "single")
@@ -157,7 +157,7 @@ def test_bad_images_are_reported_and_the_rest_finish(client, single, card, crops
     out.mkdir()
     (out / "crop2.map.json").write_text("{}")  # from an earlier run
     paths = [crops[1], bad, crops[2], cut, crops[3]]
-    report = map_images(paths, card, out, client, timeout=RUN_TIMEOUT)
+    report = map_images(paths, card, out, client, engine="caffe", timeout=RUN_TIMEOUT)
     assert [r.path for r in report.done] == [str(crops[1]), str(crops[3])]
     errors = {Path(r.path).name: r.error for r in report.failed}
     assert "noise.png" in errors["noise.png"] and "cut.png" in errors["cut.png"]
@@ -172,7 +172,7 @@ def test_model_that_cannot_load_fails_once(client, card, crops, tmp_path):
     """Weights the workers cannot find: one error from the run, no image tried."""
     missing = replace(card, weights=tmp_path / "missing.caffemodel")
     with pytest.raises(InputError, match="missing.caffemodel"):
-        map_images(crops[:2], missing, tmp_path, client, timeout=RUN_TIMEOUT)
+        map_images(crops[:2], missing, tmp_path, client, engine="caffe", timeout=RUN_TIMEOUT)
     assert not list(tmp_path.glob("*.npy"))
 
 
@@ -215,7 +215,7 @@ def test_tiled_image_spread_over_workers(client, single, card, tmp_path):
     Image.open(prototxt_dir() / "digits" / "scene.png").crop((60, 40, 380, 280)).save(big)
     out = tmp_path / "dask"
     out.mkdir()
-    report = map_images([big], card, out, client, scale=0.8, tile=64, timeout=RUN_TIMEOUT)
+    report = map_images([big], card, out, client, engine="caffe", scale=0.8, tile=64, timeout=RUN_TIMEOUT)
     (result,) = report.results
     assert result.ok, result.error
     assert result.mode == "tiled" and result.tiles > 4
@@ -239,7 +239,7 @@ def test_killed_worker_images_run_elsewhere(client, single, card, crops, tmp_pat
             victim = pids[busy[0] if busy else next(iter(pids))]
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
-    report = map_images(crops, card, out, client, progress=progress, timeout=RUN_TIMEOUT)
+    report = map_images(crops, card, out, client, engine="caffe", progress=progress, timeout=RUN_TIMEOUT)
     assert killed and not report.failed, [r.error for r in report.failed]
     assert len(report.done) == len(crops)
     # the other worker (or the killed one's restart) did the rest; which one is the scheduler's choice
@@ -344,7 +344,7 @@ def test_stride_on_dask_matches_one_process(client, card, crops, like_workers, t
     paths = [crops[0], big]
     settings = {"scale": 0.8, "tile": 64}
     (tmp_path / "dask").mkdir()
-    report = map_images(paths, card, tmp_path / "dask", client, stride=2, timeout=RUN_TIMEOUT, **settings)
+    report = map_images(paths, card, tmp_path / "dask", client, engine="caffe", stride=2, timeout=RUN_TIMEOUT, **settings)
     assert not report.failed, [r.error for r in report.failed]
     tiled = report.results[1]
     assert tiled.mode == "tiled" and tiled.tiles > 4, tiled  # planned once, its tiles run as tasks
@@ -361,7 +361,7 @@ def test_scales_and_detect_on_dask_match_one_process(client, card, crops, like_w
     settings = {"scales": (1.0, 0.8), "detect": True, "threshold": 0.5, "cls": "2",
                 "save": DEFAULT_SAVE | {"scales"}}
     (tmp_path / "dask").mkdir()
-    report = map_images(paths, card, tmp_path / "dask", client, timeout=RUN_TIMEOUT, **settings)
+    report = map_images(paths, card, tmp_path / "dask", client, engine="caffe", timeout=RUN_TIMEOUT, **settings)
     assert not report.failed, [r.error for r in report.failed]
     model = like_workers(card)
     _pipeline_run(model, paths, tmp_path / "single", **settings)
@@ -386,7 +386,7 @@ def test_long_side_and_output_on_dask_match_one_process(client, like_workers, tm
     Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(photo)
     settings = {"long_side": 100, "tile": 40}
     (tmp_path / "dask").mkdir()
-    report = map_images([photo], two, tmp_path / "dask", client, output="box", timeout=RUN_TIMEOUT, **settings)
+    report = map_images([photo], two, tmp_path / "dask", client, engine="caffe", output="box", timeout=RUN_TIMEOUT, **settings)
     (result,) = report.results
     assert result.ok and result.mode == "tiled" and result.tiles > 1, result
     _pipeline_run(like_workers(two, output="box"), [photo], tmp_path / "single", **settings)

@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 
 from fcnify.cli import cli
-from fcnify.engines import ENGINES, Engine, EngineEntry, LoadedNet, make_engine
+import json
+
+from fcnify.engines import (AUTO, DEFAULT_ENGINE, ENGINES, PROOF_ENGINE, Engine, EngineEntry, LoadedNet,
+                            make_engine, resolve_engine)
 from fcnify.errors import InputError
 from fcnify.io.models import find_model
 
@@ -18,15 +21,48 @@ NET = ('layer { name: "data" type: "Input" top: "data" input_param { shape { dim
 
 
 def test_cli_choices_are_the_table():
-    """--engine on classify-map, convert and verify offers exactly the table's names."""
+    """--engine on classify-map, convert and verify offers auto and exactly the table's names;
+    classify-map defaults to auto, convert and verify to Caffe (the engine that proves equivalence)."""
+    defaults = {}
     for command in ("classify-map", "convert", "verify"):
         option = next(p for p in cli.commands[command].params if p.name == "engine")
-        assert list(option.type.choices) == list(ENGINES) == ["caffe", "torch", "onnx"]
+        assert list(option.type.choices) == ["auto", *ENGINES]
+        defaults[command] = option.default
+    assert list(ENGINES)[:3] == ["caffe", "torch", "onnx"]
+    assert defaults == {"classify-map": "auto", "convert": "caffe", "verify": "caffe"}
+    assert DEFAULT_ENGINE == AUTO and PROOF_ENGINE == "caffe"
 
 
 def test_unknown_engine_is_one_line():
-    with pytest.raises(InputError, match="unknown engine 'nope'.*caffe, torch, onnx"):
+    with pytest.raises(InputError, match="unknown engine 'nope'.*auto, caffe, torch, onnx"):
         make_engine("nope")
+
+
+def test_auto_is_onnx_runtime_when_installed_else_caffe(monkeypatch):
+    """auto picks the onnx engine when onnxruntime can be imported, Caffe when it cannot;
+    any other name is taken as given."""
+    import importlib.util
+    have_ort = importlib.util.find_spec("onnxruntime") is not None
+    assert resolve_engine("auto") == ("onnx" if have_ort else "caffe")
+    assert make_engine("auto").name == resolve_engine("auto")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert resolve_engine("auto") == "caffe" and resolve_engine("torch") == "torch"
+    assert make_engine().name == "caffe"
+
+
+def test_auto_choice_is_in_the_summary_and_map_json(tmp_path):
+    """classify-map without --engine says which engine auto chose, in the text summary and in
+    map.json's run block; --engine caffe is recorded as caffe."""
+    chosen = resolve_engine("auto")
+    run = call_fcnify("classify-map", SCENE, "--model", "digits", "--out", tmp_path / "a", "--quiet")
+    assert run.code == 0, run
+    assert f"engine {chosen}" in run.out
+    doc = json.loads((tmp_path / "a" / "scene.map.json").read_text())
+    assert doc["run"]["engine"] == chosen and doc["run"]["precision"] == "f32"
+    run = call_fcnify("classify-map", SCENE, "--model", "digits", "--engine", "caffe", "--format", "json")
+    assert run.code == 0 and json.loads(run.out)["run"]["engine"] == "caffe", run
 
 
 @pytest.mark.parametrize("name", list(ENGINES))

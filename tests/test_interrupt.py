@@ -81,7 +81,7 @@ def test_ctrl_c_while_the_engine_closes_still_exits_130(tmp_path):
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    close(self)\n"
             "sandbox.Worker.close = interrupted\n"
-            f"sys.argv = ['fcnify', 'classify-map', {str(DIGITS_SCENE)!r}, '--model', 'digits']\n"
+            f"sys.argv = ['fcnify', 'classify-map', {str(DIGITS_SCENE)!r}, '--model', 'digits', '--engine', 'caffe']\n"
             "sys.exit(main())\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, TMPDIR=str(tmp_path)))

@@ -57,7 +57,7 @@ def caffenet_fcn(caffenet, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiling") / "caffenet"
     result = convert(proto, weights, out, check=False)
     card = card_for_model_def(result.outputs["prototxt"], result.outputs["caffemodel"])
-    model = DenseModel(card)
+    model = DenseModel(card, engine="caffe")  # Caffe's memory model (planner.estimate) plans its tiles
     yield model
     model.close()
 
@@ -68,7 +68,7 @@ def stride8_fcn(tmp_path_factory):
     proto, weights = write_model(tmp, "stride8", STRIDE8, seed=3)
     result = convert(proto, weights, tmp / "s8", check=False)
     card = card_for_model_def(result.outputs["prototxt"], result.outputs["caffemodel"])
-    model = DenseModel(card)
+    model = DenseModel(card, engine="caffe")  # Caffe's memory model (planner.estimate) plans its tiles
     yield model
     model.close()
 

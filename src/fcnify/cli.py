@@ -22,7 +22,7 @@ from typing import Sequence
 import click
 
 from .version import __version__
-from .engines import DEFAULT_ENGINE, engine_names
+from .engines import DEFAULT_ENGINE, PROOF_ENGINE, engine_names
 from .io.saved import save_help
 from .errors import (ArgumentError, FcnifyError, InputError, InternalError, NotEquivalentError,
                      OutputExists)
@@ -260,7 +260,7 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "Outputs": ("out_dir", "save", "store", "classes", "resume", "output", "softmax",
                     "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
-        "Resources": ("gpu", "engine", "max_memory", "workers", "scheduler"),
+        "Resources": ("gpu", "engine", "precision", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
     },
 }
@@ -336,8 +336,8 @@ def _model_card(model_name, **options):
 @click.option("--keep-output-names", is_flag=True,
               help="Keep the net's output blobs' names (default: converted blobs become NAME-conv).")
 @click.option("--gpu", type=int, metavar="ID", help="Run the check on this GPU (CUDA build).")
-@click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
-              help="Engine that runs the equivalence check.")
+@click.option("--engine", type=ENGINE, default=PROOF_ENGINE, show_default=True,
+              help="Engine that runs the equivalence check (Caffe proves it by default).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.option("--labels", "labels_file", type=PATH,
@@ -393,7 +393,7 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
 @click.option("--fcn-weights", type=PATH, help="FCN weights (default: FCN with .caffemodel).")
 @click.option("--samples", default=3, show_default=True, help="Seeded random inputs (plus cat.jpg).")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU (CUDA build).")
-@click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
+@click.option("--engine", type=ENGINE, default=PROOF_ENGINE, show_default=True,
               help="Engine that runs both nets.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
@@ -542,7 +542,12 @@ def _export_card(net: str, options: dict):
               help="Print a text summary, or one JSON document per image.")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
 @click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
-              help="Run the net with Caffe, PyTorch or ONNX Runtime.")
+              help="Run the net with Caffe, PyTorch, ONNX Runtime or OpenVINO; auto: ONNX Runtime "
+                   "when it is installed, else Caffe (the choice is in the summary and map.json).")
+@click.option("--precision", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="bf16: OpenVINO's (or torch autocast's) bfloat16 arithmetic, on CPUs with AMX or "
+                   "AVX512-BF16 only: several times faster, close to but not equal to the f32 map "
+                   "(docs/verify.md, bf16); recorded in map.json.")
 @click.option("--max-memory", type=MEMORY, metavar="SIZE",
               help="Memory budget, e.g. 2GiB (default: half of free RAM).")
 @click.option("--tile", type=IntIn("must be positive", min=1), metavar="N", help="Force tiles of N x N px.")
@@ -575,7 +580,7 @@ def _export_card(net: str, options: dict):
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  level, top_k, cls, out_dir, save, store, classes, resume,
-                 fmt, gpu, engine, max_memory, tile, labels_file, output, quiet, force,
+                 fmt, gpu, engine, precision, max_memory, tile, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
                  channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
     """Dense classification maps of images at their own resolution.
@@ -617,8 +622,10 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
                            channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
                            transpose=transpose, labels=labels_file, background_class=background_class,
                            box_head=box_head, softmax=softmax)
+    from .engines import check_choice
+    check_choice(engine, precision)  # a missing package or bf16 on this CPU: before any output
     spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
-                     stride=stride)
+                     stride=stride, precision=precision)
     with _out_folder(Path(out_dir)) if out_dir else nullcontext():
         if dask:
             _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet)

@@ -22,7 +22,7 @@ from .files import OutputSet
 from .caffe.geometry import MapGeometry, map_geometry, output_blobs, score_blob, smallest_input
 from .io.models import ModelCard
 from .caffe.netdef import NetDef, read_netdef, to_text
-from .engines import Engine, check_layer_types, make_engine
+from .engines import PROOF_ENGINE, Engine, check_layer_types, make_engine
 from .io.preprocess import Preprocess
 from .resolve import card_for_model_def, resolve_card  # noqa: F401 (card_for_model_def: re-exported)
 from .caffe.shapes import infer, input_shapes
@@ -133,7 +133,7 @@ def output_prefix(out: str | Path | None, model_def: Path, card: ModelCard | Non
 
 def prepare(model_def: str | Path, weights: str | Path, *, input_size: tuple[int, int] | None = None,
             card: ModelCard | None = None, layer_types: frozenset[str] | None = None,
-            engine: str = "caffe", keep_names: bool = False) -> tuple[ConvertResult, Weights]:
+            engine: str = PROOF_ENGINE, keep_names: bool = False) -> tuple[ConvertResult, Weights]:
     """Everything that needs no Caffe: parse, check, convert, transplant.
 
     `layer_types` are the types the engine that will run the net supports
@@ -143,7 +143,7 @@ def prepare(model_def: str | Path, weights: str | Path, *, input_size: tuple[int
     model_def, weights = Path(model_def), Path(weights)
     netdef = read_netdef(model_def)
     if layer_types is None:
-        layer_types = make_engine("caffe").layer_types()
+        layer_types = make_engine(PROOF_ENGINE).layer_types()
     check_layer_types(netdef.param, layer_types, model_def, engine)
     surgery = convert_net(netdef, input_size)
     if keep_names:
@@ -294,10 +294,10 @@ def convert(model_def: str | Path, weights: str | Path, out_prefix: str | Path |
     """
     if preprocess is not None:
         card = card_for(Path(model_def), Path(weights), card, preprocess)
-    runner = runner if (runner is not None or not check) else make_engine("caffe", gpu)
+    runner = runner if (runner is not None or not check) else make_engine(PROOF_ENGINE, gpu)
     result, w = prepare(model_def, weights, input_size=input_size, card=card,
                         layer_types=runner.layer_types() if runner is not None else None,
-                        engine=runner.name if runner is not None else "caffe",
+                        engine=runner.name if runner is not None else PROOF_ENGINE,
                         keep_names=keep_output_names)
     prefix = output_prefix(out_prefix, Path(model_def), card)
     if not result.changed:
@@ -340,7 +340,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
                       runner: Engine | None = None, check: bool = True,
                       workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
     """Convert into a temporary folder (for classify-map on an unconverted net)."""
-    runner = runner or make_engine("caffe")
+    runner = runner or make_engine(PROOF_ENGINE)
     result, w = prepare(model_def, weights, card=card, layer_types=runner.layer_types(),
                         engine=runner.name)
     if not result.changed:
@@ -361,7 +361,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
 
 def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
                  fcn_weights: str | Path | None = None, *, samples: int = 3, gpu: int | None = None,
-                 verbose: bool = False, engine: str = "caffe", card: str | Path | None = None,
+                 verbose: bool = False, engine: str = PROOF_ENGINE, card: str | Path | None = None,
                  **preprocessing) -> VerifyReport:
     """`fcnify verify`: compare any fully-convolutional net with its original.
 

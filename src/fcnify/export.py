@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .caffe.caffemodel import read_weights
+from .engines import PROOF_ENGINE
 from .caffe.shapes import infer, input_shapes
 from .engines.onnx_export import (EXPORTABLE, OPSET, ExportError, add_softmax, card_metadata,
                                   check_exportable, net_params,
@@ -118,6 +119,6 @@ def check_against_caffe(card, net, params: dict, onnx_file: Path, samples: int =
     from .surgery.surgery import convert_net
     netdef = read_netdef(card.model_def)
     blob_map = convert_net(netdef).blob_map  # names only: which converted blob is which head
-    with make_engine("caffe").load(card.model_def, card.weights) as a, OnnxFileNet(onnx_file) as b:
+    with make_engine(PROOF_ENGINE).load(card.model_def, card.weights) as a, OnnxFileNet(onnx_file) as b:
         return check_conversion(a, b, netdef.param, net, read_weights(card.weights), card.preprocess,
                                 blob_map, params, samples, card.model_def)

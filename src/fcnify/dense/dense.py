@@ -23,7 +23,7 @@ from ..caffe.geometry import (MapGeometry, SoftmaxPlan, hw, map_geometry, map_si
 from ..io.images import load_image, resize
 from ..io.windows import open_windows, windowed
 from ..io.labels import Labels
-from ..engines import check_layer_types
+from ..engines import DEFAULT_ENGINE, check_layer_types
 from ..io.models import ModelCard
 from ..io.outputs import head_file_name
 from ..caffe.netdef import read_netdef
@@ -59,6 +59,8 @@ class DenseMap:
     heads: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs: blob -> C x rows x cols
     stride_plan: dict | None = None  # how a --stride finer than the net's was made (stride.py)
     softmax: SoftmaxPlan | None = None  # whether `probs` are probabilities, and who made them
+    engine: str | None = None  # the engine that ran it (`auto` already resolved)
+    precision: str = "f32"  # the engine's arithmetic: f32, or bf16 (--precision; not "equal")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -183,7 +185,8 @@ class DenseMap:
                              "rows": int(a.shape[1]), "cols": int(a.shape[2]),
                              "geometry": "the class map's: same cells, windows and stride"}
                       for name, a in self.heads.items()},
-            "run": {"mode": self.mode, "tiles": self.tiles,
+            "run": {"mode": self.mode, "tiles": self.tiles, "engine": self.engine,
+                    "precision": self.precision,
                     "tile_size": list(self.tile_size) if self.tile_size else None,
                     "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
             "top_classes": self.top_classes(top_k),
@@ -225,13 +228,14 @@ class DenseModel:
     the card's), or a shipped model's name or a card's path, resolved as is.
     """
 
-    def __init__(self, card: ModelCard | str | Path, *, runner=None, engine: str = "caffe",
+    def __init__(self, card: ModelCard | str | Path, *, runner=None, engine: str = DEFAULT_ENGINE,
                  gpu: int | None = None, verbose: bool = False, check: bool = True,
                  output: str | None = None, stride: int | None = None, atrous: bool = True,
-                 softmax: bool | None = None) -> None:
+                 softmax: bool | None = None, precision: str = "f32") -> None:
         if not isinstance(card, ModelCard):
             card = resolve_card(card)
-        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose)
+        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose,
+                                                                    precision=precision)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}  # _map_size's
@@ -290,6 +294,8 @@ class DenseModel:
         """
         from ..convert import convert_in_memory
         self._workdir = tempfile.TemporaryDirectory(prefix="fcnify-")
+        if getattr(runner, "precision", "f32") != "f32":  # equivalence is a float32 question
+            runner = make_runner(runner.name, getattr(runner, "gpu", None))
         result, proto, model = convert_in_memory(card.model_def, card.weights, card=card, runner=runner,
                                                  check=check, workdir=Path(self._workdir.name))
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
@@ -621,7 +627,8 @@ class DenseModel:
                         timings=timings, image=image if keep_image else None, source=self.source,
                         output=self.output_blob, heads=info.get("heads") or {},
                         stride_plan=self.stride_plan.to_dict() if self.stride_plan else None,
-                        softmax=self.softmax)
+                        softmax=self.softmax, engine=self.runner.name,
+                        precision=getattr(self.runner, "precision", "f32"))
 
     def __enter__(self) -> "DenseModel":
         return self
@@ -723,10 +730,11 @@ def other_heads(net, output: str, path: Path | None = None) -> tuple[dict[str, i
     return mapped, unmapped
 
 
-def make_runner(engine: str = "caffe", gpu: int | None = None, *, verbose: bool = False):
-    """The engine called `engine` (engines.ENGINES)."""
+def make_runner(engine: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose: bool = False,
+                precision: str = "f32"):
+    """The engine called `engine` (engines.ENGINES), computing in `precision`."""
     from ..engines import make_engine
-    return make_engine(engine, gpu, verbose=verbose)
+    return make_engine(engine, gpu, verbose=verbose, precision=precision)
 
 
 def resolve_model(model: str | None = None, model_def: str | Path | None = None,
@@ -739,10 +747,10 @@ def classify_map(image: str | Path | np.ndarray, model: str | Path | ModelCard |
                  model_def: str | Path | None = None, weights: str | Path | None = None,
                  card: str | Path | ModelCard | None = None,
                  size: tuple[int, int] | None = None, scale: float | None = None,
-                 gpu: int | None = None, engine: str = "caffe", budget: int | None = None,
+                 gpu: int | None = None, engine: str = DEFAULT_ENGINE, budget: int | None = None,
                  tile: int | None = None, preprocess: Preprocess | None = None,
                  labels: str | Path | None = None, output: str | None = None,
-                 softmax: bool | None = None) -> DenseMap:
+                 softmax: bool | None = None, precision: str = "f32") -> DenseMap:
     """Dense classification map of one image (converting the net in memory if needed).
 
     The model is resolved as everywhere (resolve.resolve_card): `model` (a
@@ -751,10 +759,13 @@ def classify_map(image: str | Path | np.ndarray, model: str | Path | ModelCard |
     its card's. `output` names the class-map head, and the net's other heads
     come back in DenseMap.heads. `softmax` (None: the card's) says whether
     the map is probabilities; DenseMap.softmax says what was applied.
+    `precision="bf16"` (engines/cpu.py) is close to, not equal to, the float32 map; the map
+    records it.
     """
     the_card = resolve_card(model, model_def=model_def, weights=weights, card=card,
                             preprocess=preprocess, labels=labels)
-    dm = DenseModel(the_card, engine=engine, gpu=gpu, output=output, softmax=softmax)
+    dm = DenseModel(the_card, engine=engine, gpu=gpu, output=output, softmax=softmax,
+                    precision=precision)
     try:
         return dm.classify(image, size, scale, budget, tile)
     finally:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..engines import DEFAULT_ENGINE
 from ..errors import EngineCrash, FcnifyError, ImageError, InputError, OutputError, ResourceError, SetupError
 from ..files import TMP_MARK
 from ..io.models import ModelCard
@@ -244,7 +245,7 @@ def model_key(spec: ModelSpec) -> str:
 
 
 def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir: str | Path,
-               client: "Client", *, job: MapJob | None = None, engine: str = "caffe",
+               client: "Client", *, job: MapJob | None = None, engine: str = DEFAULT_ENGINE,
                gpu: int | None = None, verbose: bool = False, stride: int | None = None,
                output: str | None = None, progress: Callable[[ImageResult, int, int], None] | None = None,
                on_model: Callable[[ModelInfo], None] | None = None, timeout: float | None = None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
+from ..engines import DEFAULT_ENGINE, resolve_engine
 from ..errors import FcnifyError, InputError, OutputExists
 from ..io.labels import Labels
 from ..io.models import ModelCard
@@ -27,17 +28,22 @@ class ModelSpec:
     """Which net to load and how: all a Dask worker needs to load the same model as the client."""
 
     card: ModelCard
-    engine: str = "caffe"
+    engine: str = DEFAULT_ENGINE  # `auto` is resolved here, once, for every worker
     gpu: int | None = None
     verbose: bool = False
     output: str | None = None  # --output: the blob that is the class map
     stride: int | None = None  # --stride: a finer map (stride.py)
     softmax: bool | None = None  # --softmax on/off; None: as the card says
+    precision: str = "f32"  # --precision: f32, or bf16 (engines/cpu.py)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engine", resolve_engine(self.engine, self.precision))
 
     def load(self) -> DenseModel:
         """The loaded model; close it (or use it in a `with` block) when done."""
         return DenseModel(self.card, engine=self.engine, gpu=self.gpu, verbose=self.verbose,
-                          output=self.output, stride=self.stride, softmax=self.softmax)
+                          output=self.output, stride=self.stride, softmax=self.softmax,
+                          precision=self.precision)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,12 @@ to ONNX and run by ONNX Runtime, onnx_engine.py). Every caller (the CLI's
 --engine choices, DenseModel, convert, verify, Dask workers) picks one from
 `ENGINES` by name, so adding an engine is one module plus one row here.
 
+`auto` (DEFAULT_ENGINE: classify-map, DenseModel, classify_map, Dask) is not an
+engine but a choice: the first of AUTO_ORDER whose package is installed, the
+fastest engine that is exact to float32 rounding. `convert` and `verify` run
+PROOF_ENGINE, Caffe itself, so that equivalence is proven against the
+framework the net was trained in.
+
 The table names each engine's module and class as text and imports it on
 first use: the optional engines' packages (torch, onnxruntime) are only
 needed by whoever chooses them.
@@ -21,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..caffe.netdef import ENGINE_PARAMS
-from ..errors import FcnifyError, InputError, NetDefinitionError
+from ..errors import FcnifyError, InputError, NetDefinitionError, SetupError
 from ..caffe.planner import MemoryEstimate
 from ..caffe.shapes import infer
 
@@ -132,35 +138,88 @@ class EngineEntry:
     module: str
     cls: str
     summary: str
+    needs: str | None = None  # the module the engine imports (None: always tried)
+    bf16: str = ""  # how it computes --precision bf16 ("": float32 only)
 
-    def create(self, gpu: int | None = None, *, verbose: bool = False) -> Engine:
+    def installed(self) -> bool:
+        """Whether the engine's package can be imported (looked up, not imported: cheap)."""
+        import importlib.util
+        return self.needs is None or importlib.util.find_spec(self.needs) is not None
+
+    def create(self, gpu: int | None = None, *, verbose: bool = False, precision: str = "f32") -> Engine:
         """The engine, on the CPU or CUDA device `gpu` (SetupError if its package is missing)."""
         factory = getattr(importlib.import_module(self.module), self.cls)
+        if precision != "f32":  # only engines with a bf16 way take the argument
+            return factory(gpu=gpu, verbose=verbose, precision=precision)
         return factory(gpu=gpu, verbose=verbose)
 
 
 ENGINES: dict[str, EngineEntry] = {e.name: e for e in (
     EngineEntry("caffe", "fcnify.engines.caffe_engine", "CaffeRunner", "pycaffe, in fcnify's worker process"),
     EngineEntry("torch", "fcnify.engines.torch_engine", "TorchRunner",
-                "PyTorch, without pycaffe (pip install 'fcnify[torch]')"),
+                "PyTorch, without pycaffe (pip install 'fcnify[torch]')", needs="torch",
+                bf16="torch.autocast(bfloat16): convolutions and matrix products in bf16"),
     EngineEntry("onnx", "fcnify.engines.onnx_engine", "OnnxRunner",
-                "the net exported to ONNX, run by ONNX Runtime (pip install 'fcnify[onnx]')"),
+                "the net exported to ONNX, run by ONNX Runtime (pip install 'fcnify[onnx]')",
+                needs="onnxruntime"),
+    EngineEntry("openvino", "fcnify.engines.openvino_engine", "OpenvinoRunner",
+                "the net exported to ONNX, run by OpenVINO (pip install 'fcnify[openvino]')",
+                needs="openvino", bf16="OpenVINO's inference precision hint bf16 (AMX / AVX512-BF16)"),
 )}
 
-DEFAULT_ENGINE = "caffe"
+AUTO = "auto"
+AUTO_ORDER = ("onnx", "caffe")  # fastest first; each exact to float32 rounding
+AUTO_ORDER_BF16 = ("openvino", "torch")  # auto with --precision bf16
+DEFAULT_ENGINE = AUTO  # classify-map, DenseModel, classify_map and the Dask workers
+PROOF_ENGINE = "caffe"  # convert and verify: equivalence proven by Caffe itself
 
 
 def engine_names() -> list[str]:
-    """The names --engine accepts, in the table's order."""
-    return list(ENGINES)
+    """The names --engine accepts: auto, then the table's order."""
+    return [AUTO, *ENGINES]
 
 
-def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose: bool = False) -> Engine:
-    """The engine called `name` from ENGINES."""
+def resolve_engine(name: str = DEFAULT_ENGINE, precision: str = "f32") -> str:
+    """`auto` as the engine it picks (the first of AUTO_ORDER, or of AUTO_ORDER_BF16 for bf16,
+    that is installed); other names as given."""
+    if name != AUTO:
+        return name
+    order = AUTO_ORDER_BF16 if precision == "bf16" else AUTO_ORDER
+    return next((n for n in order if ENGINES[n].installed()), order[-1])
+
+
+def bf16_engines() -> list[str]:
+    """The engines that compute --precision bf16, in the table's order."""
+    return [name for name, entry in ENGINES.items() if entry.bf16]
+
+
+def check_choice(name: str = DEFAULT_ENGINE, precision: str = "f32") -> str:
+    """The engine `name` resolves to, refused in one line (exit 2) before any work or output
+    when its package is missing or it cannot compute `precision` here."""
+    from .cpu import check_precision
+    resolved = resolve_engine(name, precision)
+    entry = ENGINES.get(resolved)
+    if entry is None:
+        raise InputError(f"unknown engine '{name}' (one of: {', '.join(engine_names())})")
+    if not entry.installed():
+        extra = resolved if resolved in ("torch", "onnx", "openvino") else None
+        raise SetupError(f"--engine {resolved}: its package ({entry.needs}) is not installed"
+                         + (f": pip install 'fcnify[{extra}]'" if extra else ""))
+    check_precision(precision, resolved, bf16_engines())
+    return resolved
+
+
+def make_engine(name: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose: bool = False,
+                precision: str = "f32") -> Engine:
+    """The engine called `name` from ENGINES (`auto`: resolve_engine's pick), computing in
+    `precision` (cpu.check_precision refuses what the engine or the CPU cannot run)."""
+    from .cpu import check_precision
+    name = resolve_engine(name, precision)
     entry = ENGINES.get(name)
     if entry is None:
-        raise InputError(f"unknown engine '{name}' (one of: {', '.join(ENGINES)})")
-    return entry.create(gpu, verbose=verbose)
+        raise InputError(f"unknown engine '{name}' (one of: {', '.join(engine_names())})")
+    check_precision(precision, name, bf16_engines())
+    return entry.create(gpu, verbose=verbose, precision=precision)
 
 
 def _caffe_has_cudnn() -> bool:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..caffe.caffemodel import digest, read_weights
 from . import ShapeCheckedHandle
-from ..errors import DeviceError, FcnifyError, NetDefinitionError, ResourceError, SetupError, \
+from ..errors import ArgumentError, DeviceError, FcnifyError, NetDefinitionError, ResourceError, SetupError, \
     WeightsError
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import MemoryEstimate, estimate
@@ -60,14 +60,22 @@ class TorchRunner:
 
     name = "torch"
 
-    def __init__(self, gpu: int | None = None, verbose: bool = False) -> None:
+    def __init__(self, gpu: int | None = None, verbose: bool = False, precision: str = "f32") -> None:
         if torch is None:
             raise SetupError("the torch engine needs PyTorch: pip install 'fcnify[torch]'")
-        self.gpu = gpu
+        from . import bf16_engines
+        from .cpu import check_precision
+        if gpu is None:
+            check_precision(precision, self.name, bf16_engines())
+        elif precision != "f32":
+            raise ArgumentError(f"--precision {precision}: the torch engine's bf16 is for the CPU "
+                                "(AMX / AVX512-BF16); leave out --gpu")
+        self.gpu, self.precision = gpu, precision
         self.device = torch.device("cpu") if gpu is None else cuda_device(gpu)
 
     def load(self, model_def: str | Path, weights: str | Path | None = None) -> "TorchNet":
-        return TorchNet(Path(model_def), Path(weights) if weights else None, self.device)
+        return TorchNet(Path(model_def), Path(weights) if weights else None, self.device,
+                        bf16=self.precision == "bf16")
 
     def layer_types(self) -> frozenset[str]:
         return SUPPORTED
@@ -115,8 +123,9 @@ def exact_float32(device: "torch.device"):
 class TorchNet(ShapeCheckedHandle):
     """One loaded net: its layers as torch ops, its parameters on the device."""
 
-    def __init__(self, model_def: Path, weights: Path | None, device: "torch.device") -> None:
-        self.model_def, self.device = model_def, device
+    def __init__(self, model_def: Path, weights: Path | None, device: "torch.device", *,
+                 bf16: bool = False) -> None:
+        self.model_def, self.device, self.bf16 = model_def, device, bf16
         self.net = read_netdef(model_def).param
         for layer in self.net.layer:
             if layer.type not in SUPPORTED:
@@ -136,7 +145,7 @@ class TorchNet(ShapeCheckedHandle):
     def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run the net on `inputs` (any size the net accepts) and return copies of `outputs`."""
         blobs = self._run(inputs, outputs)
-        return {name: blobs[name].cpu().numpy().copy() for name in outputs}
+        return {name: blobs[name].float().cpu().numpy().copy() for name in outputs}
 
     def timed_forward(self, inputs: dict[str, np.ndarray], outputs: list[str],
                       repeats: int = 1) -> tuple[dict[str, np.ndarray], list[float]]:
@@ -180,7 +189,8 @@ class TorchNet(ShapeCheckedHandle):
             for name in (*layer.bottom, *layer.top):
                 last[name] = i
         blobs: dict[str, torch.Tensor] = {}
-        with torch.inference_mode(), exact_float32(self.device):
+        with torch.inference_mode(), exact_float32(self.device), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             for i, (layer, op) in enumerate(zip(self.net.layer, self.ops)):
                 if layer.type == "Input":
                     tops = [_tensor(inputs[t], self.device) for t in layer.top]

@@ -333,7 +333,9 @@ def text_summary(dm, top_k: int = 5, max_cols: int = 40) -> str:
              + (f" (offset {g.offset[1]},{g.offset[0]})" if any(g.offset) else "")
              + f", each changed by pixels within its {hw(*g.reach)} px reach"
              + f"; run: {dm.mode}" + (f", {dm.tiles} tiles of {hw(*dm.tile_size)} px"
-                                       if dm.mode == "tiled" else "")]
+                                       if dm.mode == "tiled" else "")
+             + (f", engine {dm.engine}" if dm.engine else "")
+             + (f" in {dm.precision}" if dm.precision != "f32" else "")]
     if dm.output is not None:
         lines.append(f"class map: output '{dm.output}'"
                      + "".join(f"; also output '{b}' ({a.shape[0]} values per cell)"
