@@ -42,7 +42,7 @@ def test_store_chunks_spread_over_both_workers(client, card, like_workers, tmp_p
     out = tmp_path / "dask"
     out.mkdir()
     job = MapJob(store="zarr", tile=90, save=frozenset({"scores", "argmax", "json"}))
-    report = map_images([slide], card, out, client, job=job, timeout=RUN_TIMEOUT)
+    report = map_images([slide], card, out, client, job=job, engine="caffe", timeout=RUN_TIMEOUT)
     (result,) = report.results
     assert result.ok, result.error
     per_worker = result.document["chunks_per_worker"]
@@ -64,7 +64,7 @@ def test_tiled_tiff_spread_in_the_ordinary_mode(client, card, like_workers, tmp_
     out = tmp_path / "dask"
     out.mkdir()
     job = MapJob(tile=90, level=1, save=frozenset({"scores"}))
-    report = map_images([slide], card, out, client, job=job, timeout=RUN_TIMEOUT)
+    report = map_images([slide], card, out, client, job=job, engine="caffe", timeout=RUN_TIMEOUT)
     (result,) = report.results
     assert result.ok, result.error
     assert result.mode == "tiled" and len(set(result.workers)) == 2, result.workers
