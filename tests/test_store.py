@@ -36,7 +36,7 @@ def net(tmp_path_factory):
 @pytest.fixture(scope="module")
 def raw(net):
     """The net with --softmax off: the store holds scores, which tests compare."""
-    model = DenseModel(net[0], softmax=False)
+    model = DenseModel(net[0], softmax=False, engine="caffe")  # tight budgets: Caffe's memory model
     yield model
     model.close()
 

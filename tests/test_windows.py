@@ -42,7 +42,8 @@ def s8(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("windows-net")
     proto, weights = write_model(tmp, "stride8", STRIDE8, seed=3)
     result = convert(proto, weights, tmp / "s8", check=False)
-    model = DenseModel(card_for_model_def(result.outputs["prototxt"], result.outputs["caffemodel"]))
+    model = DenseModel(card_for_model_def(result.outputs["prototxt"], result.outputs["caffemodel"]),
+                       engine="caffe")  # the tight-budget tests use Caffe's memory model
     yield model, result.outputs["prototxt"], result.outputs["caffemodel"]
     model.close()
 
