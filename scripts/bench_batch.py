@@ -27,9 +27,11 @@ Usage: .venv/bin/python scripts/bench_batch.py [--quick] [--out FILE]
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -301,6 +303,7 @@ def main() -> int:
     print(f"CPU: {results['cpu']['model']}, {results['cpu']['cpus']} CPUs; flags: {' '.join(results['cpu']['flags'])}")
     print(f"default engine (auto): {results['default_engine']}")
     tmp = Path(tempfile.mkdtemp(prefix="fcnify-bench-batch-"))
+    atexit.register(shutil.rmtree, tmp, True)  # seeded weights and maps: hundreds of MB
     _, _, card = caffenet(tmp)
     card = str(card)
     want = lambda s: args.only in (None, s)  # noqa: E731

@@ -34,9 +34,11 @@ before each measurement. Usage: .venv/bin/python scripts/bench_dense.py [--quick
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -424,6 +426,7 @@ def main() -> int:
                                  "platform": platform.platform()},
                      "budget_bytes": budget}
     tmp = Path(tempfile.mkdtemp(prefix="fcnify-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # seeded weights and maps: hundreds of MB
     proto = caffe_source() / "models" / "bvlc_reference_caffenet" / "deploy.prototxt"
     weights = write_random_caffemodel(read_netdef(proto), tmp / "caffenet.caffemodel", seed=1)
     conv = convert(proto, weights, tmp / "caffenet", check=False)

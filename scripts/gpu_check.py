@@ -22,9 +22,11 @@ GPU it prints the CPU rows and says why the GPU rows were skipped.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}; GPU: {gpu_name or 'none'}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="fcnify-gpu-check-"))
+    atexit.register(shutil.rmtree, work, True)  # seeded weights and maps: hundreds of MB
     t0 = time.perf_counter()
     weights = write_random_caffemodel(read_netdef(args.model_def), work / "caffenet_seeded.caffemodel",
                                       seed=args.seed)
