@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Real LeNet MNIST on scenes of MNIST test digits: --stride and --scales --detect, measured.
 
-Not a test (it takes minutes on 2 cores): the figures quoted in README.md.
+Not a test (it takes minutes on 2 cores): the figures quoted in docs/cli.md (--stride) and docs/detection.md.
   (1) 800x600 scene, digits placed anywhere: share of digits named by the map
       cell centred on them, at the net's stride 4 and at --stride 1;
   (2) a scene of 28-px and 42-px digits, --scales 1,0.667 --detect: share of

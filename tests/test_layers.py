@@ -1,5 +1,5 @@
 """The package's layers hold: `lint-imports` keeps pyproject's contract, and breaks it when a lower layer
-imports a higher one (README "Layout")."""
+imports a higher one (docs/development.md, "Layout")."""
 import os
 import shutil
 import subprocess
