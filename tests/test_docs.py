@@ -71,12 +71,13 @@ def option_names(command: click.Command) -> list[str]:
     return names
 
 
-def sections(text: str, full_name: str) -> str:
+def sections(text: str, full_name: str, group: bool = False) -> str:
     """The text under every heading of `text` that starts with `` `FULL_NAME`` followed by
-    a space or the closing backquote (the command's prose section and its option reference)."""
+    a space or the closing backquote (the command's prose section and its option reference);
+    for a group, only the closing backquote, so its subcommands' sections do not count."""
     parts = HEADING.split(text)
     # parts: [before, heading1, body1, heading2, body2, ...]
-    start = re.compile(r"^`" + re.escape(full_name) + r"[` ]")
+    start = re.compile(r"^`" + re.escape(full_name) + (r"`" if group else r"[` ]"))
     return "\n".join(parts[i + 1] for i in range(1, len(parts), 2) if start.match(parts[i]))
 
 
@@ -85,7 +86,7 @@ def missing_options(text: str) -> list[str]:
     do not name one of its options as a whole word."""
     missing = []
     for full_name, command in commands():
-        body = sections(text, full_name)
+        body = sections(text, full_name, isinstance(command, click.Group))
         if not body:
             missing.append(full_name)
             continue
