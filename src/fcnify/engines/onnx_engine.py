@@ -105,10 +105,12 @@ def execution_providers(gpu: int | None) -> list:
     return chosen
 
 
-class OnnxNet(ShapeCheckedHandle):
-    """One net in ONNX Runtime: its session, the Caffe blobs it returns, its weights' digests."""
+class ExportedNet(ShapeCheckedHandle):
+    """A Caffe net exported to ONNX (onnx_export.py) in a runtime that reads the graph: what the
+    onnx and openvino handles share. A subclass's `_open(outputs)` (re)builds its runtime's
+    graph with those Caffe blobs as outputs and sets `_outputs`."""
 
-    def __init__(self, model_def: Path, weights: Path | None, runner: OnnxRunner) -> None:
+    def __init__(self, model_def: Path, weights: Path | None, runner) -> None:
         self.model_def, self.runner = model_def, runner
         self.net = read_netdef(model_def).param
         check_exportable(self.net, model_def)
@@ -116,10 +118,38 @@ class OnnxNet(ShapeCheckedHandle):
         self._blob_shapes = infer(self.net, path=model_def).blobs
         self._shapes_key: tuple | None = None
         self._params = net_params(self.net, weights, model_def)
-        self._values: list = []
         self._outputs: tuple[str, ...] = ()
-        self.session = None
         self._open(tuple(dict.fromkeys([*output_blobs(self.net), score_blob(self.net)])))
+
+    def _open(self, outputs: tuple[str, ...]) -> None:  # pragma: no cover - each runtime has its own
+        raise NotImplementedError
+
+    def _prepare(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Check `inputs`, make `outputs` graph outputs if they are not yet, and return the feeds."""
+        self._check_inputs(inputs, outputs)
+        missing = [o for o in outputs if o not in self._outputs]
+        if missing:
+            self._open(tuple(dict.fromkeys([*self._outputs, *missing])))
+        return {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in inputs.items()}
+
+    def params(self) -> dict[str, list[np.ndarray]]:
+        return {name: [a.copy() for a in arrays] for name, arrays in self._params.items()}
+
+    def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+        """(shape, BLAKE2b-128) of each parameter array that the runtime was handed."""
+        return {name: [(tuple(a.shape), digest(a)) for a in arrays] for name, arrays in self._params.items()}
+
+    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._blob_shapes)
+
+
+class OnnxNet(ExportedNet):
+    """One net in ONNX Runtime: its session, the Caffe blobs it returns, its weights' digests."""
+
+    def __init__(self, model_def: Path, weights: Path | None, runner: OnnxRunner) -> None:
+        self._values: list = []
+        self.session = None
+        super().__init__(model_def, weights, runner)
 
     def _open(self, outputs: tuple[str, ...]) -> None:
         """(Re)build the graph with `outputs` and start a session on it.
@@ -158,11 +188,7 @@ class OnnxNet(ShapeCheckedHandle):
 
     def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run on `inputs` (any size the net accepts) and return the blobs `outputs`."""
-        self._check_inputs(inputs, outputs)
-        missing = [o for o in outputs if o not in self._outputs]
-        if missing:
-            self._open(tuple(dict.fromkeys([*self._outputs, *missing])))
-        feeds = {name: np.ascontiguousarray(array, dtype=np.float32) for name, array in inputs.items()}
+        feeds = self._prepare(inputs, outputs)
         try:
             got = self.session.run(list(outputs), feeds)
         except MemoryError:
@@ -174,16 +200,6 @@ class OnnxNet(ShapeCheckedHandle):
             raise kind(f"ONNX Runtime failed running {self.model_def.name}: {text}",
                        self.model_def) from None
         return dict(zip(outputs, got))
-
-    def params(self) -> dict[str, list[np.ndarray]]:
-        return {name: [a.copy() for a in arrays] for name, arrays in self._params.items()}
-
-    def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
-        """(shape, BLAKE2b-128) of each parameter array that ONNX Runtime was handed."""
-        return {name: [(tuple(a.shape), digest(a)) for a in arrays] for name, arrays in self._params.items()}
-
-    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._blob_shapes)
 
     def close(self) -> None:
         self.session = None

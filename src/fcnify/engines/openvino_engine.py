@@ -28,16 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ShapeCheckedHandle, bf16_engines
-from ..caffe.caffemodel import digest
-from ..caffe.geometry import output_blobs, score_blob
-from ..caffe.netdef import read_netdef
+from . import bf16_engines
 from ..caffe.planner import MemoryEstimate
 from ..caffe.shapes import infer, input_shapes
 from ..errors import DeviceError, FcnifyError, ResourceError, SetupError
 from .cpu import check_precision
-from .onnx_engine import onnx_memory, process_rss
-from .onnx_export import EXPORTABLE, check_exportable, net_params, require_onnx, to_onnx
+from .onnx_engine import ExportedNet, _first_line, onnx_memory, process_rss
+from .onnx_export import EXPORTABLE, require_onnx, to_onnx
 
 # Measured peak RSS of a fresh process (loading and one whole pass, over the RSS before
 # loading): CaffeNet's FCN at 451-1795 px (scripts/bench_batch.py --only memory, 233 MB of
@@ -137,20 +134,12 @@ def ov_capabilities(device: str) -> frozenset[str]:
         return frozenset()
 
 
-class OpenvinoNet(ShapeCheckedHandle):
+class OpenvinoNet(ExportedNet):
     """One net in OpenVINO: its model, compiled per input shape, and the Caffe blobs it returns."""
 
     def __init__(self, model_def: Path, weights: Path | None, runner: OpenvinoRunner) -> None:
-        self.model_def, self.runner = model_def, runner
-        self.net = read_netdef(model_def).param
-        check_exportable(self.net, model_def)
-        self.inputs = input_shapes(self.net)
-        self._blob_shapes = infer(self.net, path=model_def).blobs
-        self._shapes_key: tuple | None = None
-        self._params = net_params(self.net, weights, model_def)
         self.model = self.compiled = self.request = None
-        self._outputs: tuple[str, ...] = ()
-        self._open(tuple(dict.fromkeys([*output_blobs(self.net), score_blob(self.net)])))
+        super().__init__(model_def, weights, runner)
 
     def _open(self, outputs: tuple[str, ...]) -> None:
         """(Re)build the graph with `outputs` and read it into OpenVINO (compiled on first use)."""
@@ -177,11 +166,7 @@ class OpenvinoNet(ShapeCheckedHandle):
 
     def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run on `inputs` (any size the net accepts) and return copies of the blobs `outputs`."""
-        self._check_inputs(inputs, outputs)
-        missing = [o for o in outputs if o not in self._outputs]
-        if missing:
-            self._open(tuple(dict.fromkeys([*self._outputs, *missing])))
-        feeds = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in inputs.items()}
+        feeds = self._prepare(inputs, outputs)
         request = self.request
         try:
             request.infer(feeds)
@@ -193,24 +178,9 @@ class OpenvinoNet(ShapeCheckedHandle):
                               self.model_def) from None
         return {o: np.array(request.get_tensor(o).data, dtype=np.float32) for o in outputs}
 
-    def params(self) -> dict[str, list[np.ndarray]]:
-        return {name: [a.copy() for a in arrays] for name, arrays in self._params.items()}
-
-    def param_digests(self) -> dict[str, list[tuple[tuple[int, ...], str]]]:
-        """(shape, BLAKE2b-128) of each parameter array that OpenVINO was handed."""
-        return {name: [(tuple(a.shape), digest(a)) for a in arrays] for name, arrays in self._params.items()}
-
-    def blob_shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._blob_shapes)
-
     def close(self) -> None:
         self.model = self.compiled = self.request = None
         self._params = {}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def openvino_memory(net, height: int, width: int, base: int = 0) -> MemoryEstimate:
