@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -338,15 +337,15 @@ def write_card_only(result: ConvertResult, card_file: Path, force: bool) -> Conv
 
 def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: ModelCard | None = None,
                       runner: Engine | None = None, check: bool = True,
-                      workdir: Path | None = None) -> tuple[ConvertResult, Path, Path]:
-    """Convert into a temporary folder (for classify-map on an unconverted net)."""
+                      workdir: Path) -> tuple[ConvertResult, Path, Path]:
+    """Convert into `workdir`, a temporary folder the caller removes (classify-map on an unconverted net)."""
     runner = runner or make_engine(PROOF_ENGINE)
     result, w = prepare(model_def, weights, card=card, layer_types=runner.layer_types(),
                         engine=runner.name)
     if not result.changed:
         raise ConversionError("has no InnerProduct layer to convert; pass it as an already "
                               "fully-convolutional net", Path(model_def))
-    tmpdir = Path(workdir or tempfile.mkdtemp(prefix="fcnify-"))
+    tmpdir = Path(workdir)
     out = OutputSet(force=True)
     proto, model = tmpdir / "net_full_conv.prototxt", tmpdir / "net_full_conv.caffemodel"
     with out:

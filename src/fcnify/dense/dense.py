@@ -8,7 +8,6 @@ give the same map; the planner picks the tile size from the memory budget.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..caffe.caffemodel import read_weights
 from ..errors import ImageError, InputError, ResourceError
+from ..files import ScratchDir
 from ..caffe.geometry import (MapGeometry, SoftmaxPlan, hw, map_geometry, map_size, output_blobs,
                               score_blob, softmax_plan)
 from ..io.images import load_image, resize
@@ -240,8 +240,8 @@ class DenseModel:
         self.warn: Callable[[str], None] | None = None
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}  # _map_size's
         self._estimates: dict[tuple[int, int], object] = {}  # _estimate's
-        self._workdir: tempfile.TemporaryDirectory | None = None  # an in-memory conversion's files
-        self._strided: tempfile.TemporaryDirectory | None = None  # an à trous rewrite's prototxt
+        self._workdir: ScratchDir | None = None  # an in-memory conversion's files
+        self._strided: ScratchDir | None = None  # an à trous rewrite's prototxt
         converted = not card.fully_convolutional  # then fcnify wrote (and checked) the weights
         if stride is not None:  # before any conversion runs Caffe
             from .stride import check_stride
@@ -290,10 +290,11 @@ class DenseModel:
         """Convert an unconverted net in memory, checked on the engine that will run it.
 
         The converted files live in a temporary folder removed by close() (or
-        when the model is garbage-collected): CaffeNet's weights are 233 MB.
+        when the model is garbage-collected, or by the next run if this
+        process is killed: files.ScratchDir): CaffeNet's weights are 233 MB.
         """
         from ..convert import convert_in_memory
-        self._workdir = tempfile.TemporaryDirectory(prefix="fcnify-")
+        self._workdir = ScratchDir("convert")
         if getattr(runner, "precision", "f32") != "f32":  # equivalence is a float32 question
             runner = make_runner(runner.name, getattr(runner, "gpu", None))
         result, proto, model = convert_in_memory(card.model_def, card.weights, card=card, runner=runner,
@@ -311,7 +312,7 @@ class DenseModel:
         if plan.atrous > 1:
             net = rewrite_atrous(net, plan)
             fit_declared_input(net, self.score_blob)
-            self._strided = tempfile.TemporaryDirectory(prefix="fcnify-stride-")
+            self._strided = ScratchDir("stride")
             path = Path(self._strided.name) / f"{Path(card.model_def).stem}_stride{stride}.prototxt"
             path.write_text(to_text(net))
             card = replace(card, model_def=path)

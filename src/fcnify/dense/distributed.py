@@ -25,9 +25,7 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -40,7 +38,7 @@ import numpy as np
 
 from ..engines import DEFAULT_ENGINE
 from ..errors import EngineCrash, FcnifyError, ImageError, InputError, OutputError, ResourceError, SetupError
-from ..files import TMP_MARK
+from ..files import TMP_MARK, ScratchDir
 from ..io.models import ModelCard
 from ..io.outputs import unique_names
 from .pipeline import MapJob, MapResult, ModelSpec, check_outputs, class_id, output_paths
@@ -194,7 +192,8 @@ def connect(scheduler: str | None = None, workers: int | None = None,
     if workers < 1:
         raise InputError(f"--workers {workers}: need at least one worker")
     import dask
-    scratch = tempfile.mkdtemp(prefix="fcnify-dask-")  # the workers' temporary files, whatever ends them
+    folder = ScratchDir("dask")  # the workers' temporary files, whatever ends them (even a SIGKILL)
+    scratch = folder.name
     try:
         with _sigint_ignored(), dask.config.set({"temporary-directory": scratch}):
             # no dashboard; the scheduler's small HTTP server (health, metrics) on a free loopback port
@@ -210,7 +209,7 @@ def connect(scheduler: str | None = None, workers: int | None = None,
                 _quiet(client)  # stopped mid-task (Ctrl-C, a failure): "still alive, killing" is expected
                 raise
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        folder.cleanup()
 
 
 @contextmanager
