@@ -237,6 +237,9 @@ def score_layer(net, blob: str, weights) -> ScoreLayer:
     return ScoreLayer(producer, params, accumulation_length(net, blob), after)
 
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # 2^-126: below it a float32 probability may be flushed to 0
+
+
 def softmax(scores: np.ndarray, axis: int = 1) -> np.ndarray:
     """float64 Softmax (for saturation and for nets whose output is the scores)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -252,13 +255,18 @@ def probability_tolerance(pa: np.ndarray, pb: np.ndarray, score_tol: np.ndarray,
     classes), each probability moves by at most a factor exp(+-2T), so
     |p_a - p_b| <= min(p_a, p_b) * (exp(2T) - 1). Softmax's own float32
     rounding (an exp, a sum over C classes, a division) adds
-    2 * LAMBDA * sqrt(C + 2) * u * max(p_a, p_b).
+    2 * LAMBDA * sqrt(C + 2) * u * max(p_a, p_b). Below float32's smallest
+    normal number (2^-126) there is no relative accuracy left: one engine's
+    exp returns a subnormal where another's flushes to zero (FTZ/DAZ, the
+    vectorised exp of ONNX Runtime's AVX2 kernels), so that much is added
+    as an absolute term.
     """
     t = np.max(score_tol, axis=axis, keepdims=True)
     a, b = np.asarray(pa, dtype=np.float64), np.asarray(pb, dtype=np.float64)
     classes = a.shape[axis]
     with np.errstate(over="ignore", invalid="ignore"):  # an infinite score bound: an infinite one here
-        return np.minimum(a, b) * np.expm1(2.0 * t) + factor(classes + 2) * np.maximum(a, b)
+        return (np.minimum(a, b) * np.expm1(2.0 * t) + factor(classes + 2) * np.maximum(a, b)
+                + FLOAT32_TINY)
 
 
 def within(a: np.ndarray, b: np.ndarray, tol: np.ndarray) -> tuple[bool, float]:
