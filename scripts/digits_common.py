@@ -47,10 +47,15 @@ def read_split() -> dict:
     return json.loads(SPLIT_FILE.read_text())
 
 
-def upscale(image: np.ndarray) -> np.ndarray:
-    """8x8 digit (0-16) -> 24x24 ink coverage in [0, 1], bilinear, as Pillow does it."""
+def upscale(image: np.ndarray, size: int = DIGIT) -> np.ndarray:
+    """8x8 digit (0-16) -> size x size ink coverage in [0, 1], bilinear, as Pillow does it.
+
+    The net is trained on 24-px digits; other sizes are what it must call
+    background (a window inside a larger digit, a smaller one) and what the
+    two-size detection scene draws.
+    """
     small = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32) / 16.0)
-    big = np.asarray(small.resize((DIGIT, DIGIT), Image.BILINEAR), dtype=np.float32)
+    big = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.float32)
     return np.clip(big, 0.0, 1.0)
 
 

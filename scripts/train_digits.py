@@ -2,14 +2,20 @@
 
 The README's first command converts this net to a fully-convolutional one and
 slides it over prototxt/digits/scene.png every 4 px. So the net must learn two
-things: the 10 digits of scikit-learn's set, centred within +-2 px, and that
-every other 28-px window (blank paper, digits 7 px or more off centre, two
-half digits, stray strokes) is class 10, "background".
+things: the 10 digits of scikit-learn's set, drawn 24 px and centred within
++-2 px, and that every other 28-px window (blank paper, digits 7 px or more
+off centre, two half digits, stray strokes, a window inside a digit drawn
+1.3-1.7x larger, a digit drawn 0.4-0.75x smaller) is class 10, "background".
+The last two make it a detector over an image pyramid: with `--scales
+1,0.667` a 36-px digit is found at 0.667 (where it is 24 px) and not at 1
+(where a window sees only part of it), a 24-px one at 1 and not at 0.667
+(where it is 16 px). A share of the digits is drawn 36 px and shrunk to 28 by
+fcnify's own resize, so the net also knows a digit as the pyramid shows it.
 
 Pixels go through fcnify's own Preprocess, so the model's JSON sidecar is the
 truth about its input. Training uses Caffe's SGD solver from pycaffe, seeded.
 
-    .venv/bin/python scripts/train_digits.py     # a few minutes on 2 CPU cores
+    .venv/bin/python scripts/train_digits.py     # about 5 minutes on 2 CPU cores
 
 Writes prototxt/digits/{deploy.prototxt, digits.caffemodel, labels.txt,
 model.json, split.json}; exits 1 if held-out digit accuracy is below 95%.
@@ -32,14 +38,18 @@ from caffe.proto import caffe_pb2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import digits_common as dc  # noqa: E402
+from fcnify.io.images import resize  # noqa: E402
 from fcnify.io.preprocess import Preprocess  # noqa: E402
 
 SEED = 1234
 SPLIT_SEED = 0
 HELDOUT_FRACTION = 0.3
 BATCH = 64
-ITERATIONS = 4000
-BACKGROUND_SHARE = 0.4
+ITERATIONS = 6000
+BACKGROUND_SHARE = 0.5
+PYRAMID_SHARE = 0.25           # of the digits: drawn 1.5x, then resized by 2/3 as --scales does
+LARGER = (1.3, 1.7)            # background: a window inside a digit this much larger
+SMALLER = (0.4, 0.75)          # background: a digit this much smaller
 MIN_ACCURACY = 0.95
 BACKGROUND_EVAL = 2000
 PREPROCESS = Preprocess.from_dict(dc.PREPROCESS)
@@ -118,17 +128,36 @@ def dust(rng: np.random.Generator) -> np.ndarray:
     return cover * rng.uniform(0.3, 1.0)
 
 
-def background_patch(rng: np.random.Generator, covers: list[np.ndarray]) -> np.ndarray:
-    """One 28-px window that must read as background in a scene of digits on paper."""
+def resized_digit(rng: np.random.Generator, image: np.ndarray, factor: tuple[float, float],
+                  reach: int) -> np.ndarray:
+    """A patch with one digit drawn `factor` times 24 px, its centre within `reach` px of the patch's."""
+    size = int(round(dc.DIGIT * rng.uniform(*factor)))
+    dx, dy = (int(v) for v in rng.integers(-reach, reach + 1, size=2))
+    shift = (size - dc.DIGIT) // 2      # render_patch places a 24-px digit; centre this one instead
+    return dc.render_patch(rng, [(dc.upscale(image, size), dx - shift, dy - shift)])
+
+
+def background_patch(rng: np.random.Generator, covers: list[np.ndarray],
+                     images: np.ndarray) -> np.ndarray:
+    """One 28-px window that must read as background in a scene of digits on paper.
+
+    `covers` are the training digits at 24 px, `images` the same digits as 8x8
+    arrays, for the kinds drawn at other sizes.
+    """
     pick = lambda: covers[int(rng.integers(len(covers)))]  # noqa: E731
+    image = lambda: images[int(rng.integers(len(images)))]  # noqa: E731
     kind = rng.random()
-    if kind < 0.15:                                    # blank paper
+    if kind < 0.10:                                    # blank paper
         return dc.render_patch(rng, [])
-    if kind < 0.25:                                    # paper with specks
+    if kind < 0.16:                                    # paper with specks
         canvas = dc.paper(rng, dc.PATCH, dc.PATCH)
         dc.lay_ink(canvas, dust(rng), 0, 0, rng)
         return dc.to_rgb(canvas)
-    if kind < 0.60:                                    # one digit, off centre
+    if kind < 0.36:                                    # inside a larger digit, anywhere on it
+        return resized_digit(rng, image(), LARGER, reach=10)
+    if kind < 0.46:                                    # a smaller digit, about centred
+        return resized_digit(rng, image(), SMALLER, reach=4)
+    if kind < 0.66:                                    # one digit, off centre
         return dc.render_patch(rng, [(pick(), *off_centre(rng))])
     if kind < 0.80:                                    # two half digits either side
         gap = int(rng.integers(dc.DIGIT + 12, dc.DIGIT + 30))
@@ -151,17 +180,30 @@ def digit_patch(rng: np.random.Generator, cover: np.ndarray) -> np.ndarray:
     return dc.render_patch(rng, [(cover, dx, dy)])
 
 
-def batch(rng: np.random.Generator, covers: list[np.ndarray], labels: np.ndarray,
-          size: int) -> tuple[np.ndarray, np.ndarray]:
+def pyramid_digit_patch(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A digit drawn 36 px in a 42-px patch, within +-3 px of centre, shrunk to 28 px by
+    fcnify's resize: what `--scales 0.667` shows the net of a digit 1.5x its size."""
+    big = dc.PATCH * 3 // 2
+    size = dc.DIGIT * 3 // 2
+    canvas = dc.paper(rng, big, big)
+    dx, dy = (int(v) for v in rng.integers(-3, 4, size=2))
+    dc.lay_ink(canvas, dc.upscale(image, size), (big - size) // 2 + dx, (big - size) // 2 + dy, rng)
+    return resize(dc.to_rgb(canvas), dc.PATCH, dc.PATCH)
+
+
+def batch(rng: np.random.Generator, covers: list[np.ndarray], images: np.ndarray,
+          labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A training batch, already through Preprocess, and its class indices."""
     x = np.empty((size, 1, dc.PATCH, dc.PATCH), np.float32)
     y = np.empty(size, np.float32)
     for k in range(size):
         if rng.random() < BACKGROUND_SHARE:
-            x[k], y[k] = PREPROCESS.apply(background_patch(rng, covers)), dc.BACKGROUND
-        else:
-            i = int(rng.integers(len(covers)))
-            x[k], y[k] = PREPROCESS.apply(digit_patch(rng, covers[i])), labels[i]
+            x[k], y[k] = PREPROCESS.apply(background_patch(rng, covers, images)), dc.BACKGROUND
+            continue
+        i = int(rng.integers(len(covers)))
+        patch = (pyramid_digit_patch(rng, images[i]) if rng.random() < PYRAMID_SHARE
+                 else digit_patch(rng, covers[i]))
+        x[k], y[k] = PREPROCESS.apply(patch), labels[i]
     return x, y
 
 
@@ -220,7 +262,7 @@ def main() -> int:
         solver = caffe.SGDSolver(str(solver_file))
         running = None
         for it in range(1, ITERATIONS + 1):
-            x, y = batch(rng, covers, labels[train], BATCH)
+            x, y = batch(rng, covers, images[train], labels[train], BATCH)
             solver.net.blobs["data"].data[...] = x
             solver.net.blobs["label"].data[...] = y
             solver.step(1)
@@ -236,7 +278,7 @@ def main() -> int:
     digit_acc = float((classify(net, x) == y).mean())
     bg_rng = np.random.default_rng(dc.HELDOUT_SEED + 1)
     held_covers = [dc.upscale(images[i]) for i in heldout]
-    xb = np.stack([PREPROCESS.apply(background_patch(bg_rng, held_covers))
+    xb = np.stack([PREPROCESS.apply(background_patch(bg_rng, held_covers, images[heldout]))
                    for _ in range(BACKGROUND_EVAL)])
     bg_acc = float((classify(net, xb) == dc.BACKGROUND).mean())
     size_kb = (out / "digits.caffemodel").stat().st_size / 1024
