@@ -517,9 +517,14 @@ class DenseModel:
         pre = self.card.preprocess
         wanted = [blob] + list(self.heads)
         seconds = {} if seconds is None else seconds
+        shared = getattr(self.net, "input_array", None)
         for t in tiles:
             t0 = time.perf_counter()
-            x = pre.apply(window(rgb, t))[None]
+            pixels = window(rgb, t)
+            h, w = pixels.shape[:2]
+            shape = (1, self.channels, w, h) if pre.transpose else (1, self.channels, h, w)
+            x = pre.apply(pixels, out=shared(self.input_blob, shape)[0])[None] if shared else pre.apply(pixels)[None]
+            del pixels
             t1 = time.perf_counter()
             outs = self.net.forward({self.input_blob: x}, wanted)
             seconds["forward"] = seconds.get("forward", 0.0) + time.perf_counter() - t1

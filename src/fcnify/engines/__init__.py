@@ -86,6 +86,11 @@ class Engine(Protocol):
 class NetHandle:
     """Mixin: a LoadedNet's `with` support, closing it on every path."""
 
+    def input_array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array to write input `name` into before forward (an engine whose inputs
+        cross to another process gives its shared memory)."""
+        return np.empty(shape, np.float32)
+
     def close(self) -> None:  # pragma: no cover - every handle defines its own
         raise NotImplementedError
 

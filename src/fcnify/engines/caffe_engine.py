@@ -84,7 +84,13 @@ class CaffeNetHandle(NetHandle):
         return self.runner.box.call(name, self.handle, *args, context=context, path=self.model_def)
 
     def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        return self._call("forward", inputs, outputs, context=f"running {self.model_def.name}")
+        """Inputs and outputs cross to the worker in shared memory (worker.Region), not the pipe."""
+        return self._call("forward_shared", inputs, outputs, context=f"running {self.model_def.name}")
+
+    def input_array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Where to write input `name` (float32, `shape`) for the next forward: the worker's shared
+        memory, so preprocessing's result is the only copy this process makes."""
+        return self.runner.box.worker.input_array(name, shape)
 
     def timed_forward(self, inputs, outputs, repeats: int = 1):
         return self._call("timed_forward", inputs, outputs, repeats,

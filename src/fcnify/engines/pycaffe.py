@@ -107,8 +107,10 @@ def param_digests(handle: int) -> dict[str, list[tuple[tuple[int, ...], str]]]:
     return {name: [(tuple(p.data.shape), digest(p.data)) for p in blobs] for name, blobs in net.params.items()}
 
 
-def forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    """Reshape the inputs to the given arrays, run forward, return copies of `outputs`."""
+def forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str],
+            copy: bool = True) -> dict[str, np.ndarray]:
+    """Reshape the inputs to the given arrays, run forward, return copies of `outputs` (views of
+    Caffe's blobs with copy=False: the worker copies them straight into shared memory)."""
     net = _nets[handle]
     changed = False
     for name, array in inputs.items():
@@ -121,7 +123,7 @@ def forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str]) -> d
     for name, array in inputs.items():
         net.blobs[name].data[...] = array
     net.forward()
-    return {name: net.blobs[name].data.copy() for name in outputs}
+    return {name: net.blobs[name].data.copy() if copy else net.blobs[name].data for name in outputs}
 
 
 def timed_forward(handle: int, inputs: dict[str, np.ndarray], outputs: list[str],

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,9 @@ from pathlib import Path
 from .. import errors
 from ..errors import EngineCrash, FcnifyError, InternalError, OutputExists, ResourceError
 
-from .worker import HEADER
+import numpy as np
+
+from .worker import FDS_ENV, HEADER, Region, Shared, fits, receive_region, send_region
 
 # glog writes "F0101 12:00:00.000000  123 file.cpp:42] ...", newer glog with the year
 # ("F20260101 ..."); both are matched.
@@ -41,10 +44,21 @@ class Worker:
         env["FCNIFY_VERBOSE"] = "1" if verbose else "0"
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.verbose = verbose
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fcnify.engines.worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            start_new_session=False)
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env[FDS_ENV] = str(theirs.fileno())
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fcnify.engines.worker"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                start_new_session=False, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
+        self.regions: dict[int, Region] = {}  # inputs (keys from 1) and the worker's outputs (-1)
+        self._keys: dict[str, int] = {}
+        self._arriving: list[int] = []  # new input regions, their descriptors sent with the next call
         self.lines: deque[str] = deque(maxlen=400)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
@@ -59,9 +73,45 @@ class Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def input_array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of `shape` in shared memory, for forward_shared's input `name`: what is
+        written into it is what the worker reads, with no copy on the way."""
+        key = self._keys.setdefault(name, len(self._keys) + 1)
+        nbytes = max(1, int(np.prod(shape)) * 4)
+        region = fits(self.regions, key, nbytes)
+        if region is None:
+            region = self.regions[key] = Region(nbytes)
+            self._arriving.append(key)
+        return region.array(tuple(shape))
+
+    def shared(self, name: str, array: np.ndarray) -> Shared:
+        """The marker of input `name` in its region: `array` itself if it is input_array's (the
+        worker reads it there), else copied in."""
+        array = np.asarray(array, dtype=np.float32)
+        key = self._keys.get(name)
+        region = self.regions.get(key) if key is not None else None
+        if region is None or not region.holds(array):
+            target = self.input_array(name, array.shape)
+            np.copyto(target, array)
+            key, region = self._keys[name], self.regions[self._keys[name]]
+        return Shared(key, 0, tuple(array.shape), "<f4")
+
+    def forward_shared(self, handle: int, inputs: dict[str, np.ndarray], outputs: list[str]):
+        """forward() with the inputs and outputs in shared memory; the outputs come back as arrays
+        of this process (copied out, so the next call cannot change them)."""
+        marks = {name: self.shared(name, a) for name, a in inputs.items()}
+        status, payload = self.call("forward_shared", handle, marks, outputs)
+        if status != "ok":
+            return status, payload
+        return status, {k: np.array(self.regions[m.region].array(m.shape, m.dtype, m.offset))
+                        for k, m in payload.items()}
+
     def call(self, name: str, *args, **kwargs):
-        data = pickle.dumps((name, args, kwargs), protocol=5)
+        arriving, self._arriving = self._arriving, []
+        data = pickle.dumps((name, args, kwargs, arriving), protocol=5)
         try:
+            for key in arriving:
+                send_region(self.sock, key, self.regions[key])
             self.proc.stdin.write(HEADER.pack(len(data)))
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
@@ -72,9 +122,14 @@ class Worker:
             body = self.proc.stdout.read(size)
             if len(body) < size:
                 raise EOFError
+            status, payload, sent = pickle.loads(body)
+            if sent is not None:
+                key, region = receive_region(self.sock)
+                fits(self.regions, key, 1 << 62)  # closes the region it replaces
+                self.regions[key] = region
         except (BrokenPipeError, EOFError, OSError):
             raise self._death() from None
-        return pickle.loads(body)
+        return status, payload
 
     def _death(self) -> EngineCrash:
         try:
@@ -89,7 +144,7 @@ class Worker:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                data = pickle.dumps(("exit", (), {}))
+                data = pickle.dumps(("exit", (), {}, []))
                 self.proc.stdin.write(HEADER.pack(len(data)) + data)
                 self.proc.stdin.flush()
                 self.proc.wait(timeout=5)
@@ -100,7 +155,12 @@ class Worker:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
-        """Close this side of the worker's pipes, so a dead worker leaks no file descriptors."""
+        """Close this side of the worker's pipes, socket and regions, so a dead worker leaks no
+        file descriptors."""
+        for region in self.regions.values():
+            region.close()
+        self.regions.clear()
+        self.sock.close()
         streams = [self.proc.stdin, self.proc.stdout]
         if not self._reader.is_alive():  # it has read stderr to its end
             streams.append(self.proc.stderr)
@@ -156,7 +216,10 @@ class Sandbox:
 
     def call(self, name: str, *args, context: str = "", path: str | Path | None = None, **kwargs):
         try:
-            status, payload = self.worker.call(name, *args, **kwargs)
+            if name == "forward_shared":
+                status, payload = self.worker.forward_shared(*args, **kwargs)
+            else:
+                status, payload = self.worker.call(name, *args, **kwargs)
         except EngineCrash as exc:
             self.crashes += 1
             self._worker = None

@@ -69,22 +69,45 @@ class Preprocess:
     def num_channels(self) -> int:
         return 1 if self.channels == "gray" else 3
 
-    def apply(self, rgb: np.ndarray) -> np.ndarray:
-        """H x W x 3 uint8 RGB -> C x H x W float32, ready for the net's data blob."""
-        x = rgb.astype(np.float32)
+    def apply(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """H x W x 3 uint8 RGB -> C x H x W float32 (W x H with `transpose`), ready for the net's data blob.
+
+        Colour is done a channel at a time, into `out` when given (an engine's
+        shared input): no full-size float temporaries, the same float32 steps
+        (and so the same bits) as a whole-array pass.
+        """
         if self.channels == "gray":
-            x = (x @ LUMA)[None]
-        else:
-            order = [2, 1, 0] if self.channels == "BGR" else [0, 1, 2]
-            x = np.ascontiguousarray(x[:, :, order].transpose(2, 0, 1))
+            x = (rgb.astype(np.float32) @ LUMA)[None]
+            self._scale(x)
+            if self.transpose:
+                x = x.transpose(0, 2, 1)
+            if out is None:
+                return np.ascontiguousarray(x)
+            np.copyto(out, x)
+            return out
+        h, w = rgb.shape[:2]
+        shape = (3, w, h) if self.transpose else (3, h, w)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"preprocess output is {out.dtype} {out.shape}, needs float32 {shape}")
+        order = [2, 1, 0] if self.channels == "BGR" else [0, 1, 2]
+        mean = None if self.mean is None else np.asarray(self.mean, dtype=np.float32)
+        for c, src in enumerate(order):
+            plane = rgb[:, :, src].T if self.transpose else rgb[:, :, src]
+            np.copyto(out[c], plane, casting="unsafe")
+            self._scale(out[c], None if mean is None else mean[c if len(mean) > 1 else 0])
+        return out
+
+    def _scale(self, x: np.ndarray, mean=None) -> None:
+        """raw_scale, mean, input_scale applied in place, in that order (mean: per channel if not given)."""
         x *= np.float32(self.raw_scale / 255.0)
-        if self.mean is not None:
+        if mean is not None:
+            x -= mean
+        elif self.mean is not None:
             x -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
         if self.input_scale != 1.0:
             x *= np.float32(self.input_scale)
-        if self.transpose:
-            x = np.ascontiguousarray(x.transpose(0, 2, 1))
-        return x
 
     def describe(self) -> str:
         """One line a user can check against how the net was trained."""
