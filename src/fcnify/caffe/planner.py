@@ -18,8 +18,9 @@ from .shapes import INT_MAX, Shape, count, infer, input_shapes, conv_geometry
 
 FLOAT = 4
 # The worker process before any net: Python, numpy, pycaffe and what it imports
-# (measured about 126 MiB; scripts/bench_dense.py reports the model's error).
-WORKER_BASE = 130 * 2**20
+# (VmHWM after loading and running a 32 px net: 95.6 MiB with numpy 2 and the CPU
+# build scripts/setup.sh makes; scripts/bench_dense.py reports the model's error).
+WORKER_BASE = 96 * 2**20
 # Measured CaffeNet activations came to 0.89-0.97 of blobs + buffers + transfers
 # (700-2000 px), so the sum is used as it is: a slight over-estimate.
 SLACK = 1.0
@@ -34,10 +35,12 @@ class MemoryEstimate:
     params: int
     largest_blob: int  # elements
     largest_blob_name: str
-    io: int = 0  # the input and output arrays on their way in and out of the worker
+    io: int = 0  # the input and output arrays beside the blobs (the worker's shared regions)
     base: int = WORKER_BASE  # the engine's own memory before any net
     slack: float = SLACK  # measured activations / modelled ones
     largest_buffer: int = 0  # elements of the largest im2col buffer (a Blob too: INT_MAX applies)
+    inputs: int = 0  # bytes of the input array (the caller's copy is counted by its caller)
+    outputs: int = 0  # bytes of the output arrays
 
     @property
     def activations(self) -> int:
@@ -78,9 +81,11 @@ def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
             buffers += 2 * count(ls.bottoms[0]) * FLOAT  # scale_ and a padded square
     params = sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT
     outputs = [shapes.blobs[b] for b in _outputs(net)]
-    io = 2 * (count(shape) + sum(count(o) for o in outputs)) * FLOAT
-    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0], io,
-                          largest_buffer=largest_buffer)
+    # The worker maps the input's shared region (read into the data blob) and writes the outputs
+    # into its own region (engines/worker.py): one copy of each beside the blobs.
+    inputs, outs = count(shape) * FLOAT, sum(count(o) for o in outputs) * FLOAT
+    return MemoryEstimate(blobs, buffers, params, count(largest[1]), largest[0], inputs + outs,
+                          largest_buffer=largest_buffer, inputs=inputs, outputs=outs)
 
 
 def _outputs(net) -> list[str]:

@@ -450,18 +450,21 @@ class DenseModel:
 
     def _memory(self, reader) -> Callable:
         """The engine's memory model, plus what this process holds for a tile read from `reader`:
-        the reader's buffers, the preprocessed input and its copy on the way to the engine.
+        the reader's buffers, the preprocessed input (written once, into the engine's input: the
+        Caffe worker's shared region, mapped here too) and the outputs (the worker's region mapped
+        here, and the copy taken out of it).
 
         An image decoded whole is counted apart (today's bar: budget + image + map); a
         windowed one is not, so its tiles' whole cost must fit the budget.
         """
         if reader is None or isinstance(reader, np.ndarray):
             return self._estimate
-        held = lambda h, w: reader.buffer_bytes(h, w) + 2 * h * w * self.channels * 4  # noqa: E731
 
         def memory(net, height: int, width: int):
             est = self._estimate(net, height, width)
-            return replace(est, io=est.io + held(height, width))
+            inputs = est.inputs or height * width * self.channels * 4
+            held = reader.buffer_bytes(height, width) + inputs + 2 * est.outputs
+            return replace(est, io=est.io + held)
         return memory
 
     def _run_grid(self, rgb: np.ndarray, budget: int | None, tile: int | None,
