@@ -188,3 +188,92 @@ def test_npy_argmax_item(net, tmp_path):
     probs = np.load(tmp_path / "p.scores.npy")
     assert np.array_equal(np.load(tmp_path / "p.argmax.npy"), probs.argmax(axis=0))
     assert np.array_equal(np.load(tmp_path / "p.argmax_prob.npy"), probs.max(axis=0))
+
+
+def test_transposed_net_store_equals_the_in_memory_map(net, slide, tmp_path):
+    """A net that sees the image transposed (MTCNN's cards): the store, in the image's orientation,
+    equals the in-memory map within the float32 bound, chunk grid and cells alike."""
+    from dataclasses import replace
+    card = net[0]
+    card = replace(card, preprocess=replace(card.preprocess, transpose=True))
+    model = DenseModel(card, softmax=False, engine="caffe")
+    try:
+        run = map_to_store(model, slide[0], tmp_path / "t.zarr", keep=ALL, tile=90)
+        got = _arrays(tmp_path / "t.zarr")
+        whole, _ = model.run_scores(slide[1][0])
+        bound = map_bound(model, slide[1][0]).transpose(0, 2, 1)  # the net's orientation -> the image's
+    finally:
+        model.close()
+    assert whole.shape[1] != whole.shape[2] and got["scores"].shape == whole.shape and run.chunks > 4
+    ok, used = within(whole, got["scores"], bound)
+    assert ok, f"store differs by {used:.3g} of the bound"
+    assert np.array_equal(got["argmax"], got["scores"].argmax(axis=0)) and got["done"].all()
+
+
+def test_atrous_stride_store_equals_the_in_memory_map(net, slide, tmp_path):
+    """--stride 4 on the stride-8 net (reached à trous, one pass): the store equals the in-memory map."""
+    model = DenseModel(net[0], softmax=False, engine="caffe", stride=4)
+    try:
+        assert model.shifts == 1 and model.stride_plan.atrous == 2
+        run = map_to_store(model, slide[0], tmp_path / "a.zarr", keep=ALL, tile=90)
+        got = _arrays(tmp_path / "a.zarr")
+        whole, _ = model.run_scores(slide[1][0])
+        bound = map_bound(model, slide[1][0])
+    finally:
+        model.close()
+    assert got["scores"].shape == whole.shape and run.chunks > 4
+    ok, used = within(whole, got["scores"], bound)
+    assert ok, f"store differs by {used:.3g} of the bound"
+
+
+def test_shift_and_stitch_stride_is_refused(net, slide, tmp_path):
+    """A --stride only shift-and-stitch reaches cannot be stored: one line, exit 2, no store."""
+    model = DenseModel(net[0], engine="caffe", stride=1)
+    try:
+        assert model.shifts > 1
+    finally:
+        model.close()
+    _, proto, weights = net
+    run = call_fcnify("classify-map", slide[0], "--model-def", proto, "--weights", weights, "--store", "zarr",
+                      "--out", tmp_path / "out", "--tile", "90", "--stride", "1")
+    assert run.code == 2 and "--stride 1" in run.err and "shift-and-stitch" in run.err, run
+    assert len(run.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "slide.zarr").exists()
+
+
+TWO_HEADS = """
+name: "two_heads"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_param { num_output: 4 kernel_size: 3 } }
+"""
+
+
+def test_other_heads_are_stored_as_their_own_arrays(slide, tmp_path):
+    """The net's other output (`box`, 4 values a cell) is the store's head_box, equal to the
+    in-memory map's head within the float32 bound of its layer; the class map beside it."""
+    from bounds import scores_of
+    proto, weights = write_model(tmp_path, "two_heads", TWO_HEADS, seed=5)
+    model = DenseModel(card_for_model_def(proto, weights), engine="caffe", output="prob")
+    rgb = slide[1][0]
+    try:
+        assert set(model.heads) == {"box"}
+        map_to_store(model, slide[0], tmp_path / "h.zarr", keep=Keep(argmax=True, scores=False), tile=60)
+        got = _arrays(tmp_path / "h.zarr")
+        probs, info = model.run(rgb, budget=1 << 40)
+        layer = scores_of(proto, weights, "box")
+        x = model.card.preprocess.apply(rgb)[None]
+        bottom = model.net.forward({model.input_blob: x}, [layer.bottom])[layer.bottom]
+        bound = layer.tolerance(bottom)[0]
+    finally:
+        model.close()
+    whole = info["heads"]["box"]
+    assert got["head_box"].shape == whole.shape == (4, *probs.shape[1:])
+    ok, used = within(whole, got["head_box"], bound)
+    assert ok, f"head differs by {used:.3g} of the bound"
+    assert set(got) == {"argmax", "argmax_prob", "head_box", "done"}

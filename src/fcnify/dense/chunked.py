@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,16 +70,19 @@ def chunk_plan(model: DenseModel, size: tuple[int, int], budget: int, tile: int 
 
     `chunk` is a resumed store's own grid: kept, and its largest tile checked against the budget.
     """
-    if model.transposed or model.shifts > 1:
-        raise InputError("--store zarr does not take a transposed net or a --stride finer than the "
-                         "net's yet")
+    if model.shifts > 1:
+        raise InputError(f"--store zarr cannot take --stride {model.geometry.stride[0]}: the net allows it "
+                         "only by shift-and-stitch, whose passes interleave cells across the store's "
+                         "chunks; give a --stride the net reaches à trous, or leave --store out")
     net = model.netdef.param
-    h, w = size
+    h, w = size[::-1] if model.transposed else size  # planned as the net sees the image
     rows, cols = map_size(net, h, w, model.score_blob)
     gy, gx = model.net_geometry.y, model.net_geometry.x
+    if chunk is not None and model.transposed:
+        chunk = chunk[::-1]
     if chunk is None:
         if tile is None:
-            _, tile_size = model.plan(h, w, budget, None, reader=reader)
+            _, tile_size = model.plan(*size, budget, None, reader=reader)
             side = max(tile_size) if tile_size else max(h, w)
         else:
             side = tile
@@ -89,6 +92,8 @@ def chunk_plan(model: DenseModel, size: tuple[int, int], budget: int, tile: int 
     tiles = plan_chunks(h, w, rows, cols, chunk, gy, gx, fy, fx)
     largest = max((t.shape for t in tiles), key=lambda s: s[0] * s[1])
     need = model._memory(reader)(net, *largest).total
+    if model.transposed:  # back to the image's orientation
+        tiles, chunk, largest = [Tile(t.x, t.y) for t in tiles], chunk[::-1], largest[::-1]
     if tile is None and need > budget:
         raise ResourceError(f"the store's chunks of {chunk[0]}x{chunk[1]} cells need tiles of "
                             f"{largest[0]}x{largest[1]} px, about {format_bytes(need)} with the "
@@ -126,6 +131,7 @@ def prepare(model: DenseModel, path: Path, out: Path, *, keep: Keep, level: int 
     so --resume refuses a store another run made).
     """
     budget = budget or default_budget()
+    keep = replace(keep, heads=tuple(model.heads.items()))
     reader = source_for(Path(path), level)
     try:
         size = tuple(reader.shape)
@@ -162,9 +168,9 @@ def run_chunks(model: DenseModel, plan: StorePlan, tiles: Sequence[Tile],
     reader = source_for(plan.image, plan.level)
     try:
         for n, t in enumerate(tiles):
-            block = _scores(model, reader, t, seconds)
+            block, heads = _scores(model, reader, t, seconds)
             t1 = time.perf_counter()
-            store.write(*_chunk_of(t, plan.chunk), reduce_block(block, plan.keep))
+            store.write(*_chunk_of(t, plan.chunk), reduce_block(block, plan.keep, heads))
             seconds["write"] += time.perf_counter() - t1
             if progress:
                 progress(n + 1, len(tiles))
@@ -200,12 +206,14 @@ def map_to_store(model: DenseModel, path: Path, out: Path, *, keep: Keep, level:
     return finish(plan, seconds)
 
 
-def _scores(model: DenseModel, reader, t: Tile, seconds: dict[str, float]) -> np.ndarray:
-    """One tile's class block as the map holds it: probabilities unless --softmax off (or the net's own)."""
+def _scores(model: DenseModel, reader, t: Tile, seconds: dict[str, float]
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One tile's class block as the map holds it (probabilities unless --softmax off, or the net's
+    own), and its other heads' blocks as the in-memory map's `heads`."""
     blob = model.output_blob if model.softmax.by == "net" else model.score_blob
-    ((_, (block, _)),) = model._forward_tiles(reader, [t], blob, seconds)
+    ((_, (block, heads)),) = model._forward_tiles(reader, [t], blob, seconds)
     block = np.ascontiguousarray(block, dtype=np.float32)
-    return softmax(block) if model.softmax.by not in ("net", None) else block
+    return softmax(block) if model.softmax.by not in ("net", None) else block, heads
 
 
 def _chunk_of(t: Tile, chunk: tuple[int, int]) -> tuple[int, int]:
@@ -214,7 +222,7 @@ def _chunk_of(t: Tile, chunk: tuple[int, int]) -> tuple[int, int]:
 
 def _keep_dict(keep: Keep) -> dict:
     return {"scores": keep.scores, "classes": list(keep.classes) if keep.classes else None,
-            "topk": keep.topk, "argmax": keep.argmax}
+            "topk": keep.topk, "argmax": keep.argmax, "heads": [list(h) for h in keep.heads]}
 
 
 def _checked(keep: Keep, num_classes: int) -> Keep:
@@ -259,7 +267,7 @@ def store_outputs(out_dir: Path, name: str, items: frozenset[str]) -> dict[str, 
 def store_options(model: DenseModel) -> dict:
     """The model's settings that change a store's cells, for its fingerprint (whoever runs it)."""
     return {"output": model.output_blob, "softmax": model.softmax.to_dict(),
-            "preprocess": model.card.preprocess.to_dict()}
+            "preprocess": model.card.preprocess.to_dict(), "stride": list(model.geometry.stride)}
 
 
 def prepare_job(model: DenseModel, path: Path, out_dir: Path, name: str, job,

@@ -35,6 +35,7 @@ class Keep:
     classes: tuple[int, ...] | None = None  # --classes: only these, in this order
     topk: int = 0  # 0: no top-k arrays
     argmax: bool = False
+    heads: tuple[tuple[str, int], ...] = ()  # the net's other outputs (blob, channels): head_BLOB arrays
 
     def arrays(self, num_classes: int) -> dict[str, tuple[int | None, str]]:
         """{array name: (leading size or None for a plain rows x cols array, dtype)}."""
@@ -46,11 +47,14 @@ class Keep:
             out["topk_classes"], out["topk_probs"] = (k, "int32"), (k, "float32")
         if self.argmax:
             out["argmax"], out["argmax_prob"] = (None, "int32"), (None, "float32")
+        for name, channels in self.heads:
+            out[f"head_{name}"] = (channels, "float32")
         return out
 
 
-def reduce_block(block: np.ndarray, keep: Keep) -> dict[str, np.ndarray]:
-    """A tile's classes x rows x cols block as the arrays `keep` asks for.
+def reduce_block(block: np.ndarray, keep: Keep, heads: dict[str, np.ndarray] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """A tile's classes x rows x cols block (and its other heads' blocks) as the arrays `keep` asks for.
 
     Top-k by one stable argsort of the negated values: best first, ties broken
     by the lower class, the order outputs.top_k_arrays gives the .npy maps.
@@ -67,6 +71,8 @@ def reduce_block(block: np.ndarray, keep: Keep) -> dict[str, np.ndarray]:
         if keep.argmax:
             out["argmax"] = order[0].astype(np.int32)
             out["argmax_prob"] = np.take_along_axis(block, order[:1], axis=0)[0]
+    for name, _ in keep.heads:
+        out[f"head_{name}"] = (heads or {})[name]
     return out
 
 
