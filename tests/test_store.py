@@ -277,3 +277,14 @@ def test_other_heads_are_stored_as_their_own_arrays(slide, tmp_path):
     ok, used = within(whole, got["head_box"], bound)
     assert ok, f"head differs by {used:.3g} of the bound"
     assert set(got) == {"argmax", "argmax_prob", "head_box", "done"}
+
+
+def test_argmax_without_a_sort_is_the_top_1_also_on_ties():
+    """The one-pass argmax equals the stable sort's first class, ties (the lower class) included."""
+    from fcnify.io.store import reduce_block
+    rng = np.random.default_rng(4)
+    block = rng.integers(0, 3, size=(6, 20, 30)).astype(np.float32)  # many ties
+    out = reduce_block(block, Keep(scores=False, topk=2, argmax=True))
+    assert (block == block.max(axis=0)).sum(axis=0).max() > 1
+    assert np.array_equal(out["argmax"], out["topk_classes"][0])
+    assert np.array_equal(out["argmax_prob"], out["topk_probs"][0])

@@ -57,20 +57,21 @@ def reduce_block(block: np.ndarray, keep: Keep, heads: dict[str, np.ndarray] | N
     """A tile's classes x rows x cols block (and its other heads' blocks) as the arrays `keep` asks for.
 
     Top-k by one stable argsort of the negated values: best first, ties broken
-    by the lower class, the order outputs.top_k_arrays gives the .npy maps.
+    by the lower class, the order outputs.top_k_arrays gives the .npy maps;
+    the argmax by one pass (the same class: the first of the largest).
     """
     out: dict[str, np.ndarray] = {}
     if keep.scores:
         out["scores"] = block[list(keep.classes)] if keep.classes else block
-    if keep.topk or keep.argmax:
+    if keep.topk:
         order = np.argsort(-block, axis=0, kind="stable")
-        if keep.topk:
-            top = order[:min(keep.topk, block.shape[0])]
-            out["topk_classes"] = top.astype(np.int32)
-            out["topk_probs"] = np.take_along_axis(block, top, axis=0)
-        if keep.argmax:
-            out["argmax"] = order[0].astype(np.int32)
-            out["argmax_prob"] = np.take_along_axis(block, order[:1], axis=0)[0]
+        top = order[:min(keep.topk, block.shape[0])]
+        out["topk_classes"] = top.astype(np.int32)
+        out["topk_probs"] = np.take_along_axis(block, top, axis=0)
+    if keep.argmax:  # one pass, no sort: argmax's first maximum is the stable sort's first
+        best = block.argmax(axis=0)
+        out["argmax"] = best.astype(np.int32)
+        out["argmax_prob"] = np.take_along_axis(block, best[None], axis=0)[0]
     for name, _ in keep.heads:
         out[f"head_{name}"] = (heads or {})[name]
     return out
