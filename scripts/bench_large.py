@@ -18,7 +18,10 @@ and its interior cells (reach inside the crop) are compared with the store's: th
 the score layer (fcnify.surgery.bound, as the tests use it), the same argmax where the top two
 classes are further apart than the bound. Prints a table and writes JSON (default bench_large.json).
 
-Usage: .venv/bin/python scripts/bench_large.py [--size 60000] [--max-memory 1GiB] [--workers 2] [--keep]
+Usage: .venv/bin/python scripts/bench_large.py [--size 60000] [--max-memory 1GiB] [--workers 2]
+       [--resume-check] [--keep]
+--resume-check also SIGKILLs a second run once about half its chunks are marked done, runs it again
+with --resume, counts the chunks each part ran and compares the store with the uninterrupted one.
 With --workers N, the same command also runs on N local Dask workers (both runs on one BLAS thread):
 its time, the client's peak RSS, the chunks each worker wrote, and whether the stores are equal.
 """
@@ -403,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         if run["code"] != 0:
             print(run["stderr"], file=sys.stderr)
             return 1
+        steps = json.loads((folder / "out" / "big.zarr" / "zarr.json").read_text())["attributes"]["fcnify"]
+        steps = steps.get("seconds", {})  # the run's own seconds by step (read + preprocess, forward, write)
         crops = check_crops(folder / "out" / "big.zarr", proto, weights, spots, args.size, folder)
         resumed = None
         if args.resume_check:
@@ -430,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                "image": {"size": args.size, "file_tile": FILE_TILE, "levels": sides,
                          "tiff_bytes": (folder / "big.tif").stat().st_size, "make_seconds": round(make_s, 2)},
                "command": " ".join(cmd[1:]), "summary": run["stdout"].strip(),
-               "seconds": round(run["seconds"], 2), "peak_rss": run["peak_rss"],
-               "max_memory": budget, "allowance": ALLOWANCE,
+               "seconds": round(run["seconds"], 2), "steps": steps, "peak_rss": run["peak_rss"],
+               "max_memory": budget, "load_average": list(os.getloadavg()), "allowance": ALLOWANCE,
                "rss_within": run["peak_rss"] <= budget + ALLOWANCE, "crops": crops, "dask": dask,
                "resumed": resumed}
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
@@ -441,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'wall s':>8} {'peak RSS':>12} {'budget':>10} {'+allowance':>11} {'within':>7}")
         print(f"{run['seconds']:>8.1f} {format_bytes(run['peak_rss']):>12} {format_bytes(budget):>10} "
               f"{format_bytes(ALLOWANCE):>11} {str(doc['rss_within']):>7}")
+        print("steps, s: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
+              + " (preprocess includes reading the windows); load average "
+              + " ".join(f"{v:.1f}" for v in doc["load_average"]))
         print(f"{'pattern':<13} {'cells':>10} {'aligned':>8} {'bound':>6} {'used':>8} {'argmax':>7}")
         for c in crops:
             print(f"{c['pattern']:<13} {'x'.join(map(str, c['cells'])):>10} {str(c['grid_aligned']):>8} "
