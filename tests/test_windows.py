@@ -202,3 +202,70 @@ def test_corrupt_tile_names_its_position(tmp_path, s8):
     run = call_fcnify("classify-map", path, "--model-def", s8[1], "--weights", s8[2])
     assert run.code == 1 and "bad.tif" in run.err and "row 1, column 1" in run.err
     assert len(run.err.strip().splitlines()) == 1
+
+
+def write_slide_pyramid(path: Path, rgb: np.ndarray, levels: int = 3, tile: int = 64) -> list[np.ndarray]:
+    """A tiled pyramidal TIFF with its levels as successive pages (OpenSlide's generic TIFF layout)."""
+    pyramid = [rgb]
+    for _ in range(levels - 1):
+        pyramid.append(np.ascontiguousarray(pyramid[-1][::2, ::2]))
+    with tifffile.TiffWriter(path) as tw:
+        for i, level in enumerate(pyramid):
+            tw.write(level, tile=(tile, tile), compression="deflate", photometric="rgb",
+                     **({"subfiletype": 1} if i else {}))
+    return pyramid
+
+
+def test_openslide_reads_the_windows_tifffile_reads(tmp_path):
+    """Through OpenSlide (the `slide` extra), every level's windows, off the tile grid, equal
+    tifffile's and the level's own pixels; a level past the pyramid is one line naming the levels."""
+    pytest.importorskip("openslide")
+    from fcnify.io.windows import SlideWindows
+    path = tmp_path / "slide.tif"
+    # sides divisible by 4: each level exactly 2x the next (an uneven side gives OpenSlide a
+    # fractional downsample, and it interpolates; SlideWindows' docstring)
+    pyramid = write_slide_pyramid(path, _image(336, 408, seed=5))
+    for level, pixels in enumerate(pyramid):
+        with SlideWindows(path, level) as slide, TiffWindows(path, level) as tiff:
+            assert slide.shape == tiff.shape == pixels.shape[:2]
+            h, w = slide.shape
+            for y0, y1, x0, x1 in ((0, h, 0, w), (5, min(h, 70), 13, min(w, 140)), (h - 9, h, w - 30, w)):
+                got = slide.read(y0, y1, x0, x1)
+                assert got.dtype == np.uint8 and np.array_equal(got, tiff.read(y0, y1, x0, x1))
+                assert np.array_equal(got, pixels[y0:y1, x0:x1])
+            assert slide.overview(64).shape[2] == 3 and max(slide.overview(64).shape[:2]) <= 64
+    with pytest.raises(InputError) as caught:
+        SlideWindows(path, 3)
+    assert "--level 3" in caught.value.message and "0..2" in caught.value.message
+
+
+def test_openslide_formats_are_read_by_window(tmp_path):
+    """A MIRAX-named file goes to OpenSlide, and a file it cannot read is one line naming it."""
+    pytest.importorskip("openslide")
+    from fcnify.io.windows import open_windows, windowed
+    bad = tmp_path / "case.mrxs"
+    bad.write_bytes(b"not a slide")
+    assert windowed(bad)
+    with pytest.raises(ImageError) as caught:
+        open_windows(bad)
+    assert caught.value.path == str(bad) and "OpenSlide" in caught.value.message
+
+
+def test_a_slide_read_by_openslide_maps_as_by_tifffile(s8, tmp_path):
+    """The same pyramid named as an OpenSlide format (OpenSlide finds it by content) is mapped into
+    a store at level 1 cell for cell as the TIFF is: both readers give the same pixels."""
+    pytest.importorskip("openslide")
+    import shutil
+    import zarr
+    from fcnify.dense.chunked import map_to_store
+    from fcnify.io.store import Keep
+    model = s8[0]
+    tif = tmp_path / "slide.tif"
+    write_slide_pyramid(tif, _image(672, 816, seed=6))
+    other = tmp_path / "slide.mrxs"
+    shutil.copy(tif, other)
+    for path in (tif, other):
+        map_to_store(model, path, tmp_path / f"{path.suffix[1:]}.zarr", keep=Keep(argmax=True), level=1, tile=90)
+    a, b = (zarr.open_group(str(tmp_path / f"{s}.zarr"), mode="r") for s in ("tif", "mrxs"))
+    assert a["scores"].shape[1:] == model.cells(336, 408)
+    assert np.array_equal(a["scores"][...], b["scores"][...]) and np.array_equal(a["argmax"][...], b["argmax"][...])

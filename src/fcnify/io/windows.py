@@ -18,12 +18,16 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import CorruptTileError, ImageError, InputError
+from ..errors import CorruptTileError, ImageError, InputError, SetupError
 
 # Files read by window when tifffile finds them tiled (or BigTIFF, or a pyramid);
 # a plain stripped TIFF is decoded whole by Pillow, as any photograph.
 WINDOWED_SUFFIXES = frozenset({".tif", ".tiff", ".svs", ".btf", ".tf8", ".ndpi", ".scn"})
 OVERVIEW_PX = 2048  # longest side of the picture a huge image's outputs are drawn over
+# Whole-slide formats tifffile does not read, read through OpenSlide (the optional `slide` extra:
+# openslide-python with the openslide-bin library); SVS, NDPI and SCN are TIFFs tifffile reads.
+OPENSLIDE_SUFFIXES = frozenset({".mrxs", ".vms", ".vmu", ".bif", ".svslide"})
+SLIDE_CACHE = 16 * 2**20  # OpenSlide's decoded-tile cache per slide, counted in buffer_bytes
 
 
 class Windows(Protocol):
@@ -163,6 +167,76 @@ class TiffWindows:
         self.close()
 
 
+class SlideWindows:
+    """One level of a whole-slide image read through OpenSlide (read_region at that level).
+
+    Level 0 is full resolution; OpenSlide's own levels follow, each
+    `level_downsamples[level]` times smaller. Its tile cache is set to
+    SLIDE_CACHE, so what a read holds beside its result is known. A level
+    whose downsample is not a whole number (a side that did not halve
+    evenly) is resampled by OpenSlide: its windows are interpolated, not the
+    file's own pixels.
+    """
+
+    def __init__(self, path: str | Path, level: int = 0) -> None:
+        openslide = openslide_module()
+        self.path = Path(path)
+        try:
+            self.slide = openslide.OpenSlide(str(self.path))
+            self.slide.set_cache(openslide.OpenSlideCache(SLIDE_CACHE))
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            raise ImageError(f"OpenSlide cannot read this slide: {_reason(exc)}", self.path) from None
+        dims = self.slide.level_dimensions
+        self.levels = [(h, w) for w, h in dims]
+        if not 0 <= level < len(dims):
+            self.close()
+            raise InputError(f"--level {level}: the image's pyramid has level(s) 0..{len(dims) - 1} "
+                             f"({', '.join(f'{h}x{w}' for h, w in self.levels)} px)", self.path)
+        self.level = level
+        self.shape = self.levels[level]
+        self.downsample = float(self.slide.level_downsamples[level])
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) of this level as RGB uint8 (alpha dropped)."""
+        from openslide import OpenSlideError
+        at = (round(x0 * self.downsample), round(y0 * self.downsample))
+        try:
+            region = self.slide.read_region(at, self.level, (x1 - x0, y1 - y0))
+        except (OpenSlideError, OSError) as exc:
+            raise CorruptTileError(f"pixels y {y0}-{y1}, x {x0}-{x1} of level {self.level} cannot be "
+                                   f"read: {_reason(exc)}", self.path) from None
+        return np.asarray(region)[:, :, :3].copy()
+
+    def buffer_bytes(self, height: int, width: int) -> int:
+        """The window as OpenSlide returns it (RGBA), its RGB copy, and OpenSlide's tile cache."""
+        return height * width * (4 + 3) + SLIDE_CACHE
+
+    def overview(self, limit: int = OVERVIEW_PX) -> np.ndarray:
+        h, w = self.shape
+        f = max(1.0, max(h, w) / limit)
+        size = (max(1, int(w / f)), max(1, int(h / f)))
+        return np.ascontiguousarray(np.asarray(self.slide.get_thumbnail(size).convert("RGB")))
+
+    def close(self) -> None:
+        self.slide.close()
+
+    def __enter__(self) -> "SlideWindows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def openslide_module():
+    """openslide, or one line saying how to get it (needed only for OpenSlide's formats)."""
+    try:
+        import openslide
+    except ImportError:
+        raise SetupError("whole-slide formats other than TIFF need OpenSlide: "
+                         "pip install 'fcnify[slide]' (openslide-python and openslide-bin)") from None
+    return openslide
+
+
 def _shrunk(source: TiffWindows, limit: int) -> np.ndarray:
     """Every f-th pixel of `source` (f brings its long side to at most `limit`), a band at a time."""
     h, w = source.shape
@@ -186,9 +260,12 @@ def to_rgb(values: np.ndarray, dtype) -> np.ndarray:
 def windowed(path: str | Path) -> bool:
     """Whether `path` is read by window: a TIFF tifffile finds tiled, BigTIFF or pyramidal.
 
-    Anything else (JPEG, PNG, a stripped TIFF) is decoded whole by images.py, as before.
+    Anything else (JPEG, PNG, a stripped TIFF) is decoded whole by images.py, as before;
+    OpenSlide's own formats (OPENSLIDE_SUFFIXES) are always read by window.
     """
     path = Path(path)
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
+        return path.is_file()
     if path.suffix.lower() not in WINDOWED_SUFFIXES or not path.is_file():
         return False
     import tifffile
@@ -200,8 +277,11 @@ def windowed(path: str | Path) -> bool:
         return False
 
 
-def open_windows(path: str | Path, level: int = 0) -> TiffWindows:
-    """The windowed reader of `path` at pyramid `level` (0: full resolution)."""
+def open_windows(path: str | Path, level: int = 0) -> TiffWindows | SlideWindows:
+    """The windowed reader of `path` at pyramid `level` (0: full resolution): OpenSlide for its own
+    formats, tifffile for TIFFs."""
+    if Path(path).suffix.lower() in OPENSLIDE_SUFFIXES:
+        return SlideWindows(path, level)
     return TiffWindows(path, level)
 
 
