@@ -175,7 +175,7 @@ def test_budget_message_states_consistent_numbers(tmp_path):
     from fcnify.dense.tiling import min_tile
     from fcnify.caffe.planner import parse_size
     proto, weights = write_model(tmp_path, "wide", WIDE)
-    model = DenseModel(card_for_model_def(proto, weights))
+    model = DenseModel(card_for_model_def(proto, weights), engine="caffe")  # estimate() is Caffe's model
     try:
         smallest = max(min_tile(model.geometry.y), min_tile(model.geometry.x))
         need = estimate(model.netdef.param, smallest, smallest).total
