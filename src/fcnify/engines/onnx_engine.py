@@ -26,7 +26,8 @@ from ..errors import DeviceError, FcnifyError, ResourceError, SetupError
 from ..caffe.geometry import output_blobs, score_blob
 from ..caffe.caffemodel import digest
 from ..caffe.netdef import read_netdef
-from .onnx_cache import cached_graph
+from .onnx_cache import (cached_graph, commit_session, drop_session, graph_key, read_session,
+                         session_key, session_options, session_target)
 from .onnx_export import EXPORTABLE, check_exportable, net_params, to_onnx
 from ..caffe.planner import FLOAT, MemoryEstimate
 from ..caffe.shapes import count, infer, input_shapes
@@ -117,9 +118,22 @@ class ExportedNet(ShapeCheckedHandle):
         self.inputs = input_shapes(self.net)
         self._blob_shapes = infer(self.net, path=model_def).blobs
         self._shapes_key: tuple | None = None
-        self._params = net_params(self.net, weights, model_def)
+        self.weights = weights
+        self._arrays: dict[str, list[np.ndarray]] | None = None  # read on first use (_params)
         self._outputs: tuple[str, ...] = ()
         self._open(tuple(dict.fromkeys([*output_blobs(self.net), score_blob(self.net)])))
+
+    @property
+    def _params(self) -> dict[str, list[np.ndarray]]:
+        """The caffemodel's arrays, read and checked (net_params) the first time they are needed:
+        a session read from the cache (onnx_cache.py) holds its own copy and never needs them."""
+        if self._arrays is None:
+            self._arrays = net_params(self.net, self.weights, self.model_def)
+        return self._arrays
+
+    @_params.setter
+    def _params(self, value: dict[str, list[np.ndarray]]) -> None:
+        self._arrays = value
 
     def _open(self, outputs: tuple[str, ...]) -> None:  # pragma: no cover - each runtime has its own
         raise NotImplementedError
@@ -154,28 +168,74 @@ class OnnxNet(ExportedNet):
     def _open(self, outputs: tuple[str, ...]) -> None:
         """(Re)build the graph with `outputs` and start a session on it.
 
-        The weights reach ONNX Runtime as this object's own arrays (external
-        initializers), not through protobuf: no copies of them while loading.
+        On the CPU the optimized session is kept between runs (onnx_cache.py): a later
+        run reads it with graph optimization off and never reads the caffemodel. Otherwise
+        the weights reach ONNX Runtime as this object's own arrays (external initializers),
+        not through protobuf: no copies of them while loading.
         """
+        self.session = None  # the old session's memory goes before the new one's arrives
+        key = self._session_key(outputs)
+        if key is not None and self._cached_session(key):
+            self._outputs = outputs
+            return
         data, names = cached_graph(self.net, outputs, lambda: self._build(outputs))
         values = []
         for name in names:
             layer, _, index = name.rpartition("/")
             values.append(ort.OrtValue.ortvalue_from_numpy(self._params[layer][int(index)]))
-        options = ort.SessionOptions()
-        options.log_severity_level = 0 if self.runner.verbose else 3
+        options = self._options()
         options.add_external_initializers(names, values)
-        self.session = None  # the old session's memory goes before the new one's arrives
+        target = session_target(key) if key is not None else None
+        if target is not None:
+            session_options(options, target)
         try:
             self.session = ort.InferenceSession(data, options, providers=self.runner.providers)
         except Exception as exc:  # ONNX Runtime raises its own exception types
+            if target is not None:
+                import shutil
+                shutil.rmtree(target, ignore_errors=True)
             raise FcnifyError(f"ONNX Runtime could not load the exported net: {_first_line(exc)}",
                               self.model_def) from None
+        if target is not None:
+            commit_session(key, target)
         self._values = values  # ONNX Runtime reads these arrays: they live as long as the session
         if self.runner.gpu is not None and "CUDAExecutionProvider" not in self.session.get_providers():
             raise DeviceError(f"--gpu {self.runner.gpu}: ONNX Runtime's CUDA execution provider did "
                               "not start (no NVIDIA GPU or driver, or no such device?)")
         self._outputs = outputs
+
+    def _options(self, optimize: bool = True):
+        options = ort.SessionOptions()
+        options.log_severity_level = 0 if self.runner.verbose else 3
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return options
+
+    def _session_key(self, outputs: tuple[str, ...]) -> str | None:
+        """The cache key of the optimized session (None: not kept, on a GPU or without a cache)."""
+        if self.runner.gpu is not None or os.environ.get("FCNIFY_ORT_SESSION_CACHE") == "0":
+            return None
+        try:
+            return session_key(graph_key(self.net, outputs), self.weights, ort.__version__,
+                               {"providers": [str(p) for p in self.runner.providers],
+                                "graph_optimization_level": str(self._options().graph_optimization_level)})
+        except OSError:  # weights that cannot be stat'ed: net_params says why, below
+            return None
+
+    def _cached_session(self, key: str) -> bool:
+        """Start the session from the stored optimized model; False when there is none (or it is
+        damaged, or ONNX Runtime refuses it: then it is removed and built again)."""
+        model = read_session(key)
+        if model is None:
+            return False
+        try:
+            self.session = ort.InferenceSession(str(model), self._options(optimize=False),
+                                                providers=self.runner.providers)
+        except Exception:
+            drop_session(key)
+            return False
+        self._values = []
+        return True
 
     def _build(self, outputs: tuple[str, ...]) -> tuple[bytes, list[str]]:
         """The serialized graph with `outputs`, and the names of its external initializers (LAYER/INDEX)."""
