@@ -59,6 +59,7 @@ def test_key_follows_the_net_and_the_outputs(digits_fcn):
 def test_a_broken_cache_is_rebuilt(digits_fcn, tmp_path, monkeypatch):
     """A cache file that does not parse is replaced by a fresh build, with the same scores."""
     monkeypatch.setenv("FCNIFY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FCNIFY_ORT_SESSION_CACHE", "0")  # else the session entry spares the graph
     x = np.random.default_rng(1).random((1, 1, 40, 40), dtype=np.float32)
     built = _forward(digits_fcn, x)
     (names,) = (tmp_path / "cache" / "onnx-graphs").glob("*.json")
@@ -80,3 +81,87 @@ def test_a_cached_load_never_imports_onnx(digits_fcn, tmp_path):
             for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
     assert [r.stdout.strip() for r in runs] == ["True", "False"]  # built (and stored), then read
+
+
+def _entry(tmp_path):
+    (entry,) = (tmp_path / "cache" / "onnx-sessions").iterdir()
+    return entry
+
+
+def _count_weight_reads(monkeypatch) -> list:
+    """Calls of the caffemodel reader the onnx engine uses, recorded (and still made)."""
+    from fcnify.engines import onnx_export
+    calls, real = [], onnx_export.read_weights
+    monkeypatch.setattr(onnx_export, "read_weights", lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_a_cached_session_does_not_read_the_caffemodel(digits_fcn, tmp_path, monkeypatch):
+    """The second load starts from the stored optimized session: the caffemodel is never read,
+    and the scores are those of the first load bit for bit; no temporary entry is left."""
+    monkeypatch.setenv("FCNIFY_CACHE", str(tmp_path / "cache"))
+    x = np.random.default_rng(2).random((1, 1, 50, 70), dtype=np.float32)
+    reads = _count_weight_reads(monkeypatch)
+    built = _forward(digits_fcn, x)
+    assert len(reads) == 1
+    entry = _entry(tmp_path)
+    assert not entry.name.startswith(".")
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "model.onnx", "weights.bin"]
+    cached = _forward(digits_fcn, x)
+    assert len(reads) == 1, "the caffemodel was read although the session was cached"
+    assert np.array_equal(cached["prob"], built["prob"])
+
+
+@pytest.mark.parametrize("damage", ["weights overwritten", "weights truncated", "graph overwritten",
+                                    "meta missing"])
+def test_a_damaged_session_is_rebuilt(digits_fcn, tmp_path, monkeypatch, damage):
+    """A session entry whose files do not match its meta.json is not run: the net is built
+    again from the caffemodel, with the scores of the first build, and the entry rewritten.
+    The overwritten weights keep their size and mtime, so only the sampled digest finds them
+    (run as they are, they would give other scores)."""
+    monkeypatch.setenv("FCNIFY_CACHE", str(tmp_path / "cache"))
+    x = np.random.default_rng(3).random((1, 1, 40, 60), dtype=np.float32)
+    built = _forward(digits_fcn, x)
+    entry = _entry(tmp_path)
+    weights, graph = entry / "weights.bin", entry / "model.onnx"
+    st = weights.stat()
+    if damage == "weights overwritten":
+        with open(weights, "r+b") as f:
+            f.write(np.full(256, 7.0, np.float32).tobytes())
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    elif damage == "weights truncated":
+        os.truncate(weights, st.st_size // 2)
+    elif damage == "graph overwritten":
+        graph.write_bytes(graph.read_bytes()[:-16] + b"\0" * 16)
+    else:
+        (entry / "meta.json").unlink()
+    reads = _count_weight_reads(monkeypatch)
+    again = _forward(digits_fcn, x)
+    assert len(reads) == 1, "the damaged entry was trusted"
+    assert np.array_equal(again["prob"], built["prob"])
+    assert (_entry(tmp_path) / "meta.json").is_file()
+    reads_after = _count_weight_reads(monkeypatch)
+    assert np.array_equal(_forward(digits_fcn, x)["prob"], built["prob"])
+    assert reads_after == [], "the rebuilt entry was not used"
+
+
+def test_other_weights_are_another_session(digits_fcn, tmp_path, monkeypatch):
+    """A caffemodel replaced at the same path (another size, mtime or inode) is not run from
+    the old session: its own scores come back, as a run without the cache gives them."""
+    import shutil
+    from fcnify.caffe.netdef import read_netdef
+    from fcnify.synthetic import write_random_caffemodel
+    monkeypatch.setenv("FCNIFY_CACHE", str(tmp_path / "cache"))
+    proto = tmp_path / "digits.prototxt"
+    shutil.copy(digits_fcn.model_def, proto)
+    model = tmp_path / "digits.caffemodel"
+    shutil.copy(digits_fcn.weights, model)
+    x = np.random.default_rng(4).random((1, 1, 40, 40), dtype=np.float32)
+    first = OnnxRunner().load(proto, model).forward({"data": x}, ["prob"])["prob"]
+    model.unlink()
+    write_random_caffemodel(read_netdef(proto), model, seed=5)
+    second = OnnxRunner().load(proto, model).forward({"data": x}, ["prob"])["prob"]
+    monkeypatch.setenv("FCNIFY_ORT_SESSION_CACHE", "0")
+    fresh = OnnxRunner().load(proto, model).forward({"data": x}, ["prob"])["prob"]
+    assert not np.array_equal(second, first)
+    assert np.array_equal(second, fresh)
