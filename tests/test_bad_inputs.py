@@ -465,6 +465,14 @@ def test_forced_tile_below_the_minimum(tiny, images, out):
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_batch_below_one(tiny, images, out, batch):
+    """--batch 0 or negative: one line naming the option and value, exit 2, nothing written."""
+    run = call_fcnify("classify-map", images["ok.png"], *model_args(tiny), "--batch", batch, "--out", out)
+    assert_error(run, 2, f"--batch {batch}: not a number of images (1 or more)")
+    assert_nothing_written(out)
+
+
 # ------------------------------------------------------------------ 7. preprocessing files
 
 

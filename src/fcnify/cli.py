@@ -256,7 +256,7 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "classify-map": {
         "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
-        "Map": ("size", "scale", "long_side", "short_side", "level", "tile", "stride", "scales"),
+        "Map": ("size", "scale", "long_side", "short_side", "level", "tile", "batch", "stride", "scales"),
         "Outputs": ("out_dir", "save", "store", "classes", "resume", "output", "softmax",
                     "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
@@ -551,6 +551,11 @@ def _export_card(net: str, options: dict):
 @click.option("--max-memory", type=MEMORY, metavar="SIZE",
               help="Memory budget, e.g. 2GiB (default: half of free RAM).")
 @click.option("--tile", type=IntIn("must be positive", min=1), metavar="N", help="Force tiles of N x N px.")
+@click.option("--batch", type=IntIn("not a number of images (1 or more)", min=1), default=8,
+              show_default=True, metavar="N",
+              help="Up to N consecutive images fed at one size go through one forward pass (onnx "
+                   "and openvino engines; fewer when --max-memory cannot hold N): throughput on "
+                   "folders of small images. 1: one image per pass.")
 @click.option("--labels", "labels_file", type=PATH, help="Override the labels file.")
 @click.option("--output", "output", metavar="BLOB",
               help="Output blob that is the class map (default: the net's last); the net's other "
@@ -580,7 +585,7 @@ def _export_card(net: str, options: dict):
 @click.pass_context
 def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
                  level, top_k, cls, out_dir, save, store, classes, resume,
-                 fmt, gpu, engine, precision, max_memory, tile, labels_file, output, quiet, force,
+                 fmt, gpu, engine, precision, max_memory, tile, batch, labels_file, output, quiet, force,
                  heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
                  channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
     """Dense classification maps of images at their own resolution.
@@ -612,7 +617,7 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
     job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
                  tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
                  top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale,
-                 save=save, level=level, store=store, resume=resume,
+                 save=save, level=level, store=store, resume=resume, batch=batch,
                  classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None)
     paths = list_images(images)
     names = unique_names(paths) if out_dir else {}

@@ -27,7 +27,7 @@ from ..engines import DEFAULT_ENGINE, check_layer_types
 from ..io.models import ModelCard
 from ..io.outputs import head_file_name
 from ..caffe.netdef import read_netdef
-from ..caffe.planner import HEADROOM, default_budget, fits, format_bytes, largest_square
+from ..caffe.planner import HEADROOM, SPEED_CAP, default_budget, fits, format_bytes, largest_square
 from ..io.preprocess import Preprocess
 from ..resolve import resolve_card
 from ..caffe.shapes import image_input, infer, infer_partial
@@ -61,6 +61,7 @@ class DenseMap:
     softmax: SoftmaxPlan | None = None  # whether `probs` are probabilities, and who made them
     engine: str | None = None  # the engine that ran it (`auto` already resolved)
     precision: str = "f32"  # the engine's arithmetic: f32, or bf16 (--precision; not "equal")
+    batch: int = 1  # images in the forward pass that mapped it (--batch; `forward` is its share)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -186,7 +187,7 @@ class DenseMap:
                              "geometry": "the class map's: same cells, windows and stride"}
                       for name, a in self.heads.items()},
             "run": {"mode": self.mode, "tiles": self.tiles, "engine": self.engine,
-                    "precision": self.precision,
+                    "precision": self.precision, "batch": self.batch,
                     "tile_size": list(self.tile_size) if self.tile_size else None,
                     "seconds": {k: round(v, 4) for k, v in self.timings.items()}},
             "top_classes": self.top_classes(top_k),
@@ -532,15 +533,89 @@ class DenseModel:
             outs = self.net.forward({self.input_blob: x}, wanted)
             seconds["forward"] = seconds.get("forward", 0.0) + time.perf_counter() - t1
             seconds["preprocess"] = seconds.get("preprocess", 0.0) + t1 - t0
-            ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
-            xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
-            blocks = {}
-            for name in wanted:
-                out = outs[name][0]
-                if self.transposed:  # the net's rows are the image's columns
-                    out = out.transpose(0, 2, 1)
-                blocks[name] = out[:, ys, xs]
-            yield t, (blocks.pop(blob), blocks)
+            yield t, self._cut(outs, 0, t, blob, wanted)
+
+    def _cut(self, outs: dict[str, np.ndarray], i: int, t: Tile, blob: str,
+             wanted: list[str]) -> TileBlocks:
+        """Image i's blocks of the forward's outputs `outs`, cut to the cells tile `t` owns."""
+        ys = slice(t.y.first - t.y.offset, t.y.last - t.y.offset + 1)
+        xs = slice(t.x.first - t.x.offset, t.x.last - t.x.offset + 1)
+        blocks = {}
+        for name in wanted:
+            out = outs[name][i]
+            if self.transposed:  # the net's rows are the image's columns
+                out = out.transpose(0, 2, 1)
+            blocks[name] = out[:, ys, xs]
+        return blocks.pop(blob), blocks
+
+    # -- several images in one forward pass (--batch)
+
+    def batch_size(self, fed: tuple[int, int], wanted: int, budget: int | None = None) -> int:
+        """How many images of the fed size (height, width) one forward pass takes, at most
+        `wanted`: the engine's memory for one pass with its activations, input and outputs
+        `k` times over (the weights once) within the budget, as the tile planner counts a
+        pass. 1 when the engine runs one image at a time, a finer --stride stitches several
+        passes, or one image alone needs tiles."""
+        if wanted <= 1 or not getattr(self.runner, "batches", False) or self.shifts > 1:
+            return 1
+        h, w = (fed[1], fed[0]) if self.transposed else fed
+        net = self.netdef.param
+        room = (budget or default_budget()) * HEADROOM
+        try:
+            est = self._estimate(net, h, w)
+        except ResourceError:
+            return 1
+        for k in range(wanted, 1, -1):
+            active = k * est.activations
+            if active <= SPEED_CAP and est.base + est.params + max(est.params, active) <= room:
+                return k
+        return 1
+
+    def classify_batch(self, images: Sequence[np.ndarray], paths: Sequence[Path | None],
+                       feeds: Sequence[tuple[tuple[int, int] | None, float | None]] | None = None,
+                       budget: int | None = None,
+                       load_seconds: Sequence[float] | None = None) -> list[DenseMap]:
+        """Map images that are fed at one size in one forward pass (an N x C x H x W input):
+        each map is classify()'s of that image alone, to the engine's float32 rounding
+        (tests/test_pipeline.py). The caller sizes the batch (batch_size); images that need
+        tiles, or another fed size, are refused. `feeds` is each image's (size, scale), as
+        classify() takes them (None: each as it is)."""
+        t0 = time.perf_counter()
+        rgbs = [np.asarray(im) for im in images]
+        feeds = feeds or [(None, None)] * len(rgbs)
+        feds = [resized(rgb, size, scale) for rgb, (size, scale) in zip(rgbs, feeds)]
+        shapes = {f.shape[:2] for f in feds}
+        if len(shapes) != 1:
+            raise InputError(f"a batch is fed at one size; these are fed at {sorted(shapes)}")
+        fed = feds[0].shape[:2]
+        for f, rgb, path in zip(feds, rgbs, paths):
+            self.check_minimum(f.shape[:2], resized=f is not rgb, path=path)
+        tiles, _ = self.plan(*fed, budget, None, reader=feds[0])
+        if len(tiles) != 1:
+            raise ResourceError(f"images of {hw(*fed)} px need tiles: map them one at a time", paths[0])
+        t1 = time.perf_counter()
+        pre = self.card.preprocess
+        x = np.stack([pre.apply(f) for f in feds])
+        t2 = time.perf_counter()
+        blob = {"net": self.output_blob, None: self.score_blob}.get(self.softmax.by, self.score_blob)
+        wanted = [blob] + list(self.heads)
+        outs = self.net.forward({self.input_blob: x}, wanted)
+        t3 = time.perf_counter()
+        n = len(feds)
+        maps = []
+        for i, (rgb, path) in enumerate(zip(rgbs, paths)):
+            part, heads = self._cut(outs, i, tiles[0], blob, wanted)
+            probs = np.ascontiguousarray(part, dtype=np.float32)
+            if self.softmax.by not in ("net", None):
+                probs = softmax(probs)
+            info = {"mode": "whole", "tiles": 1, "tile_size": None,
+                    "heads": {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in heads.items()}}
+            timings = {"load_image": (t1 - t0) / n + (load_seconds[i] if load_seconds else 0.0),
+                       "preprocess": (t2 - t1) / n, "forward": (t3 - t2) / n}
+            dm = self.dense_map(probs, info, image=rgb, fed=fed, path=path, timings=timings)
+            dm.batch = n
+            maps.append(dm)
+        return maps
 
     def classify(self, image: str | Path | np.ndarray, size: tuple[int, int] | None = None,
                  scale: float | None = None, budget: int | None = None, tile: int | None = None,

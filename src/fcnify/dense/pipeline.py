@@ -75,6 +75,7 @@ class MapJob:
     store: str = "npy"  # --store: "npy" (the map in memory, .npy files) or "zarr" (chunked.py)
     classes: tuple[int | str, ...] | None = None  # --classes: the scores a store keeps
     resume: bool = False  # --resume: continue a store, running only its missing chunks
+    batch: int = 8  # --batch: images fed at one size that go through one forward (onnx, openvino)
 
     def __post_init__(self) -> None:
         given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]
@@ -94,6 +95,8 @@ class MapJob:
                              "goes with --store zarr")
         if not 0.0 < self.nms_iou <= 1.0:
             raise InputError(f"--nms-iou {self.nms_iou:g}: not an overlap in (0, 1]")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise InputError(f"--batch {self.batch}: not a number of images (1 or more)")
 
     @property
     def pyramid(self) -> bool:
@@ -308,45 +311,167 @@ def map_paths(model: DenseModel, paths: Sequence[Path], job: MapJob, out_dir: Pa
     A pipeline, not a loop: while the engine maps image i (ONNX Runtime,
     Caffe's worker and torch release the GIL), one thread decodes image i+1
     and another writes image i-1's files (zlib and numpy release it too).
-    At most one image waits on each side, so memory stays that of three.
+    Consecutive images fed at one size go through one forward pass, up to
+    job.batch of them (DenseModel.batch_size: the engine must take batches,
+    and the memory budget the batch's activations); the next group is
+    decoded while one runs. What is decoded ahead stays under AHEAD_BYTES
+    (a larger image is decoded in its turn), so memory stays that of a
+    batch on each side.
     """
     from concurrent.futures import ThreadPoolExecutor
     paths = [Path(p) for p in paths]
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fcnify-io")
+    groups = _groups(model, paths, job)
     try:
-        ahead = _decode_ahead(pool, paths, 0, job)
-        writing = None  # (future of the finished MapResult) of the image before
-        for i, path in enumerate(paths):
-            name = (names or {}).get(path) or path.stem
-            mine, ahead = ahead, None
-            try:
-                if out_dir is not None:
-                    check_outputs(Path(out_dir), name, job, tuple(model.heads), path)
-                image = mine.result() if mine is not None else None
-                ahead = _decode_ahead(pool, paths, i + 1, job)
-                if job.store == "zarr":
-                    result = _map_store(model, path, job, out_dir, name, progress, i)
-                elif progress is None:
-                    result = map_image(model, path, job, image=image)
+        group = next(groups, None)
+        ahead = _decode_ahead(pool, paths, group or [], job)
+        writing: list = []  # futures of the results before, in order (written on the pool)
+        while group is not None:
+            following = next(groups, None)
+            mine, ahead = ahead, {}
+            named = {i: (names or {}).get(paths[i]) or paths[i].stem for i in group}
+            results: dict[int, MapResult] = {}
+            decoded: dict[int, Decoded | None] = {}
+            for i in group:
+                try:
+                    if out_dir is not None:
+                        check_outputs(Path(out_dir), named[i], job, tuple(model.heads), paths[i])
+                    decoded[i] = mine[i].result() if i in mine else None
+                except FcnifyError as exc:
+                    results[i] = MapResult(paths[i], error=exc)
+                    if i in mine:
+                        mine[i].cancel()
+            ahead = _decode_ahead(pool, paths, following or [], job)
+            todo = [i for i in group if i not in results]
+            if len(todo) > 1:
+                results.update(_map_batch(model, paths, todo, decoded, job, progress))
+            for i in todo:
+                if i not in results:
+                    results[i] = _map_one(model, paths[i], job, out_dir, named[i], progress, i, decoded[i])
+            for done in writing:
+                yield done.result()
+            writing = []
+            for i in group:
+                result = results[i]
+                result.name = named[i]
+                if out_dir is not None and result.ok and result.store is None:
+                    writing.append(pool.submit(_write, result, Path(out_dir), named[i], job))
                 else:
-                    with progress(i, path) as bar:
-                        result = map_image(model, path, job, bar, image=image)
-            except FcnifyError as exc:
-                result = MapResult(path, error=exc)
-            if ahead is None:
-                ahead = _decode_ahead(pool, paths, i + 1, job)
-            result.name = name
-            if writing is not None:
-                yield writing.result()
-                writing = None
-            if out_dir is not None and result.ok and result.store is None:
-                writing = pool.submit(_write, result, Path(out_dir), name, job)
-            else:
-                yield result
-        if writing is not None:
-            yield writing.result()
+                    writing.append(_ready(result))
+            group = following
+        for done in writing:
+            yield done.result()
     finally:  # an interrupt: the files being written are finished (or not begun), nothing more
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# What may be decoded ahead of the engine, in bytes (pixels as decoded, resized and
+# preprocessed): a batch's images, or the next image. 256 MiB holds eight 2000 x 2000
+# images fed as they are, or one 5000 x 5000; a larger image is decoded in its turn.
+AHEAD_BYTES = 256 << 20
+
+
+def held_bytes(original: tuple[int, int], fed: tuple[int, int], channels: int) -> int:
+    """Bytes one image holds on its way to the engine: its decoded RGB, the resized RGB
+    (when resized) and the preprocessed float32 input (counted twice: it is stacked)."""
+    resized = 0 if tuple(fed) == tuple(original) else 3 * fed[0] * fed[1]
+    return 3 * original[0] * original[1] + resized + 2 * 4 * channels * fed[0] * fed[1]
+
+
+def _fed(model: DenseModel, path: Path, job: MapJob) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(fed size, original size) of image `path` from its header; None for a file that is
+    mapped on its own (a tiled TIFF, or one whose header cannot be read or is too small)."""
+    from ..io.images import image_size
+    from ..io.windows import windowed
+    from .dense import fed_size
+    try:
+        if windowed(path):
+            return None
+        original = image_size(path)
+        size, scale = job.feed(path)
+        fed = fed_size(original, size, scale)
+        model.check_minimum(fed, resized=fed != original, path=path)
+    except FcnifyError:
+        return None
+    return fed, original
+
+
+def _groups(model: DenseModel, paths: Sequence[Path], job: MapJob) -> Iterator[list[int]]:
+    """The images' indices in order, cut into groups that go through one forward pass:
+    consecutive images fed at one size, at most model.batch_size of them and AHEAD_BYTES
+    together. Everything is a group of one without --batch, for a pyramid or a store,
+    with --tile, or on an engine that runs one image at a time."""
+    if (job.batch <= 1 or job.pyramid or job.store == "zarr" or job.tile is not None
+            or not getattr(model.runner, "batches", False) or model.shifts > 1):
+        yield from ([i] for i in range(len(paths)))
+        return
+    sizes: dict[tuple[int, int], int] = {}
+    group: list[int] = []
+    key, held = None, 0
+    for i, path in enumerate(paths):
+        found = _fed(model, path, job)
+        if found is None:
+            if group:
+                yield group
+            group, key, held = [], None, 0
+            yield [i]
+            continue
+        fed, original = found
+        if fed not in sizes:
+            sizes[fed] = model.batch_size(fed, job.batch, job.budget)
+        cost = held_bytes(original, fed, model.channels)
+        if group and (fed != key or len(group) >= sizes[fed] or held + cost > AHEAD_BYTES):
+            yield group
+            group, held = [], 0
+        group.append(i)
+        key, held = fed, held + cost
+    if group:
+        yield group
+
+
+def _map_one(model: DenseModel, path: Path, job: MapJob, out_dir: Path | None, name: str,
+             progress: ProgressFor | None, i: int, image: Decoded | None) -> MapResult:
+    """One image on its own (map_image, or its store), its failure as its result."""
+    try:
+        if job.store == "zarr":
+            return _map_store(model, path, job, out_dir, name, progress, i)
+        if progress is None:
+            return map_image(model, path, job, image=image)
+        with progress(i, path) as bar:
+            return map_image(model, path, job, bar, image=image)
+    except FcnifyError as exc:
+        return MapResult(path, error=exc)
+
+
+def _map_batch(model: DenseModel, paths: Sequence[Path], todo: list[int], decoded: dict,
+               job: MapJob, progress: ProgressFor | None) -> dict[int, MapResult]:
+    """Images fed at one size through one forward pass (DenseModel.classify_batch); {} when
+    they cannot be (not all decoded ahead, or the decoded sizes differ from the headers'),
+    so that each is then mapped on its own and fails, if it fails, on its own."""
+    if any(decoded.get(i) is None for i in todo):
+        return {}
+    try:
+        maps = model.classify_batch([decoded[i].rgb for i in todo], [paths[i] for i in todo],
+                                    [job.feed(paths[i]) for i in todo], job.budget,
+                                    [decoded[i].seconds for i in todo])
+    except FcnifyError:
+        return {}
+    results = {}
+    for i, dm in zip(todo, maps):
+        if progress is not None:
+            with progress(i, paths[i]) as bar:
+                if bar is not None:
+                    bar(1, 1)
+        results[i] = MapResult(paths[i], dm)
+    return results
+
+
+def _ready(result: MapResult):
+    """A future that already holds `result` (an image that is not written keeps its place)."""
+    from concurrent.futures import Future
+    done: Future = Future()
+    done.set_result(result)
+    return done
 
 
 def _map_store(model: DenseModel, path: Path, job: MapJob, out_dir: Path | None, name: str,
@@ -361,12 +486,25 @@ def _map_store(model: DenseModel, path: Path, job: MapJob, out_dir: Path | None,
     return MapResult(path, written=written, store=run)
 
 
-def _decode_ahead(pool, paths: Sequence[Path], i: int, job: MapJob):
-    """Start decoding image i on `pool` (None past the end, or for a pyramid, which loads its own)."""
+def _decode_ahead(pool, paths: Sequence[Path], group: Sequence[int], job: MapJob) -> dict:
+    """Start decoding a group's images on `pool`: {index: future}. None are for a pyramid or a
+    store (they load their own), a tiled TIFF (read by window, in its turn) or an image whose
+    pixels alone pass AHEAD_BYTES (decoded in its turn)."""
+    from ..io.images import image_size
     from ..io.windows import windowed
-    if i >= len(paths) or job.pyramid or job.store == "zarr" or windowed(paths[i]):  # a tiled TIFF is read by window, in its turn
-        return None
-    return pool.submit(decode, paths[i])
+    if job.pyramid or job.store == "zarr":
+        return {}
+    started = {}
+    for i in group:
+        if windowed(paths[i]):
+            continue
+        try:
+            h, w = image_size(paths[i])
+        except FcnifyError:
+            h = w = 0  # decoding says what is wrong, in the image's turn
+        if 3 * h * w <= AHEAD_BYTES:
+            started[i] = pool.submit(decode, paths[i])
+    return started
 
 
 def _write(result: MapResult, out_dir: Path, name: str, job: MapJob) -> MapResult:

@@ -65,6 +65,7 @@ class OnnxRunner:
 
     name = "onnx"
     checks_weights = True  # load() reads the caffemodel once and checks it (net_params)
+    batches = True  # one forward takes N images (the graph's batch axis is free): --batch
 
     def __init__(self, gpu: int | None = None, verbose: bool = False) -> None:
         if ort is None:

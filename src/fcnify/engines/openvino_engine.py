@@ -86,6 +86,7 @@ class OpenvinoRunner:
     """Runs Caffe nets in OpenVINO on the CPU (or Intel GPU `gpu`), in f32 unless asked for bf16."""
 
     name = "openvino"
+    batches = True  # one forward takes N images (the graph's batch axis is free): --batch
 
     def __init__(self, gpu: int | None = None, verbose: bool = False, precision: str = "f32") -> None:
         if ov is None:
