@@ -395,14 +395,19 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU (CUDA build).")
 @click.option("--engine", type=ENGINE, default=PROOF_ENGINE, show_default=True,
               help="Engine that runs both nets.")
+@click.option("--precision", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="bf16: run FCN in bf16 and ORIGINAL in f32 on the engine (default for bf16: "
+                   "openvino, else torch) and report bf16's own criterion (argmax agreement, largest "
+                   "score error, the bound with u = 2^-8; docs/verify.md), never EQUIVALENT; CPUs "
+                   "without AVX512-BF16 or AMX are refused.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.option("--card", type=PATH,
               help="Model card whose preprocessing the check uses (default: FCN's own card).")
 @_preprocess_options
 @click.pass_obj
-def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt, card, channels, raw_scale,
-           input_scale, mean, transpose):
+def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, precision, fmt, card, channels,
+           raw_scale, input_scale, mean, transpose):
     """Check that FCN reproduces ORIGINAL at ORIGINAL's input size (exit 1 if not).
 
     Scores before Softmax must agree within a float32 accumulation bound
@@ -419,9 +424,20 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, fmt, 
     """
     from .surgery.report import verify_document, verify_report
     from .convert import verify_files
+    if precision == "bf16":  # Caffe has no bf16: the default engine is auto's bf16 pick
+        from .engines import AUTO, check_choice
+        engine = check_choice(AUTO if engine == PROOF_ENGINE else engine, precision)
     report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples=samples, gpu=gpu,
                           verbose=obj.verbose, engine=engine, card=card, channels=channels,
-                          raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose)
+                          raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose,
+                          precision=precision)
+    if precision == "bf16":
+        from .surgery.bf16 import bf16_report
+        click.echo(json.dumps(verify_document(report, Path(original), Path(fcn))) if fmt == "json"
+                   else bf16_report(report))
+        if not report.within_bound:
+            raise SystemExit(1)
+        return
     click.echo(json.dumps(verify_document(report, Path(original), Path(fcn))) if fmt == "json"
                else verify_report(report))
     if not report.equivalent:

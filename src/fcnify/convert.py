@@ -220,6 +220,20 @@ def check_conversion(original_net, converted_net, original, fcn, weights: Weight
                   scores=scores, heads=heads)
 
 
+def check_bf16(original_net, converted_net, original, fcn, weights: Weights, pre: Preprocess,
+               blob_map: dict[str, str], samples: int = 3, path: Path | None = None):
+    """check_conversion's inputs and score pair, measured by bf16's criterion (surgery/bf16.py)."""
+    from .surgery.bf16 import verify_bf16
+    try:
+        scores = score_layer(original, score_blob(original), weights)
+    except ValueError as exc:
+        raise ConversionError(f"cannot check the conversion: {exc}", path) from None
+    pair = (score_blob(original), counterpart(score_blob(original), fcn, blob_map) or score_blob(fcn))
+    blob, shape = next(iter(input_shapes(original).items()))
+    return verify_bf16(original_net, converted_net, blob, (1,) + tuple(shape[1:]), pair, pre, scores,
+                       samples=samples)
+
+
 def run_verify(result: ConvertResult, prototxt: Path, caffemodel: Path, runner: Engine,
                samples: int = 3, weights: Weights | None = None) -> VerifyReport:
     surgery = result.surgery
@@ -361,7 +375,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
 def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
                  fcn_weights: str | Path | None = None, *, samples: int = 3, gpu: int | None = None,
                  verbose: bool = False, engine: str = PROOF_ENGINE, card: str | Path | None = None,
-                 **preprocessing) -> VerifyReport:
+                 precision: str = "f32", **preprocessing) -> VerifyReport:
     """`fcnify verify`: compare any fully-convolutional net with its original.
 
     The FCN may come from fcnify or be written by hand (Caffe's own
@@ -373,6 +387,11 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     says (default: the FCN's own card, as convert wrote it; else the
     original's card or Caffe's defaults), with `preprocessing` (channels=,
     raw_scale=, input_scale=, mean=, transpose=) over it.
+
+    `precision="bf16"` runs the FCN in bf16 and the original in float32 on
+    `engine` and returns bf16's own measurement (surgery.bf16.Bf16Report), never
+    an equivalence; the engine or the CPU that cannot compute bf16 is refused
+    first (engines.check_choice: one line, exit 2).
     """
     from .io.preprocess import resolve_preprocess
     from .files import check_input_file
@@ -389,6 +408,7 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_input_file(fcn_weights, "weights (caffemodel)")
     original_def = read_netdef(original)
     fcn_def = read_netdef(fcn)
+    reduced = make_engine(engine, gpu, verbose=verbose, precision=precision) if precision != "f32" else None
     runner = make_engine(engine, gpu, verbose=verbose)
     registered = runner.layer_types()
     check_layer_types(original_def.param, registered, original, runner.name)
@@ -403,6 +423,9 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     transplanted = None
     if surgery.changed and {l.name for l in surgery.net.layer} == {l.name for l in fcn_def.param.layer}:
         transplanted, _ = transplant(surgery, w, checked)
-    with runner.load(original, weights) as a, runner.load(fcn, fcn_weights) as b:
+    with runner.load(original, weights) as a, (reduced or runner).load(fcn, fcn_weights) as b:
+        if reduced is not None:
+            return check_bf16(a, b, original_def.param, fcn_def.param, w, pre, surgery.blob_map, samples,
+                              original)
         return check_conversion(a, b, original_def.param, fcn_def.param, w, pre, surgery.blob_map,
                                 transplanted, samples, original)
