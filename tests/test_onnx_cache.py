@@ -165,3 +165,30 @@ def test_other_weights_are_another_session(digits_fcn, tmp_path, monkeypatch):
     fresh = OnnxRunner().load(proto, model).forward({"data": x}, ["prob"])["prob"]
     assert not np.array_equal(second, first)
     assert np.array_equal(second, fresh)
+
+
+def test_the_least_recently_used_sessions_go_first(digits_fcn, tmp_path, monkeypatch):
+    """Beyond the cache's byte limit the entries last used longest ago are removed, the newest
+    kept; an entry read again counts as used then."""
+    import shutil
+    from fcnify.engines import onnx_cache
+    monkeypatch.setenv("FCNIFY_CACHE", str(tmp_path / "cache"))
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    proto = tmp_path / "digits.prototxt"
+    shutil.copy(digits_fcn.model_def, proto)
+    models = []
+    for i in range(3):  # three weights files: three entries
+        models.append(tmp_path / f"w{i}.caffemodel")
+        shutil.copy(digits_fcn.weights, models[-1])
+    keys = []
+    folder = tmp_path / "cache" / "onnx-sessions"
+    for i, model in enumerate(models):
+        OnnxRunner().load(proto, model).forward({"data": x}, ["prob"])
+        keys.append(next(e.name for e in folder.iterdir() if e.name not in keys))
+        os.utime(folder / keys[-1] / "meta.json", (1000 + i, 1000 + i))
+    size = sum(f.stat().st_size for f in (folder / keys[0]).iterdir())
+    OnnxRunner().load(proto, models[0]).forward({"data": x}, ["prob"])  # entry 0 used again: newest
+    onnx_cache._evict(folder, keep=keys[2], limit=int(2.5 * size))
+    assert sorted(e.name for e in folder.iterdir()) == sorted([keys[0], keys[2]])
+    onnx_cache._evict(folder, keep=keys[2], limit=0)
+    assert [e.name for e in folder.iterdir()] == [keys[2]]

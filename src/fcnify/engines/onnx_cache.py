@@ -99,6 +99,9 @@ SESSIONS = "onnx-sessions"
 MODEL, WEIGHTS, META = "model.onnx", "weights.bin", "meta.json"
 SAMPLES, SAMPLE_BYTES = 16, 64 << 10
 STALE_SECONDS = 3600  # a temporary entry older than this was left by a killed run
+# Entries are kept up to this many bytes in all, the least recently used removed first: a
+# CaffeNet entry is 244 MB, and every new weights file (a conversion run again) is a new one.
+SESSIONS_BYTES = int(os.environ.get("FCNIFY_ORT_SESSION_CACHE_BYTES", 2 << 30))
 
 
 def weights_identity(weights: Path | None) -> list:
@@ -154,6 +157,10 @@ def read_session(key: str) -> Path | None:
     if not good:
         drop_session(key)
         return None
+    try:
+        os.utime(entry / META)  # used now: the last to be evicted (_evict)
+    except OSError:
+        pass
     return entry / MODEL
 
 
@@ -190,10 +197,33 @@ def commit_session(key: str, target: Path) -> None:
     try:
         _write_atomic(target / META, json.dumps(_fingerprint(target)).encode())
         os.rename(target, session_entry(key))  # fails when another run put it there first
+        _evict(target.parent, keep=key)
     except OSError:
         pass
     finally:
         shutil.rmtree(target, ignore_errors=True)
+
+
+def _evict(folder: Path, keep: str, limit: int | None = None) -> None:
+    """Remove the least recently used entries (meta.json's mtime) until they hold `limit` bytes
+    (SESSIONS_BYTES) or fewer; the entry `keep` stays whatever its size."""
+    limit = SESSIONS_BYTES if limit is None else limit
+    entries = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            size = sum(f.stat().st_size for f in entry.iterdir())
+            used = (entry / META).stat().st_mtime
+        except OSError:
+            continue
+        entries.append((entry.name == keep, used, size, entry))
+    total = sum(size for _, _, size, _ in entries)
+    for kept, _, size, entry in sorted(entries, key=lambda e: (e[0], e[1])):
+        if total <= limit or kept:
+            break
+        drop_session(entry.name)
+        total -= size
 
 
 def _sweep(folder: Path) -> None:
