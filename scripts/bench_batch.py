@@ -10,6 +10,8 @@ tables and writes JSON (default bench_batch.json):
       session.run; one fresh process each). Throughput after start-up is
       (N - 1) / (wall for N images - wall for 1 image), for 64 images of 256 px and
       8 of 1024 px; the ratio is classify-map's over the bare loop's.
+      Each row is given twice: by wall time, and by CPU time (user + system of the
+      process), which other jobs on a shared machine disturb far less.
   (2) one 451-px image through `classify-map --out`: wall time from the shell
       (a fresh process; net loading, conversion check and outputs included).
   (3) every engine (caffe, torch, onnx, openvino f32, openvino bf16 where the CPU has
@@ -104,12 +106,21 @@ def subset(src: Path, n: int, tmp: Path) -> Path:
 
 def wall(cmd: list[str], env: dict | None = None) -> float:
     """Wall time of a command from the shell's point of view (a fresh process)."""
+    return timed(cmd, env)[0]
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall, CPU) seconds of a command in a fresh process: CPU is its user + system time,
+    which other jobs on a shared machine disturb far less than the wall time."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 # ------------------------------------------------------------------ (1) folders
@@ -139,6 +150,7 @@ def folder_rows(card: str, onnx_file: Path, tmp: Path, sets: list[tuple[int, int
         one = subset(src, 1, tmp)
         cli = [sys.executable, "-m", "fcnify", "classify-map"]
         times: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         for key, cmd in (("cli1", cli + [str(one), "--card", card, "--quiet", "--force", "--out"]),
                          ("cliN", cli + [str(src), "--card", card, "--quiet", "--force", "--out"]),
                          ("bare1", [sys.executable, __file__, "--bare", str(onnx_file), card, str(one)]),
@@ -146,16 +158,24 @@ def folder_rows(card: str, onnx_file: Path, tmp: Path, sets: list[tuple[int, int
             runs = []
             for i in range(repeats):
                 out = tmp / f"out_{key}_{side}_{i}"
-                runs.append(wall(cmd + [str(out)] if key.startswith("cli") else cmd))
-            times[key] = min(runs)
+                runs.append(timed(cmd + [str(out)] if key.startswith("cli") else cmd))
+            times[key] = min(r[0] for r in runs)
+            cpu[key] = min(r[1] for r in runs)
         cli_rate = (count - 1) / max(times["cliN"] - times["cli1"], 1e-9)
         bare_rate = (count - 1) / max(times["bareN"] - times["bare1"], 1e-9)
+        cli_cpu = (count - 1) / max(cpu["cliN"] - cpu["cli1"], 1e-9)
+        bare_cpu = (count - 1) / max(cpu["bareN"] - cpu["bare1"], 1e-9)
         entry = {"images": count, "side_px": side, **{k: v for k, v in times.items()},
-                 "cli_images_per_s": cli_rate, "bare_images_per_s": bare_rate, "ratio": cli_rate / bare_rate}
+                 "cli_images_per_s": cli_rate, "bare_images_per_s": bare_rate, "ratio": cli_rate / bare_rate,
+                 "cpu_seconds": cpu, "cli_images_per_cpu_s": cli_cpu, "bare_images_per_cpu_s": bare_cpu,
+                 "cpu_ratio": cli_cpu / bare_cpu}
         rows.append(entry)
         print(row(f"{count} x {side} px", f"{times['cli1']:.2f} s", f"{times['cliN']:.2f} s",
                   f"{times['bare1']:.2f} s", f"{times['bareN']:.2f} s",
                   f"{100 * entry['ratio']:.0f}% ({cli_rate:.1f} vs {bare_rate:.1f}/s)"))
+        print(row("  same, CPU seconds", f"{cpu['cli1']:.2f} s", f"{cpu['cliN']:.2f} s",
+                  f"{cpu['bare1']:.2f} s", f"{cpu['bareN']:.2f} s",
+                  f"{100 * entry['cpu_ratio']:.0f}% ({cli_cpu:.1f} vs {bare_cpu:.1f}/CPU-s)"))
     return rows
 
 
