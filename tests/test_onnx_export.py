@@ -13,7 +13,7 @@ ort = pytest.importorskip("onnxruntime", reason="the onnx engine needs onnxrunti
 
 from fcnify.caffe.caffemodel import read_weights, write_weights  # noqa: E402
 from fcnify.convert import convert  # noqa: E402
-from fcnify.dense.dense import resolve_model  # noqa: E402
+from fcnify.resolve import resolve_card  # noqa: E402
 from fcnify.convert import card_for_model_def  # noqa: E402
 from fcnify.io.models import find_model  # noqa: E402
 from fcnify.caffe.netdef import parse_netdef, read_netdef  # noqa: E402
@@ -378,7 +378,7 @@ def test_card_options_resolve(tmp_path):
     """NET as a prototxt needs --weights (usage error, exit 2)."""
     run = call_fcnify("export", LENET_DEF, "--out", tmp_path / "l.onnx")
     assert run.code == 2 and "--weights" in run.err
-    assert resolve_model(card=find_model("digits").card_path).name == "digits"
+    assert resolve_card(card=find_model("digits").card_path).name == "digits"
 
 
 # ------------------------------------------------------------------ the check against Caffe

@@ -21,7 +21,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Callable
 
 from .errors import InputError, OutputError, OutputExists
 
@@ -229,9 +229,6 @@ class OutputSet:
 
     def write_with(self, final: str | Path, writer: Callable[[Path], None]) -> None:
         writer(self.path_for(final))
-
-    def finals(self) -> Iterator[Path]:
-        return (final for _, final in self._staged)
 
     def commit(self) -> list[Path]:
         for tmp, final in self._staged:

@@ -59,9 +59,6 @@ class Weights:
     def __getitem__(self, name: str) -> LayerWeights:
         return self.layers[name]
 
-    def total_params(self) -> int:
-        return sum(int(b.size) for lw in self.layers.values() for b in lw.blobs)
-
 
 FIXED_WIDTH = {1: 8, 5: 4}  # protobuf wire types of 64- and 32-bit fields, in bytes
 

@@ -821,12 +821,6 @@ def make_runner(engine: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose
     return make_engine(engine, gpu, verbose=verbose, precision=precision)
 
 
-def resolve_model(model: str | None = None, model_def: str | Path | None = None,
-                  weights: str | Path | None = None, card: str | Path | None = None) -> ModelCard:
-    """Kept for callers of fcnify 0.x: resolve.resolve_card with these arguments."""
-    return resolve_card(model, model_def=model_def, weights=weights, card=card)
-
-
 def classify_map(image: str | Path | np.ndarray, model: str | Path | ModelCard | None = None, *,
                  model_def: str | Path | None = None, weights: str | Path | None = None,
                  card: str | Path | ModelCard | None = None,

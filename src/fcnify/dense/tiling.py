@@ -71,11 +71,6 @@ class Tile:
         return slice(None), slice(self.y.first, self.y.last + 1), slice(self.x.first, self.x.last + 1)
 
 
-def margins(axis: AxisGeometry) -> tuple[int, int]:
-    """Pixels of context a kept cell needs before its box start and after it, from the reach."""
-    return max(0, -axis.reach_lo), max(0, axis.reach_hi)
-
-
 def plan_axis(length: int, cells: int, tile: int, axis: AxisGeometry, cells_for) -> list[Span]:
     """Spans covering `cells` map cells of an axis of `length` px with tiles of `tile` px.
 

@@ -33,7 +33,6 @@ class ModelCard:
     background_class: int | None = None
     fully_convolutional: bool = False
     card_path: Path | None = None
-    extra: tuple = ()
     # An output that regresses each cell's box: 4 values per cell, the offsets of
     # x0, y0, x1, y1 as fractions of the window's width and height (MTCNN's
     # encoding). --detect moves each box by them (fcnify.dense.detect).

@@ -12,7 +12,6 @@ options given by the user win over the card, and the card over defaults.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -264,15 +263,3 @@ def load_binaryproto_mean(path: str | Path, channels: int | None = None) -> tupl
         raise InputError(f"not a Caffe mean .binaryproto: shape {list(shape)} holds "
                          f"{int(np.prod(shape)) if shape else 0} values, the file {values.size}", path)
     return _per_channel(values.reshape(shape), channels, path)
-
-
-def read_preprocess(path: str | Path) -> Preprocess:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read preprocessing JSON ({exc})", path) from exc
-    if isinstance(data, dict) and "preprocess" in data:
-        data = data["preprocess"]
-    if not isinstance(data, dict):
-        raise InputError("preprocessing JSON must be an object", path)
-    return Preprocess.from_dict(data, path)
