@@ -54,6 +54,9 @@ CUDA_PATCHES = ("cuda13-deviceprop.patch",)
 CUDA_WHEELS = {"13": ("nvidia-cublas==13.1.1.3", "nvidia-curand==10.4.0.35")}
 CUDA_ARCH_BIN = "80 90"  # A100 (sm_80), H100/H200 (sm_90)
 CUDA_ARCH_PTX = "90"
+# MARKER_NAME and cache_root() are copies of fcnify.paths' MARKER_NAME and cache_dir(): this
+# script runs under the system Python before the virtualenv (and so fcnify) exists, and
+# fcnify.paths cannot be imported without its package. tests/test_setup.py checks they agree.
 MARKER_NAME = "fcnify-caffe.json"
 # CPU builds compile Caffe's sources 8 to a file (CMake's unity build): each
 # file parses boost and the 1 MB caffe.pb.h once instead of 8 times (compiler
@@ -106,7 +109,7 @@ class BuildKey:
 
 
 def cache_root(env: dict[str, str] | None = None) -> Path:
-    """The cache folder, outside the checkout so clones share one build."""
+    """The cache folder, outside the checkout so clones share one build (fcnify.paths.cache_dir)."""
     env = os.environ if env is None else env
     if env.get("FCNIFY_CACHE"):
         return Path(env["FCNIFY_CACHE"]).expanduser()

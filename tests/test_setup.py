@@ -47,6 +47,19 @@ def test_cache_root_outside_checkout(tmp_path):
     assert bootstrap.cache_root({"HOME": "/h"}) == Path("/h/.cache/fcnify")
 
 
+def test_bootstrap_copies_agree_with_paths(tmp_path, monkeypatch):
+    """bootstrap.py's copies of the marker's name and the cache folder are fcnify.paths' own."""
+    from fcnify import paths
+    assert bootstrap.MARKER_NAME == paths.MARKER_NAME
+    for env in ({"FCNIFY_CACHE": str(tmp_path / "c")}, {"XDG_CACHE_HOME": str(tmp_path / "x")},
+                {"HOME": str(tmp_path / "h")}):
+        for name in ("FCNIFY_CACHE", "XDG_CACHE_HOME", "HOME"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert bootstrap.cache_root(env) == paths.cache_dir()
+
+
 @pytest.mark.parametrize("mode,existing,cached,expected", [
     ("auto", None, False, "cache"),
     ("auto", "/opt/caffe/python/caffe/__init__.py", False, "existing"),

@@ -22,7 +22,7 @@ from typing import Sequence
 import click
 
 from .version import __version__
-from .engines import DEFAULT_ENGINE, PROOF_ENGINE, engine_names
+from .engines import DEFAULT_ENGINE, PROOF_ENGINE, engine_help, engine_names
 from .io.saved import save_help
 from .errors import (ArgumentError, FcnifyError, InputError, InternalError, NotEquivalentError,
                      OutputExists)
@@ -558,8 +558,7 @@ def _export_card(net: str, options: dict):
               help="Print a text summary, or one JSON document per image.")
 @click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
 @click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
-              help="Run the net with Caffe, PyTorch, ONNX Runtime or OpenVINO; auto: ONNX Runtime "
-                   "when it is installed, else Caffe (the choice is in the summary and map.json).")
+              help=engine_help())
 @click.option("--precision", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
               help="bf16: OpenVINO's (or torch autocast's) bfloat16 arithmetic, on CPUs with AMX or "
                    "AVX512-BF16 only: several times faster, close to but not equal to the f32 map "

@@ -24,7 +24,7 @@ from .caffe.netdef import NetDef, read_netdef, to_text
 from .engines import PROOF_ENGINE, Engine, check_layer_types, make_engine
 from .io.preprocess import Preprocess
 from .resolve import card_for_model_def, resolve_card  # noqa: F401 (card_for_model_def: re-exported)
-from .caffe.shapes import infer, input_shapes
+from .caffe.shapes import image_input, infer, input_shapes
 from .surgery.surgery import Surgery, convert_net, keep_output_names
 from .surgery.transplant import Provenance, check_weights, transplant
 from .surgery.verify import VerifyReport, verify
@@ -214,7 +214,7 @@ def check_conversion(original_net, converted_net, original, fcn, weights: Weight
             heads.append((blob, other, score_layer(original, blob, weights)))
         except ValueError:
             continue  # not made by a Convolution or InnerProduct: no bound to hold it to
-    blob, shape = next(iter(input_shapes(original).items()))
+    blob, shape = image_input(original)
     shape = (1,) + tuple(shape[1:])  # one image at a time: the declared batch adds nothing
     return verify(original_net, converted_net, blob, shape, pairs, pre, transplanted, samples=samples,
                   scores=scores, heads=heads)
@@ -265,8 +265,8 @@ def card_dict(result: ConvertResult, prototxt: Path, caffemodel: Path, card_file
                    "upgraded_from": s.original.upgraded_from},
         "score_blob": s.blob_map[score_blob(s.original.param)],
         "output_blob": s.blob_map[output_blobs(s.original.param)[-1]],
-        "input_blob": next(iter(input_shapes(s.net))),
-        "original_input_shape": list(next(iter(input_shapes(s.original.param).values()))),
+        "input_blob": image_input(s.net)[0],
+        "original_input_shape": list(image_input(s.original.param)[1]),
         "geometry": result.geometry.to_dict() if result.geometry else None,
         "minimum_input": list(result.minimum_input) if result.minimum_input else None,
         "conversions": [c.__dict__ | {"old_params": [list(p) for p in c.old_params],

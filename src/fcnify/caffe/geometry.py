@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..errors import NetDefinitionError
 from .layers import MERGE, PASS_THROUGH
-from .shapes import conv_geometry, infer, infer_any_size, infer_partial, input_shapes, pool_geometry
+from .shapes import (conv_geometry, image_input, infer, infer_any_size, infer_partial, input_shapes,
+                     pool_geometry)
 
 def hw(height: int | float, width: int | float) -> str:
     """A size as fcnify writes every size: height x width, the order of --size and of numpy."""
@@ -317,9 +318,7 @@ def smallest_input(net, blob: str | None = None, limit: int = 1 << 14) -> tuple[
     With ceil-rounded pooling this can be below the field: the last windows
     then hang over the image edge.
     """
-    declared = input_shapes(net)
-    name = next(iter(declared))
-    base = declared[name]
+    name, base = image_input(net)
     blob = blob or output_blobs(net)[-1]
 
     def ok(h: int, w: int) -> bool:
@@ -348,8 +347,7 @@ def smallest_input(net, blob: str | None = None, limit: int = 1 << 14) -> tuple[
 
 def map_size(net, height: int, width: int, blob: str | None = None) -> tuple[int, int]:
     """(rows, cols) of the map for an input of height x width."""
-    declared = input_shapes(net)
-    name = next(iter(declared))
+    name, declared = image_input(net)
     blob = blob or output_blobs(net)[-1]
-    shape = infer_any_size(net, {name: declared[name][:-2] + (height, width)}).blobs[blob]
+    shape = infer_any_size(net, {name: declared[:-2] + (height, width)}).blobs[blob]
     return shape[-2], shape[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import NetDefinitionError, ResourceError
-from .shapes import INT_MAX, Shape, count, infer, input_shapes, conv_geometry
+from .shapes import INT_MAX, Shape, count, image_input, infer, conv_geometry
 
 FLOAT = 4
 # The worker process before any net: Python, numpy, pycaffe and what it imports
@@ -54,7 +54,7 @@ class MemoryEstimate:
 
 def estimate(net, height: int, width: int, batch: int = 1) -> MemoryEstimate:
     """Memory of `net` (fully convolutional) at an input of height x width."""
-    name, declared = next(iter(input_shapes(net).items()))
+    name, declared = image_input(net)
     shape = (batch, declared[1], height, width)
     try:
         shapes = infer(net, {name: shape})

@@ -159,8 +159,10 @@ class EngineEntry:
         return factory(gpu=gpu, verbose=verbose)
 
 
+_CAFFE = EngineEntry("caffe", "fcnify.engines.caffe_engine", "CaffeRunner",
+                     "pycaffe, in fcnify's worker process")
 ENGINES: dict[str, EngineEntry] = {e.name: e for e in (
-    EngineEntry("caffe", "fcnify.engines.caffe_engine", "CaffeRunner", "pycaffe, in fcnify's worker process"),
+    _CAFFE,
     EngineEntry("torch", "fcnify.engines.torch_engine", "TorchRunner",
                 "PyTorch, without pycaffe (pip install 'fcnify[torch]')", needs="torch",
                 bf16="torch.autocast(bfloat16): convolutions and matrix products in bf16"),
@@ -172,16 +174,24 @@ ENGINES: dict[str, EngineEntry] = {e.name: e for e in (
                 needs="openvino", bf16="OpenVINO's inference precision hint bf16 (AMX / AVX512-BF16)"),
 )}
 
+CAFFE = _CAFFE.name  # Caffe itself: the engine the others are checked against
 AUTO = "auto"
-AUTO_ORDER = ("onnx", "caffe")  # fastest first; each exact to float32 rounding
+AUTO_ORDER = ("onnx", CAFFE)  # fastest first; each exact to float32 rounding
 AUTO_ORDER_BF16 = ("openvino", "torch")  # auto with --precision bf16
 DEFAULT_ENGINE = AUTO  # classify-map, DenseModel, classify_map and the Dask workers
-PROOF_ENGINE = "caffe"  # convert and verify: equivalence proven by Caffe itself
+PROOF_ENGINE = CAFFE  # convert and verify: equivalence proven by Caffe itself
 
 
 def engine_names() -> list[str]:
     """The names --engine accepts: auto, then the table's order."""
     return [AUTO, *ENGINES]
+
+
+def engine_help() -> str:
+    """classify-map's --engine help, from the table's summaries: a new row is listed by itself."""
+    rows = "; ".join(f"{entry.name}: {entry.summary}" for entry in ENGINES.values())
+    return (f"{rows}; auto: the first installed of {', '.join(AUTO_ORDER)} (the choice is in the "
+            "summary and map.json).")
 
 
 def resolve_engine(name: str = DEFAULT_ENGINE, precision: str = "f32") -> str:
@@ -237,7 +247,7 @@ def _caffe_has_cudnn() -> bool:
 
 
 def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | None,
-                      engine: str = "caffe") -> None:
+                      engine: str = CAFFE) -> None:
     """Refuse layer types the engine cannot run (this Caffe build would abort on them).
 
     Caffe also aborts on `engine: CUDNN` when it was built without cuDNN.
@@ -245,11 +255,11 @@ def check_layer_types(net, registered: frozenset[str] | set[str], path: Path | N
     import difflib
     for layer in net.layer:
         param = getattr(layer, ENGINE_PARAMS[layer.type]) if layer.type in ENGINE_PARAMS else None
-        if (engine == "caffe" and param is not None and param.engine == param.CUDNN
+        if (engine == CAFFE and param is not None and param.engine == param.CUDNN
                 and not _caffe_has_cudnn()):
             raise NetDefinitionError(f"layer '{layer.name}' asks for engine CUDNN, and this Caffe "
                                      "build has no cuDNN; remove the engine setting", path)
-        if layer.type not in registered and engine != "caffe":
+        if layer.type not in registered and engine != CAFFE:
             raise NetDefinitionError(f"layer '{layer.name}': layer type '{layer.type}' is not "
                                      f"supported by the {engine} engine", path)
         if layer.type not in registered:

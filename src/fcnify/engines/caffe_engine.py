@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import LoadedNet, NetHandle  # noqa: F401 - LoadedNet: the contract, re-exported
+from . import CAFFE, LoadedNet, NetHandle  # noqa: F401 - LoadedNet: the contract, re-exported
 from ..errors import DeviceError, EngineCrash, SetupError
 from ..paths import setup_record
 from ..caffe.planner import MemoryEstimate, estimate
 from .sandbox import Sandbox, shared
+
+PYCAFFE = "caffe"  # the Python package pycaffe installs (`import caffe`), not the engine's name
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class CaffeBuild:
 def caffe_build() -> CaffeBuild:
     """Locate pycaffe's extension and read its linked libraries (ldd)."""
     try:
-        spec = importlib.util.find_spec("caffe")
+        spec = importlib.util.find_spec(PYCAFFE)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
@@ -114,7 +116,7 @@ class CaffeNetHandle(NetHandle):
 class CaffeRunner:
     """Loads nets into a sandboxed Caffe, in CPU mode or on one GPU."""
 
-    name = "caffe"
+    name = CAFFE
 
     def __init__(self, gpu: int | None = None, verbose: bool = False, box: Sandbox | None = None) -> None:
         self.box = box or shared(verbose=verbose)

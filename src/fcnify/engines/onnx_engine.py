@@ -30,7 +30,7 @@ from .onnx_cache import (cached_graph, commit_session, drop_session, graph_key, 
                          session_key, session_options, session_target)
 from .onnx_export import EXPORTABLE, check_exportable, net_params, to_onnx
 from ..caffe.planner import FLOAT, MemoryEstimate
-from ..caffe.shapes import count, infer, input_shapes
+from ..caffe.shapes import count, image_input, infer, input_shapes
 
 try:
     import onnxruntime as ort
@@ -279,7 +279,7 @@ def onnx_memory(net, height: int, width: int, base: int = 0) -> MemoryEstimate:
     """This process's memory for one ONNX Runtime pass of height x width: `base` (what it
     held before the net), the weights, the activations alive together (each freed after
     its last reader) and the input and outputs on their way in and out."""
-    name, declared = next(iter(input_shapes(net).items()))
+    name, declared = image_input(net)
     shape = (1, declared[1], height, width)
     try:
         shapes = infer(net, {name: shape})

@@ -38,7 +38,7 @@ import numpy as np
 from ..version import __version__
 from ..caffe.caffemodel import read_weights
 from ..errors import FcnifyError, NetDefinitionError, SetupError, WeightsError
-from ..caffe.shapes import Shape, canonical_axis, conv_geometry, infer, input_shapes, pool_geometry, rounds_up
+from ..caffe.shapes import Shape, canonical_axis, conv_geometry, image_input, infer, input_shapes, pool_geometry, rounds_up
 from ..surgery.transplant import check_weights
 
 # imported by require_onnx() when a graph is built: `import onnx` alone costs ~0.7 s of CPU (its
@@ -539,7 +539,7 @@ def card_metadata(card, net, num_classes: int, path: Path | None = None, plan=No
     labels = card.load_labels(num_classes) if card is not None else None
     meta = {
         "fcnify.version": __version__,
-        "fcnify.input_blob": next(iter(input_shapes(net))),
+        "fcnify.input_blob": image_input(net)[0],
         "fcnify.score_blob": score_blob(net),
         "fcnify.output_blob": output_blobs(net)[-1],
         "fcnify.geometry": json.dumps(map_geometry(net, path=path).to_dict()),

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import bf16_engines
 from ..caffe.planner import MemoryEstimate
-from ..caffe.shapes import infer, input_shapes
+from ..caffe.shapes import image_input, infer
 from ..errors import DeviceError, FcnifyError, ResourceError, SetupError
 from .cpu import check_precision
 from .onnx_engine import ExportedNet, _first_line, onnx_memory, process_rss
@@ -192,7 +192,7 @@ def openvino_memory(net, height: int, width: int, base: int = 0) -> MemoryEstima
     from ..caffe.planner import FLOAT
     from ..caffe.shapes import count
     est = onnx_memory(net, height, width)
-    name, declared = next(iter(input_shapes(net).items()))
+    name, declared = image_input(net)
     shapes = infer(net, {name: (1, declared[1], height, width)})
     weights = sum(count(p) for ls in shapes.layers for p in ls.params) * FLOAT
     return replace(est, blobs=int(est.blobs * OV_BLOBS), buffers=0, slack=1.0,

@@ -8,7 +8,7 @@ from ..caffe.geometry import blob_geometry, hw, map_geometry, map_size, score_bl
 from .bound import LAMBDA
 from ..caffe.netdef import read_netdef
 from ..caffe.planner import estimate, format_bytes
-from ..caffe.shapes import image_input, infer, infer_partial, input_shapes
+from ..caffe.shapes import image_input, infer, infer_partial
 from .surgery import convert_net, needs_surgery
 
 
@@ -58,7 +58,7 @@ def conversion_report(result) -> str:
         lines.append("  weights not used (no layer of that name in the net): "
                      + ", ".join(result.unused_source_layers))
     if result.geometry is not None:
-        declared = next(iter(input_shapes(s.original.param).values()))
+        _, declared = image_input(s.original.param)
         lines.append("map geometry:")
         lines += geometry_lines(result.geometry, result.minimum_input, declared)
         for n in (declared[2] + 7 * result.geometry.y.stride,):
@@ -192,7 +192,7 @@ def net_document(path: Path, size: tuple[int, int] | None) -> dict:
     fcn = surgery.net if surgery is not None else net
     card = info_card(path, declared, net)
     shown = fcn if size else net
-    shapes = infer(shown, {next(iter(input_shapes(shown))): (1,) + tuple(declared[1:2]) + (h, w)}
+    shapes = infer(shown, {image_input(shown)[0]: (1,) + tuple(declared[1:2]) + (h, w)}
                    if len(declared) == 4 else None, path=path)
     tops = {l.name: list(l.top) for l in shown.layer}
     doc = {"net": str(path), "name": netdef.name, "upgraded_from": netdef.upgraded_from,
