@@ -1,6 +1,6 @@
 """The `fcnify` command: options in, library calls, one line out on error.
 
-Library errors (fcnify.errors) become one line on stderr and their exit code
+Every way a command fails is translated once (CommandError.of) into one line on stderr and its exit code
 (2 bad input, 1 failed work, 3 a bug); --debug also shows the traceback, and
 the worker's when Caffe's worker process raised the error. Ctrl-C and
 SIGTERM unwind normally, so staged outputs are removed.
@@ -17,7 +17,7 @@ import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import click
 
@@ -64,8 +64,8 @@ def _option(param: click.Parameter | None) -> str:
     return param.opts[0] if param is not None and param.opts else "value"
 
 
-class _Worded:
-    """Mixin for click's range types: a value out of range reads '--opt VALUE: why'."""
+class _RangeSaysWhy:
+    """Mixin for click's range types: a value out of range reads '--opt VALUE: why' (`why`)."""
 
     why = ""
 
@@ -76,7 +76,7 @@ class _Worded:
             raise OptionValueError(f"{_option(param)} {value}: {self.why}", ctx, param) from None
 
 
-class IntIn(_Worded, click.IntRange):
+class IntIn(_RangeSaysWhy, click.IntRange):
     """click.IntRange whose refusal says why in fcnify's words."""
 
     def __init__(self, why: str, **bounds) -> None:
@@ -84,7 +84,7 @@ class IntIn(_Worded, click.IntRange):
         self.why = why
 
 
-class FloatIn(_Worded, click.FloatRange):
+class FloatIn(_RangeSaysWhy, click.FloatRange):
     """click.FloatRange whose refusal says why in fcnify's words."""
 
     def __init__(self, why: str, **bounds) -> None:
@@ -178,7 +178,7 @@ OPTION_NAMES = {"model": "--model", "card": "--card", "model_def": "--model-def"
                 "weights": "--weights", "labels": "--labels"}
 
 
-def _worded(exc: FcnifyError) -> FcnifyError:
+def _with_option_names(exc: FcnifyError) -> FcnifyError:
     """The error as the command line says it: its own option names, not the API's arguments."""
     if isinstance(exc, ArgumentError):
         return exc.for_options(OPTION_NAMES)
@@ -191,9 +191,59 @@ def _one_line(text: str) -> str:
                    for c in str(text))
 
 
+class CommandError(click.ClickException):
+    """How a command that did not succeed ends: one line `fcnify: ...` on stderr and its exit code.
+
+    The one translation point (`of`): fcnify's errors keep their exit code (2 bad input,
+    1 failed work, 3 a bug), a bad option or usage is 2 and points at --help, Ctrl-C and
+    SIGTERM are 130. `before` is what --debug shows first (the traceback, the worker's).
+    """
+
+    def __init__(self, line: str | None, exit_code: int, before: str = "",
+                 echo: Callable[[], None] | None = None) -> None:
+        super().__init__(line or "")
+        self.line, self.exit_code, self.before, self.echo = line, exit_code, before, echo
+
+    def show(self, file=None) -> None:
+        if self.before:
+            _err(self.before.rstrip("\n"))
+        if self.echo is not None:
+            self.echo()
+        if self.line is not None:
+            _err(f"fcnify: {_one_line(self.line)}")
+
+    @classmethod
+    def of(cls, exc: BaseException, debug: bool) -> "CommandError":
+        """`exc` (being handled) as the line and exit code fcnify reports for it."""
+        trace = traceback.format_exc() if debug else ""
+        if isinstance(exc, FcnifyError):
+            if debug and exc.worker_traceback:
+                trace += "Caffe's worker process raised it:\n" + exc.worker_traceback.rstrip()
+            return cls(f"error: {_with_option_names(exc)}", exc.exit_code, trace)
+        if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):  # after the terminal's ^C
+            return cls("interrupted", 130, "\n" if sys.stderr.isatty() else "")
+        if isinstance(exc, click.BadParameter):  # a bad option value: one line, as every bad input
+            return cls(f"error: {exc.format_message()}", exc.exit_code)
+        if isinstance(exc, click.UsageError):  # no such option or command, options that cannot go together
+            line = _usage_line(exc)
+            return cls(f"error: {line}", exc.exit_code) if line else cls(None, exc.exit_code, echo=exc.show)
+        if isinstance(exc, click.ClickException):
+            return cls(None, exc.exit_code, echo=exc.show)
+        if isinstance(exc, SystemExit):  # a command's own status, its lines already printed
+            return cls(None, exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1))
+        if isinstance(exc, OSError):
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            return cls(f"error: {where}{exc.strerror or exc}", 2, trace)
+        if isinstance(exc, Exception):  # a bug: its own exit status, the traceback under --debug
+            return cls(f"internal error (a bug in fcnify; --debug shows where): "
+                       f"{type(exc).__name__}: {exc}", InternalError.exit_code, trace)
+        raise exc
+
+
 class Group(click.Group):
-    """The command group, run by main(): click's main without its own error and Ctrl-C handling
-    (a usage block; a blank line, then Abort), which main turns into one line each."""
+    """The command group, run by main(): click's main, every way a command ends that is not
+    success raised as one CommandError (click's own would print a usage block, or a blank
+    line then Abort)."""
 
     def main(self, args: Sequence[str], prog_name: str, **_) -> int:
         try:
@@ -201,6 +251,8 @@ class Group(click.Group):
                 self.invoke(ctx)
         except click.exceptions.Exit as exc:  # --help, --version
             return exc.exit_code
+        except BaseException as exc:
+            raise CommandError.of(exc, debug="--debug" in args) from exc
         return 0
 
 
@@ -697,7 +749,7 @@ def _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet) -> None:
         if result.ok:
             _print_map(result, fmt, job, saved=bool(out_dir))
             continue
-        exc = _worded(result.error)
+        exc = _with_option_names(result.error)
         if fmt == "json":
             from .io.outputs import failure_document
             click.echo(json.dumps(failure_document(result.path, exc)))
@@ -899,7 +951,6 @@ def _stop_engines(code: int) -> int:
 
 def _main(args: list[str]) -> int:
     _argv[:] = args
-    debug = "--debug" in args
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -907,43 +958,9 @@ def _main(args: list[str]) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         return cli.main(args=args, prog_name="fcnify")
-    except FcnifyError as exc:
-        if debug:
-            traceback.print_exc()
-            if exc.worker_traceback:
-                _err("Caffe's worker process raised it:\n" + exc.worker_traceback.rstrip())
-        _err(f"fcnify: error: {_one_line(_worded(exc))}")
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        _err(("\n" if sys.stderr.isatty() else "") + "fcnify: interrupted")  # after the terminal's ^C
-        return 130
-    except click.BadParameter as exc:  # a bad option value: one line, as every bad input
-        _err(f"fcnify: error: {_one_line(exc.format_message())}")
-        return exc.exit_code
-    except click.UsageError as exc:  # no such option or command, options that cannot go together
-        line = _usage_line(exc)
-        if not line:
-            exc.show()
-            return exc.exit_code
-        _err(f"fcnify: error: {_one_line(line)}")
-        return exc.exit_code
-    except click.ClickException as exc:
+    except CommandError as exc:  # every failure, translated once (CommandError.of)
         exc.show()
         return exc.exit_code
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except OSError as exc:
-        if debug:
-            traceback.print_exc()
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        _err(f"fcnify: error: {_one_line(where)}{_one_line(exc.strerror or exc)}")
-        return 2
-    except Exception as exc:  # a bug: its own exit status, the traceback under --debug
-        if debug:
-            traceback.print_exc()
-        _err(f"fcnify: internal error (a bug in fcnify; --debug shows where): "
-             f"{_one_line(type(exc).__name__ + ': ' + str(exc))}")
-        return InternalError.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
 
