@@ -17,7 +17,7 @@ from fcnify.errors import ArgumentError, InputError
 from fcnify.io.fetch import MODELS
 from fcnify.io.models import find_model
 from fcnify.paths import models_dir
-from fcnify.io.preprocess import Preprocess
+from fcnify.io.preprocess import Preprocess, PreprocessOverrides
 from fcnify.resolve import resolve_card
 
 DIGITS = find_model("digits")
@@ -59,6 +59,13 @@ FIELDS = {
 }
 
 
+def arguments(explicit: dict) -> dict:
+    """`explicit` as resolve_card's keywords: the preprocessing terms gathered into overrides=."""
+    terms = {k: explicit[k] for k in explicit if k in PreprocessOverrides.__dataclass_fields__}
+    rest = {k: v for k, v in explicit.items() if k not in terms}
+    return {**rest, "overrides": PreprocessOverrides(**terms)} if terms else rest
+
+
 def field(card, name: str):
     if name in ("weights", "labels"):
         value = getattr(card, name)
@@ -75,7 +82,7 @@ def test_explicit_over_card_over_default_field_by_field(files, name):
     if name != "weights":  # a prototxt's weights are always given: their default is CaffeNet's (below)
         assert field(resolve_card(model_def=files["plain"], weights=files["weights"]), name) == default
     assert field(resolve_card(card=files["card"]), name) == on_card
-    got = resolve_card(card=files["card"], **explicit)
+    got = resolve_card(card=files["card"], **arguments(explicit))
     assert field(got, name) == wanted
     others = [n for n in FIELDS if n not in explicit and n != name]
     card = resolve_card(card=files["card"])
@@ -92,7 +99,8 @@ def test_no_model_means_caffenet_where_fetch_puts_it():
 def test_a_preprocess_object_sits_between_its_terms_and_the_card(files):
     """preprocess= replaces the card's description; single terms given beside it win over it."""
     pre = Preprocess(channels="gray", raw_scale=10.0, mean=(11.0,), input_scale=12.0)
-    got = resolve_card(card=files["card"], preprocess=pre, input_scale=0.25).preprocess
+    got = resolve_card(card=files["card"], preprocess=pre,
+                       overrides=PreprocessOverrides(input_scale=0.25)).preprocess
     assert (got.raw_scale, got.mean, got.input_scale) == (10.0, (11.0,), 0.25)
 
 

@@ -17,12 +17,12 @@ from .errors import FcnifyError  # noqa: E402
 from .caffe.geometry import MapGeometry, map_geometry  # noqa: E402
 from .io.models import ModelCard, find_model, read_card  # noqa: E402
 from .caffe.netdef import read_netdef  # noqa: E402
-from .io.preprocess import Preprocess, resolve_preprocess  # noqa: E402
+from .io.preprocess import Preprocess, PreprocessOverrides, resolve_preprocess  # noqa: E402
 from .resolve import resolve_card  # noqa: E402
 from .surgery.surgery import convert_net  # noqa: E402
 
 __all__ = [
     "ConvertResult", "DenseMap", "DenseModel", "FcnifyError", "MapGeometry", "ModelCard",
-    "Preprocess", "classify_map", "convert", "convert_net", "find_model", "map_geometry",
+    "Preprocess", "PreprocessOverrides", "classify_map", "convert", "convert_net", "find_model", "map_geometry",
     "read_card", "read_netdef", "resolve_card", "resolve_preprocess", "verify_files",
 ]

@@ -7,6 +7,7 @@ SIGTERM unwind normally, so staged outputs are removed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -16,13 +17,16 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
 import click
 
 from .version import __version__
+from .dense.pipeline import MapJob, MapOptions, ModelSpec, SaveOptions
 from .engines import DEFAULT_ENGINE, PROOF_ENGINE, engine_help, engine_names
+from .io.preprocess import PreprocessOverrides
 from .io.saved import save_help
 from .errors import (ArgumentError, FcnifyError, InputError, InternalError, NotEquivalentError,
                      OutputExists)
@@ -90,6 +94,9 @@ class FloatIn(_RangeSaysWhy, click.FloatRange):
     def __init__(self, why: str, **bounds) -> None:
         super().__init__(**bounds)
         self.why = why
+
+    def _describe_range(self) -> str:
+        return super()._describe_range() if self.min is not None or self.max is not None else ""
 
 
 class SizeType(click.ParamType):
@@ -306,11 +313,11 @@ class GroupedCommand(click.Command):
 # Adding an option to a group: add its parameter name to the group's tuple.
 OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "classify-map": {
-        "Model": ("model_name", "model_def", "weights", "card", "labels_file"),
+        "Model": ("model", "model_def", "weights", "card", "labels"),
         "Preprocessing": ("channels", "raw_scale", "input_scale", "mean", "transpose"),
         "Map": ("size", "scale", "long_side", "short_side", "level", "tile", "batch", "stride", "scales"),
         "Outputs": ("out_dir", "save", "store", "classes", "resume", "output", "softmax",
-                    "fmt", "top_k", "cls", "heatmap_scale", "force", "quiet",
+                    "fmt", "top_k", "cls", "heat_scale", "force", "quiet",
                     "detect", "threshold", "nms_iou", "background_class", "box_head"),
         "Resources": ("gpu", "engine", "precision", "max_memory", "workers", "scheduler"),
         "Help": ("help",),
@@ -318,67 +325,112 @@ OPTION_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-def _model_options(f):
-    f = click.option("--weights", type=PATH, help="Weights (.caffemodel).")(f)
-    f = click.option("--model-def", type=PATH,
-                     help="Net definition (deploy .prototxt).")(f)
-    f = click.option("--model", "model_name", metavar="NAME",
-                     help="A model fcnify ships: caffenet (default) or digits.")(f)
-    return f
+def option_group(cls: type, argument: str, *options: Callable) -> Callable:
+    """Decorator: click `options` (each named as a field of the frozen dataclass `cls`) given to
+    the command as one `cls` called `argument`, so a command takes a group, not its fields.
+
+    A field without an option on this command keeps its default.
+    """
+    names = {f.name for f in fields(cls)}
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def gathered(*args, **kwargs):
+            group = cls(**{n: kwargs.pop(n) for n in names if n in kwargs})
+            return command(*args, **{argument: group}, **kwargs)
+        for option in reversed(options):  # shown in the order given
+            gathered = option(gathered)
+        return gathered
+    return decorate
 
 
-def _preprocess_options(f):
-    """Caffe's preprocessing terms as options; each one given wins over the model card."""
-    f = click.option("--transpose/--no-transpose", default=None,
-                     help="The net was trained on transposed images (height and width swapped, "
-                          "e.g. MATLAB-trained MTCNN).")(f)
-    f = click.option("--mean", metavar="V[,V,V]|FILE",
-                     help="Mean subtracted per channel, in the net's channel order: numbers "
-                          "(104,117,123 or one for all), a .npy or a Caffe .binaryproto.")(f)
-    f = click.option("--input-scale", type=float, metavar="X",
-                     help="Multiply by X after subtracting the mean (Caffe's input_scale / scale).")(f)
-    f = click.option("--raw-scale", type=float, metavar="X",
-                     help="Pixels 0-255 are scaled to 0-X before the mean (Caffe's raw_scale).")(f)
-    f = click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"], case_sensitive=False),
-                     help="Channel order the net was trained on.")(f)
-    return f
+@dataclass(frozen=True, kw_only=True)
+class NetSource:
+    """Which net a command runs: a shipped model or card's path, a card, or a prototxt and its
+    weights (resolve.source_card takes one); for classify-map also the head and stride of its map."""
+
+    model: str | None = None
+    model_def: str | None = None
+    weights: str | None = None
+    card: str | None = None
+    output: str | None = None  # --output: the blob that is the class map
+    stride: int | None = None  # --stride: a finer map (stride.py)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardOptions:
+    """What a command's options say over the card besides its preprocessing (None: the card's)."""
+
+    labels: str | None = None
+    background_class: int | None = None
+    box_head: str | None = None
+    softmax: bool | None = None
+
+
+def _model_card(source: NetSource, options: CardOptions, preprocess: PreprocessOverrides):
+    """The run's model card (resolve.resolve_card: options over the card, the card over defaults),
+    weights checked."""
+    from .io.models import require_weights
+    from .resolve import resolve_card
+    card = resolve_card(source.model, model_def=source.model_def, weights=source.weights,
+                        card=source.card, overrides=preprocess, **asdict(options))
+    require_weights(card)
+    return card
+
+
+def _source_options(*extra: Callable) -> Callable:
+    """--model, --model-def, --weights (and `extra` of NetSource's options) as one NetSource."""
+    return option_group(
+        NetSource, "source",
+        click.option("--model", "model", metavar="NAME",
+                     help="A model fcnify ships: caffenet (default) or digits."),
+        click.option("--model-def", type=PATH, help="Net definition (deploy .prototxt)."),
+        click.option("--weights", type=PATH, help="Weights (.caffemodel)."),
+        *extra)
+
+
+# Caffe's preprocessing terms as options; each one given wins over the model card.
+preprocess_options = option_group(
+    PreprocessOverrides, "preprocess",
+    click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"], case_sensitive=False),
+                 help="Channel order the net was trained on."),
+    click.option("--raw-scale", type=float, metavar="X",
+                 help="Pixels 0-255 are scaled to 0-X before the mean (Caffe's raw_scale)."),
+    click.option("--input-scale", type=float, metavar="X",
+                 help="Multiply by X after subtracting the mean (Caffe's input_scale / scale)."),
+    click.option("--mean", metavar="V[,V,V]|FILE",
+                 help="Mean subtracted per channel, in the net's channel order: numbers "
+                      "(104,117,123 or one for all), a .npy or a Caffe .binaryproto."),
+    click.option("--transpose/--no-transpose", default=None,
+                 help="The net was trained on transposed images (height and width swapped, "
+                      "e.g. MATLAB-trained MTCNN)."))
 
 
 SOFTMAX_SETTING = {"auto": None, "on": True, "off": False}
 
 
-def _softmax_option(f):
-    """--softmax auto|on|off: whether the class map is probabilities (auto: as the card says)."""
-    return click.option("--softmax", "softmax", type=click.Choice(list(SOFTMAX_SETTING)), default="auto",
-                        show_default=True, callback=lambda ctx, param, value: SOFTMAX_SETTING[value],
-                        help="Class map as probabilities (on: the net's own Softmax, or fcnify's where "
-                             "the net has none) or raw scores (off); auto: as the card says (on "
-                             "without one).")(f)
-
-
-def _detector_options(f):
-    """What --detect reads from the model card; each one given wins over the card."""
-    f = click.option("--box-head", metavar="BLOB",
+def _card_options(labels_help: str) -> Callable:
+    """--labels (`labels_help`), then what --detect reads from the card (--background-class,
+    --box-head) and --softmax, as one CardOptions; each one given wins over the card."""
+    return option_group(
+        CardOptions, "card_options",
+        click.option("--labels", "labels", type=PATH, help=labels_help),
+        click.option("--background-class", type=click.IntRange(min=0), metavar="N",
+                     help="The class that means 'nothing here' (never a box; shaded grey in pictures)."),
+        click.option("--box-head", metavar="BLOB",
                      help="Output that regresses each cell's box (4 values: x0, y0, x1, y1 offsets "
-                          "in window widths/heights, as MTCNN's conv4-2/conv5-2/conv6-2).")(f)
-    f = click.option("--background-class", type=click.IntRange(min=0), metavar="N",
-                     help="The class that means 'nothing here' (never a box; shaded grey in pictures).")(f)
-    return f
-
-
-def _model_card(model_name, **options):
-    """The run's model card (resolve.resolve_card: options over the card, the card over defaults), weights checked."""
-    from .io.models import require_weights
-    from .resolve import resolve_card
-    card = resolve_card(model_name, **options)
-    require_weights(card)
-    return card
+                          "in window widths/heights, as MTCNN's conv4-2/conv5-2/conv6-2)."),
+        click.option("--softmax", "softmax", type=click.Choice(list(SOFTMAX_SETTING)), default="auto",
+                     show_default=True, callback=lambda ctx, param, value: SOFTMAX_SETTING[value],
+                     help="Class map as probabilities (on: the net's own Softmax, or fcnify's where "
+                          "the net has none) or raw scores (off); auto: as the card says (on "
+                          "without one)."))
 
 
 # ------------------------------------------------------------------ convert
 
 @cli.command()
-@_model_options
+@_source_options()
 @click.option("--out", "out_prefix", metavar="PREFIX|DIR/",
               help="Output prefix: writes PREFIX_full_conv.{prototxt,caffemodel,json}; a path "
                    "ending in / or an existing folder is a folder to write NET_full_conv.* into.")
@@ -392,15 +444,11 @@ def _model_card(model_name, **options):
               help="Engine that runs the equivalence check (Caffe proves it by default).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
-@click.option("--labels", "labels_file", type=PATH,
-              help="Class names, one per line in the net's order (written into the card).")
-@_preprocess_options
-@_detector_options
-@_softmax_option
+@_card_options("Class names, one per line in the net's order (written into the card).")
+@preprocess_options
 @click.pass_obj
-def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, no_verify,
-            keep_output_names, gpu, engine, fmt, labels_file, channels, raw_scale, input_scale, mean,
-            transpose, background_class, box_head, softmax):
+def convert(obj, source, out_prefix, input_size, force, no_verify, keep_output_names, gpu, engine, fmt,
+            card_options, preprocess):
     """Turn InnerProduct layers into convolutions, transplant weights, check equivalence.
 
     \b
@@ -414,10 +462,7 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
     """
     from .convert import convert as do_convert
     from .surgery.report import conversion_document, conversion_report
-    card = _model_card(model_name, model_def=model_def, weights=weights, channels=channels,
-                       raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose,
-                       labels=labels_file, background_class=background_class, box_head=box_head,
-                       softmax=softmax)
+    card = _model_card(source, card_options, preprocess)
     from .engines import make_engine
     runner = None if no_verify else make_engine(engine, gpu, verbose=obj.verbose)
     t0 = time.perf_counter()
@@ -456,10 +501,9 @@ def convert(obj, model_name, model_def, weights, out_prefix, input_size, force, 
               help="json: the whole report as one JSON document on stdout (exit code unchanged).")
 @click.option("--card", type=PATH,
               help="Model card whose preprocessing the check uses (default: FCN's own card).")
-@_preprocess_options
+@preprocess_options
 @click.pass_obj
-def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, precision, fmt, card, channels,
-           raw_scale, input_scale, mean, transpose):
+def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, precision, fmt, card, preprocess):
     """Check that FCN reproduces ORIGINAL at ORIGINAL's input size (exit 1 if not).
 
     Scores before Softmax must agree within a float32 accumulation bound
@@ -480,8 +524,7 @@ def verify(obj, original, fcn, weights, fcn_weights, samples, gpu, engine, preci
         from .engines import AUTO, check_choice
         engine = check_choice(AUTO if engine == PROOF_ENGINE else engine, precision)
     report = verify_files(Path(original), Path(fcn), weights, fcn_weights, samples=samples, gpu=gpu,
-                          verbose=obj.verbose, engine=engine, card=card, channels=channels,
-                          raw_scale=raw_scale, input_scale=input_scale, mean=mean, transpose=transpose,
+                          verbose=obj.verbose, engine=engine, card=card, overrides=preprocess,
                           precision=precision)
     if precision == "bf16":
         from .surgery.bf16 import bf16_report
@@ -525,12 +568,9 @@ def info(obj, net, input_size, fmt):
 @click.option("--out", "out_file", type=PATH, required=True, help="File to write (FILE.onnx).")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--no-verify", is_flag=True, help="Skip the check against Caffe (not recommended).")
-@click.option("--labels", "labels_file", type=PATH, help="Class names, one per line (over the card's).")
-@_preprocess_options
-@_detector_options
-@_softmax_option
-def export(net, weights, fmt, out_file, force, no_verify, labels_file, channels, raw_scale, input_scale,
-           mean, transpose, background_class, box_head, softmax):
+@_card_options("Class names, one per line (over the card's).")
+@preprocess_options
+def export(net, weights, fmt, out_file, force, no_verify, card_options, preprocess):
     """Write the fully-convolutional net as an ONNX model with free input height and width.
 
     NET is a model card (.json, from convert), a model fcnify ships (digits,
@@ -554,9 +594,7 @@ def export(net, weights, fmt, out_file, force, no_verify, labels_file, channels,
     """
     from .export import export_onnx
     from .io.models import require_weights
-    options = dict(weights=weights, channels=channels, raw_scale=raw_scale, input_scale=input_scale,
-                   mean=mean, transpose=transpose, labels=labels_file, background_class=background_class,
-                   box_head=box_head, softmax=softmax)
+    options = dict(weights=weights, overrides=preprocess, **asdict(card_options))
     card = _export_card(net, options)
     require_weights(card)
     result = export_onnx(card, Path(out_file), force=force, check=not no_verify)
@@ -580,81 +618,117 @@ def _export_card(net: str, options: dict):
 
 # ------------------------------------------------------------------ classify-map
 
+@dataclass(frozen=True, kw_only=True)
+class Outputs:
+    """Where classify-map writes and what it prints (the library's part is SaveOptions)."""
+
+    out_dir: str | None = None
+    fmt: str = "text"
+    quiet: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """What classify-map runs on: the engine and its device and precision, the memory budget, the
+    Dask cluster (a scheduler's address, or a number of local workers)."""
+
+    gpu: int | None = None
+    engine: str = DEFAULT_ENGINE
+    precision: str = "f32"
+    max_memory: int | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+
+    @property
+    def dask(self) -> bool:
+        return self.scheduler is not None or self.workers is not None
+
+
+def _class_list(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    """--classes 'a, b' -> ('a', 'b'), checked against the net by MapJob.for_model."""
+    return tuple(c.strip() for c in value.split(",") if c.strip()) if value else None
+
+
 @cli.command("classify-map", cls=GroupedCommand)
 @click.argument("images", nargs=-1, required=True)
-@_model_options
-@click.option("--card", type=PATH, help="A model card (.json) written by convert.")
-@click.option("--size", type=SIZE, metavar="N|HxW", help="Resize to N x N (or H x W) before mapping.")
-@click.option("--scale", type=FloatIn("must be positive", min=0, min_open=True),
-              help="Resize by this factor before mapping.")
-@click.option("--long-side", type=click.IntRange(min=1), metavar="N",
-              help="Resize so the longer side is N px, keeping the aspect ratio.")
-@click.option("--short-side", type=click.IntRange(min=1), metavar="N",
-              help="Resize so the shorter side is N px, keeping the aspect ratio.")
-@click.option("--level", type=IntIn("must be 0 or more", min=0), metavar="N",
-              help="Map level N of a tiled TIFF's pyramid (0: full resolution; read a tile at a time).")
-@click.option("--top-k", type=IntIn("must be at least 1", min=1), default=5, show_default=True,
-              help="Classes listed per cell and overall.")
-@click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top).")
-@click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs (see --save).")
-@click.option("--save", "save", type=SAVE, metavar="LIST", help=save_help())
-@click.option("--store", "store", type=click.Choice(["npy", "zarr"]), default="npy", show_default=True,
-              help="npy: the map in memory, saved as .npy; zarr: written a chunk at a time into "
-                   "OUT/NAME.zarr as tiles finish (maps larger than memory; docs/large.md).")
-@click.option("--classes", "classes", metavar="LIST",
-              help="--store zarr: keep the scores of these classes only (names or ids, comma-separated).")
-@click.option("--resume", is_flag=True,
-              help="--store zarr: continue the store of an interrupted run of the same command; "
-                   "only its missing chunks run.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="Print a text summary, or one JSON document per image.")
-@click.option("--gpu", type=int, metavar="ID", help="Run on this GPU.")
-@click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True,
-              help=engine_help())
-@click.option("--precision", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
-              help="bf16: OpenVINO's (or torch autocast's) bfloat16 arithmetic, on CPUs with AMX or "
-                   "AVX512-BF16 only: several times faster, close to but not equal to the f32 map "
-                   "(docs/verify.md, bf16); recorded in map.json.")
-@click.option("--max-memory", type=MEMORY, metavar="SIZE",
-              help="Memory budget, e.g. 2GiB (default: half of free RAM).")
-@click.option("--tile", type=IntIn("must be positive", min=1), metavar="N", help="Force tiles of N x N px.")
-@click.option("--batch", type=IntIn("not a number of images (1 or more)", min=1), default=8,
-              show_default=True, metavar="N",
-              help="Up to N consecutive images fed at one size go through one forward pass (onnx "
-                   "and openvino engines; fewer when --max-memory cannot hold N): throughput on "
-                   "folders of small images. 1: one image per pass.")
-@click.option("--labels", "labels_file", type=PATH, help="Override the labels file.")
-@click.option("--output", "output", metavar="BLOB",
-              help="Output blob that is the class map (default: the net's last); the net's other "
-                   "outputs are saved beside it as NAME.BLOB.npy.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--heatmap-scale", type=click.Choice(["unit", "map"]), default="unit", show_default=True,
-              help="Heatmap colours over probability 0-1 (unit), or stretched over the class's own "
-                   "range (map; the picture's title says so). The title states the peak either way.")
-@click.option("--scheduler", metavar="ADDRESS",
-              help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out.")
-@click.option("--workers", type=IntIn("need at least one worker", min=1), metavar="N",
-              help="Spread the images over N local Dask worker processes; needs --out.")
-@click.option("--stride", type=IntIn("must be a positive divisor of the net's stride", min=1), metavar="S",
-              help="Map every S px, S a divisor of the net's stride (à trous / shift-and-stitch).")
-@click.option("--scales", type=SCALES, metavar="LIST",
-              help="Image pyramid, e.g. 1,0.75,0.5: a map per scale, fused.")
-@click.option("--detect", is_flag=True, help="Boxes from cells above --threshold, merged by NMS.")
-@click.option("--threshold", type=FloatIn("not a probability in [0, 1]", min=0, max=1), default=0.9,
-              show_default=True, metavar="P", help="Probability a cell needs to become a box (--detect).")
-@click.option("--nms-iou", type=FloatIn("not an overlap in (0, 1]", min=0, max=1, min_open=True),
-              default=0.3, show_default=True, metavar="IOU",
-              help="Boxes of a class overlapping a better one by more than this are dropped.")
-@_preprocess_options
-@_detector_options
-@_softmax_option
+@_source_options(
+    click.option("--card", type=PATH, help="A model card (.json) written by convert."),
+    click.option("--output", "output", metavar="BLOB",
+                 help="Output blob that is the class map (default: the net's last); the net's other "
+                      "outputs are saved beside it as NAME.BLOB.npy."),
+    click.option("--stride", type=IntIn("must be a positive divisor of the net's stride", min=1),
+                 metavar="S", help="Map every S px, S a divisor of the net's stride (à trous / "
+                                   "shift-and-stitch)."))
+@_card_options("Override the labels file.")
+@preprocess_options
+@option_group(
+    MapOptions, "mapping",
+    click.option("--size", type=SIZE, metavar="N|HxW", help="Resize to N x N (or H x W) before mapping."),
+    click.option("--scale", type=FloatIn("must be positive", min=0, min_open=True),
+                 help="Resize by this factor before mapping."),
+    click.option("--long-side", type=click.IntRange(min=1), metavar="N",
+                 help="Resize so the longer side is N px, keeping the aspect ratio."),
+    click.option("--short-side", type=click.IntRange(min=1), metavar="N",
+                 help="Resize so the shorter side is N px, keeping the aspect ratio."),
+    click.option("--level", type=IntIn("must be 0 or more", min=0), metavar="N",
+                 help="Map level N of a tiled TIFF's pyramid (0: full resolution; read a tile at a time)."),
+    click.option("--tile", type=IntIn("must be positive", min=1), metavar="N",
+                 help="Force tiles of N x N px."),
+    click.option("--batch", type=IntIn("not a number of images (1 or more)", min=1), default=8,
+                 show_default=True, metavar="N",
+                 help="Up to N consecutive images fed at one size go through one forward pass (onnx "
+                      "and openvino engines; fewer when --max-memory cannot hold N): throughput on "
+                      "folders of small images. 1: one image per pass."),
+    click.option("--scales", type=SCALES, metavar="LIST",
+                 help="Image pyramid, e.g. 1,0.75,0.5: a map per scale, fused."),
+    click.option("--detect", is_flag=True, help="Boxes from cells above --threshold, merged by NMS."),
+    # the ranges are MapJob's to check (the API's jobs too); the types only word a non-number
+    click.option("--threshold", type=FloatIn("not a probability in [0, 1]"), default=0.9,
+                 show_default=True, metavar="P", help="Probability a cell needs to become a box (--detect)."),
+    click.option("--nms-iou", type=FloatIn("not an overlap in (0, 1]"), default=0.3, show_default=True,
+                 metavar="IOU", help="Boxes of a class overlapping a better one by more than this are dropped."))
+@option_group(
+    SaveOptions, "saving",
+    click.option("--save", "save", type=SAVE, metavar="LIST", help=save_help()),
+    click.option("--store", "store", type=click.Choice(["npy", "zarr"]), default="npy", show_default=True,
+                 help="npy: the map in memory, saved as .npy; zarr: written a chunk at a time into "
+                      "OUT/NAME.zarr as tiles finish (maps larger than memory; docs/large.md)."),
+    click.option("--classes", "classes", metavar="LIST", callback=_class_list,
+                 help="--store zarr: keep the scores of these classes only (names or ids, comma-separated)."),
+    click.option("--resume", is_flag=True,
+                 help="--store zarr: continue the store of an interrupted run of the same command; "
+                      "only its missing chunks run."),
+    click.option("--class", "cls", metavar="NAME_OR_ID", help="Class for the heatmap (default: top)."),
+    click.option("--top-k", type=IntIn("must be at least 1", min=1), default=5, show_default=True,
+                 help="Classes listed per cell and overall."),
+    click.option("--heatmap-scale", "heat_scale", type=click.Choice(["unit", "map"]), default="unit",
+                 show_default=True,
+                 help="Heatmap colours over probability 0-1 (unit), or stretched over the class's own "
+                      "range (map; the picture's title says so). The title states the peak either way."),
+    click.option("--force", is_flag=True, help="Overwrite existing outputs."))
+@option_group(
+    Outputs, "outputs",
+    click.option("--out", "out_dir", type=PATH, help="Folder for .npy/.json/.png outputs (see --save)."),
+    click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                 help="Print a text summary, or one JSON document per image."),
+    click.option("--quiet", is_flag=True, help="No progress bar."))
+@option_group(
+    Resources, "resources",
+    click.option("--gpu", type=int, metavar="ID", help="Run on this GPU."),
+    click.option("--engine", type=ENGINE, default=DEFAULT_ENGINE, show_default=True, help=engine_help()),
+    click.option("--precision", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+                 help="bf16: OpenVINO's (or torch autocast's) bfloat16 arithmetic, on CPUs with AMX or "
+                      "AVX512-BF16 only: several times faster, close to but not equal to the f32 map "
+                      "(docs/verify.md, bf16); recorded in map.json."),
+    click.option("--max-memory", type=MEMORY, metavar="SIZE",
+                 help="Memory budget, e.g. 2GiB (default: half of free RAM)."),
+    click.option("--workers", type=IntIn("need at least one worker", min=1), metavar="N",
+                 help="Spread the images over N local Dask worker processes; needs --out."),
+    click.option("--scheduler", metavar="ADDRESS",
+                 help="Spread the images over the Dask cluster at ADDRESS (tcp://host:8786); needs --out."))
 @click.pass_context
-def classify_map(ctx, images, model_name, model_def, weights, card, size, scale, long_side, short_side,
-                 level, top_k, cls, out_dir, save, store, classes, resume,
-                 fmt, gpu, engine, precision, max_memory, tile, batch, labels_file, output, quiet, force,
-                 heatmap_scale, scheduler, workers, stride, scales, detect, threshold, nms_iou,
-                 channels, raw_scale, input_scale, mean, transpose, background_class, box_head, softmax):
+def classify_map(ctx, images, source: NetSource, card_options: CardOptions, preprocess: PreprocessOverrides,
+                 mapping: MapOptions, saving: SaveOptions, outputs: Outputs, resources: Resources):
     """Dense classification maps of images at their own resolution.
 
     IMAGES are files, folders (their images) or glob patterns. The net is
@@ -675,34 +749,25 @@ def classify_map(ctx, images, model_name, model_def, weights, card, size, scale,
       fcnify classify-map /shared/scans/ --card /shared/mynet_full_conv.json --out /shared/maps \\
           --scheduler tcp://10.0.0.5:8786
     """
-    from .dense.pipeline import MapJob, ModelSpec
     from .io.images import list_images
     from .io.outputs import renamed_note, unique_names
-    dask = scheduler is not None or workers is not None
-    if dask:
-        _dask_usage(scheduler, workers, out_dir)
-    job = MapJob(size=size, scale=scale, long_side=long_side, short_side=short_side, budget=max_memory,
-                 tile=tile, scales=scales, detect=detect, threshold=threshold, nms_iou=nms_iou, cls=cls,
-                 top_k=top_k, command=_command_line(), force=force, heat_scale=heatmap_scale,
-                 save=save, level=level, store=store, resume=resume, batch=batch,
-                 classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else None)
+    if resources.dask:
+        _dask_usage(resources, outputs.out_dir)
+    job = MapJob.of(mapping, saving, budget=resources.max_memory, command=_command_line())
     paths = list_images(images)
-    names = unique_names(paths) if out_dir else {}
+    names = unique_names(paths) if outputs.out_dir else {}
     for line in renamed_note(names):
         _err(f"fcnify: {line}")
-    the_card = _model_card(model_name, model_def=model_def, weights=weights, card=card,
-                           channels=channels, raw_scale=raw_scale, input_scale=input_scale, mean=mean,
-                           transpose=transpose, labels=labels_file, background_class=background_class,
-                           box_head=box_head, softmax=softmax)
+    the_card = _model_card(source, card_options, preprocess)
     from .engines import check_choice
-    check_choice(engine, precision)  # a missing package or bf16 on this CPU: before any output
-    spec = ModelSpec(card=the_card, engine=engine, gpu=gpu, verbose=ctx.obj.verbose, output=output,
-                     stride=stride, precision=precision)
-    with _out_folder(Path(out_dir)) if out_dir else nullcontext():
-        if dask:
-            _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet)
+    check_choice(resources.engine, resources.precision)  # a missing package or bf16 here: before any output
+    spec = ModelSpec(card=the_card, engine=resources.engine, gpu=resources.gpu, verbose=ctx.obj.verbose,
+                     output=source.output, stride=source.stride, precision=resources.precision)
+    with _out_folder(Path(outputs.out_dir)) if outputs.out_dir else nullcontext():
+        if resources.dask:
+            _map_on_dask(ctx, paths, spec, job, names, outputs, resources)
         else:
-            _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet)
+            _map_here(ctx, paths, spec, job, names, outputs)
 
 
 @contextmanager
@@ -735,14 +800,15 @@ def _not_saved(unmapped: Sequence[str]) -> None:
              "line up with the class map's)")
 
 
-def _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet) -> None:
+def _map_here(ctx, paths, spec, job, names, outputs: Outputs) -> None:
     """classify-map in this process: one model, closed on every path out (ctx.with_resource)."""
     from .dense.pipeline import map_paths
     model = ctx.with_resource(spec.load())
     model.warn = lambda message: _err(f"fcnify: warning: {_one_line(message)}")
     _not_saved(model.unmapped_heads)
     job = job.for_model(model)
-    show_bar = not quiet and sys.stderr.isatty()
+    out_dir, fmt = outputs.out_dir, outputs.fmt
+    show_bar = not outputs.quiet and sys.stderr.isatty()
     failed = 0
     for result in map_paths(model, paths, job, Path(out_dir) if out_dir else None, names,
                             _bar(len(paths)) if show_bar else None):
@@ -762,18 +828,39 @@ def _map_here(ctx, paths, spec, job, out_dir, names, fmt, quiet) -> None:
         raise SystemExit(1)
 
 
-def _bar(count: int):
-    """A progress bar per image on stderr, for pipeline.map_paths."""
-    from contextlib import contextmanager
+class Bar:
+    """The one progress bar of the commands, on stderr: `bar(done, total)` moves it to `done`
+    of `total` (None: not known; the bar counts instead). Made when entered if `length` is
+    known, else at the first report; a `with` block closes it."""
 
-    @contextmanager
-    def bar_for(i: int, path: Path):
-        with click.progressbar(length=1, label=f"[{i + 1}/{count}] {path.name}", file=sys.stderr) as bar:
-            def progress(done, total):
-                bar.length = total
-                bar.update(done - bar.pos)
-            yield progress
-    return bar_for
+    def __init__(self, label: str, length: int | None = None) -> None:
+        self.label, self.length, self._bar = label, length, None
+
+    def __enter__(self) -> "Bar":
+        if self.length is not None:
+            self._open(self.length)
+        return self
+
+    def _open(self, total: int | None) -> None:
+        self._bar = click.progressbar(length=total or 0, label=self.label, file=sys.stderr,
+                                      show_pos=total is None)
+        self._bar.__enter__()
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self._bar is None:
+            self._open(total)
+        if total:
+            self._bar.length = total
+        self._bar.update(done - self._bar.pos)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _bar(count: int):
+    """A progress bar per image, for pipeline.map_paths (its ProgressFor)."""
+    return lambda i, path: Bar(f"[{i + 1}/{count}] {path.name}", length=1)
 
 
 def _print_map(result, fmt: str, job, *, saved: bool) -> None:
@@ -799,9 +886,9 @@ def _wrote(paths, name: str | None, job) -> str:
     return written_line(paths, name, [s[len(name) + 1:] for s in scale_names(name, job)])
 
 
-def _dask_usage(scheduler, workers, out_dir) -> None:
+def _dask_usage(resources: Resources, out_dir: str | None) -> None:
     """--scheduler/--workers: the option combinations that cannot work, refused before the work."""
-    if scheduler is not None and workers is not None:
+    if resources.scheduler is not None and resources.workers is not None:
         raise click.UsageError("give either --scheduler or --workers, not both")
     if not out_dir:
         raise click.UsageError("--scheduler/--workers write each map's files: give --out DIR")
@@ -820,18 +907,17 @@ def _signals_to(stop: threading.Event):
             signal.signal(sig, handler)
 
 
-def _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt, quiet) -> None:
+def _map_on_dask(ctx, paths, spec, job, names, outputs: Outputs, resources: Resources) -> None:
     """classify-map --scheduler/--workers: one line per image as it finishes, then a summary."""
     from .dense.distributed import connect, map_images, result_document
-    bar = (click.progressbar(length=len(paths), label="mapping", file=sys.stderr)
-           if not quiet and sys.stderr.isatty() else None)
+    bar = Bar("mapping", length=len(paths)) if not outputs.quiet and sys.stderr.isatty() else None
 
     def progress(result, done, total):
         if bar is not None:
             click.echo("\r\033[K", err=True, nl=False)  # the line below replaces the bar, then it is redrawn
         for message in result.warnings:
             _err(f"fcnify: warning: {_one_line(message)}")
-        if fmt == "json":
+        if outputs.fmt == "json":
             click.echo(json.dumps(result_document(result)))
         elif result.ok:
             if result.text:  # the summary one process prints, made on the worker
@@ -843,12 +929,12 @@ def _map_on_dask(ctx, paths, spec, job, out_dir, names, scheduler, workers, fmt,
         if not result.ok:
             _err(f"fcnify: skipped {_one_line(result.error)}")
         if bar is not None:
-            bar.update(1)
+            bar(done, total)
 
     stop = threading.Event()
-    with _signals_to(stop), connect(scheduler, workers) as client, \
+    with _signals_to(stop), connect(resources.scheduler, resources.workers) as client, \
             bar if bar is not None else nullcontext():
-        report = map_images(paths, spec, out_dir, client, job=job, progress=progress,
+        report = map_images(paths, spec, outputs.out_dir, client, job=job, progress=progress,
                             on_model=lambda info: _not_saved(info.unmapped_heads), stop=stop.is_set)
     if stop.is_set():
         raise KeyboardInterrupt
@@ -871,20 +957,8 @@ def fetch(name, dest):
     """
     from .io.fetch import fetch as do_fetch, model_spec
     spec = model_spec(name)
-    state = {"bar": None}
-
-    def progress(done, total):
-        if state["bar"] is None:
-            state["bar"] = click.progressbar(length=total or 0, label=spec.filename, file=sys.stderr,
-                                             show_pos=total is None)
-            state["bar"].__enter__()
-        bar = state["bar"]
-        bar.update(done - bar.pos)
-    try:
-        path = do_fetch(name, Path(dest) if dest else None, progress if sys.stderr.isatty() else None)
-    finally:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
+    with Bar(spec.filename) as bar:
+        path = do_fetch(name, Path(dest) if dest else None, bar if sys.stderr.isatty() else None)
     click.echo(f"{path} (sha1 {spec.sha1} verified)")
 
 

@@ -22,7 +22,7 @@ from .caffe.geometry import MapGeometry, map_geometry, output_blobs, score_blob,
 from .io.models import ModelCard
 from .caffe.netdef import NetDef, read_netdef, to_text
 from .engines import PROOF_ENGINE, Engine, check_layer_types, make_engine
-from .io.preprocess import Preprocess
+from .io.preprocess import Preprocess, PreprocessOverrides
 from .resolve import card_for_model_def, resolve_card  # noqa: F401 (card_for_model_def: re-exported)
 from .caffe.shapes import image_input, infer, input_shapes
 from .surgery.surgery import Surgery, convert_net, keep_output_names
@@ -375,7 +375,7 @@ def convert_in_memory(model_def: str | Path, weights: str | Path, *, card: Model
 def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
                  fcn_weights: str | Path | None = None, *, samples: int = 3, gpu: int | None = None,
                  verbose: bool = False, engine: str = PROOF_ENGINE, card: str | Path | None = None,
-                 precision: str = "f32", **preprocessing) -> VerifyReport:
+                 precision: str = "f32", overrides: PreprocessOverrides | None = None) -> VerifyReport:
     """`fcnify verify`: compare any fully-convolutional net with its original.
 
     The FCN may come from fcnify or be written by hand (Caffe's own
@@ -385,15 +385,14 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     original's weights. Both nets run on `engine` (engines.ENGINES), on the
     inputs convert's check uses (check_conversion), preprocessed as `card`
     says (default: the FCN's own card, as convert wrote it; else the
-    original's card or Caffe's defaults), with `preprocessing` (channels=,
-    raw_scale=, input_scale=, mean=, transpose=) over it.
+    original's card or Caffe's defaults), with the terms in `overrides`
+    (io.preprocess.PreprocessOverrides) over it.
 
     `precision="bf16"` runs the FCN in bf16 and the original in float32 on
     `engine` and returns bf16's own measurement (surgery.bf16.Bf16Report), never
     an equivalence; the engine or the CPU that cannot compute bf16 is refused
     first (engines.check_choice: one line, exit 2).
     """
-    from .io.preprocess import resolve_preprocess
     from .files import check_input_file
     from .io.models import read_card, sibling_card
     fcn_weights = Path(fcn_weights) if fcn_weights else fcn.with_suffix(".caffemodel")
@@ -415,7 +414,7 @@ def verify_files(original: Path, fcn: Path, weights: str | Path | None = None,
     check_layer_types(fcn_def.param, registered, fcn, runner.name)
     surgery = convert_net(original_def)
     check_correspondence(original_def, fcn_def, surgery)
-    pre = resolve_preprocess((fcn_card or card_for(original, Path(weights))).preprocess, **preprocessing)
+    pre = (overrides or PreprocessOverrides()).apply((fcn_card or card_for(original, Path(weights))).preprocess)
     w = read_weights(weights)
     checked = check_weights(infer(original_def.param, path=original), w, original)
     fw = read_weights(fcn_weights)

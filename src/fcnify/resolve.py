@@ -13,9 +13,10 @@ resolve_pretrained_cfg / resolve_data_config do for its models):
    prototxt, the card beside it, else Caffe's model-zoo defaults
    (`card_for_model_def`).
 3. Explicit arguments win field by field: `weights`, `preprocess` (a whole
-   Preprocess), then each preprocessing term (`channels`, `raw_scale`,
-   `input_scale`, `mean`, `transpose`; see io.preprocess.resolve_preprocess),
-   and `labels`; for detection, `background_class` and `box_head`; `softmax`.
+   Preprocess), then the preprocessing terms given in `overrides` (one
+   io.preprocess.PreprocessOverrides: channels, raw_scale, input_scale, mean,
+   transpose), and `labels`; for detection, `background_class` and
+   `box_head`; `softmax`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .errors import ArgumentError
 from .io.labels import read_labels
 from .io.models import (IMAGENET, ModelCard, check_background_class, default_card, find_model,
                         read_card, sibling_card)
-from .io.preprocess import Preprocess, resolve_preprocess
+from .io.preprocess import Preprocess, PreprocessOverrides
 from .surgery.surgery import needs_surgery
 
 DEFAULT_MODEL = "caffenet"
@@ -38,9 +39,7 @@ DEFAULT_MODEL = "caffenet"
 def resolve_card(model: str | Path | ModelCard | None = None, *,
                  model_def: str | Path | None = None, weights: str | Path | None = None,
                  card: str | Path | ModelCard | None = None,
-                 preprocess: Preprocess | None = None, channels: str | None = None,
-                 raw_scale: float | None = None, input_scale: float | None = None,
-                 mean: str | Path | tuple[float, ...] | None = None, transpose: bool | None = None,
+                 preprocess: Preprocess | None = None, overrides: PreprocessOverrides | None = None,
                  labels: str | Path | None = None, background_class: int | None = None,
                  box_head: str | None = None, softmax: bool | None = None) -> ModelCard:
     """The card to run: the net from one source, its card's settings, explicit arguments over them.
@@ -48,6 +47,7 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
     `model` is a shipped model's name, a card's path, or a ModelCard; `card`
     a card's path or a ModelCard; `model_def` a prototxt, which needs
     `weights`. Giving more than one of them raises ArgumentError (exit 2).
+    `overrides` holds the preprocessing terms given (None: none).
     `labels` is a labels file (checked here) or "imagenet". `background_class`
     (the class that means "nothing here") and `box_head` (an output that
     regresses each cell's box) are what --detect reads; `softmax` whether the class map is
@@ -58,9 +58,8 @@ def resolve_card(model: str | Path | ModelCard | None = None, *,
     found = source_card(model, model_def=model_def, weights=weights, card=card)
     if weights is not None:
         found = replace(found, weights=Path(weights))
-    pre = resolve_preprocess(preprocess or found.preprocess, channels=channels, raw_scale=raw_scale,
-                             input_scale=input_scale, mean=mean, transpose=transpose)
-    found = replace(found, preprocess=pre)
+    found = replace(found, preprocess=(overrides or PreprocessOverrides()).apply(
+        preprocess or found.preprocess))
     if labels is not None:
         if str(labels) != IMAGENET:
             read_labels(labels)  # a bad file is refused now, not after the net is loaded

@@ -9,7 +9,7 @@ here works in both, and each check exists once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
@@ -47,35 +47,56 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MapJob:
-    """How every image of a run is mapped and saved (the options of classify-map).
+class MapOptions:
+    """How each image is sized, read and mapped (classify-map's map options and --detect).
 
     At most one of size, scale, long_side and short_side; `scales` (a pyramid)
-    and `detect` resize the image themselves, so they take none of them.
-    `cls` is a class index or name as given; `for_model` checks it.
+    and `detect` resize the image themselves, so they take none of them
+    (MapJob checks the options together).
     """
 
     size: tuple[int, int] | None = None
     scale: float | None = None
     long_side: int | None = None
     short_side: int | None = None
-    budget: int | None = None  # bytes; None: half the free memory
+    level: int | None = None  # --level: the pyramid level of a tiled TIFF (io.windows)
     tile: int | None = None
     scales: tuple[float, ...] | None = None
     detect: bool = False
     threshold: float = 0.9
     nms_iou: float = 0.3
-    cls: int | str | None = None
-    top_k: int = 5
-    command: str | None = None  # recorded in the JSON outputs
-    force: bool = False
-    heat_scale: str = "unit"
+    batch: int = 8  # --batch: images fed at one size that go through one forward (onnx, openvino)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveOptions:
+    """What each image's run reports and writes (classify-map's output options).
+
+    `cls` is a class index or name as given; MapJob.for_model checks it.
+    """
+
     save: frozenset[str] | None = None  # outputs.SAVE_ITEMS to write; None: outputs.DEFAULT_SAVE
-    level: int | None = None  # --level: the pyramid level of a tiled TIFF (io.windows)
     store: str = "npy"  # --store: "npy" (the map in memory, .npy files) or "zarr" (chunked.py)
     classes: tuple[int | str, ...] | None = None  # --classes: the scores a store keeps
     resume: bool = False  # --resume: continue a store, running only its missing chunks
-    batch: int = 8  # --batch: images fed at one size that go through one forward (onnx, openvino)
+    cls: int | str | None = None
+    top_k: int = 5
+    heat_scale: str = "unit"
+    force: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapJob(MapOptions, SaveOptions):
+    """How every image of a run is mapped and saved: the map options and the save options (the
+    two groups of classify-map's options, built by the CLI), the memory budget and the command."""
+
+    budget: int | None = None  # bytes; None: half the free memory
+    command: str | None = None  # recorded in the JSON outputs
+
+    @classmethod
+    def of(cls, mapping: MapOptions, saving: SaveOptions, **rest) -> "MapJob":
+        """The job made of the two groups (and `rest`: budget, command)."""
+        return cls(**asdict(mapping), **asdict(saving), **rest)
 
     def __post_init__(self) -> None:
         given = [n for n in ("size", "scale", "long_side", "short_side") if getattr(self, n) is not None]
@@ -84,7 +105,7 @@ class MapJob:
         if self.pyramid and given:
             raise InputError("--scales and --detect resize the image themselves: drop --size/--scale"
                              + ("/--long-side/--short-side" if set(given) - {"size", "scale"} else ""))
-        if not 0.0 <= self.threshold <= 1.0:
+        if not 0.0 <= self.threshold <= 1.0:  # checked here only: the API's jobs too
             raise InputError(f"--threshold {self.threshold:g}: not a probability in [0, 1]")
         if self.level is not None and self.pyramid:
             raise InputError("--level picks one pyramid level of a tiled TIFF: drop --scales/--detect")

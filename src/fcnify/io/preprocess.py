@@ -7,8 +7,8 @@ transposed images, as MATLAB-trained ones are), which is what pycaffe's
 Transformer does with raw_scale, channel_swap, mean and input_scale. The mean
 is per channel, in the net's channel order; one value serves every channel.
 The description travels with the model (a JSON sidecar), so `classify-map`
-gets it right without flags; `resolve_preprocess` is the one place where
-options given by the user win over the card, and the card over defaults.
+gets it right without flags; `PreprocessOverrides.apply` is the one place where
+the terms given by the user win over the card, and the card over defaults.
 """
 from __future__ import annotations
 
@@ -150,14 +150,34 @@ def channel_order(text: str) -> str:
     return found
 
 
+@dataclass(frozen=True, kw_only=True)
+class PreprocessOverrides:
+    """The preprocessing terms given explicitly (--channels, --raw-scale, --input-scale, --mean,
+    --transpose, or their keywords); None: not given, the card's stands.
+
+    One object from the command line to resolve.resolve_card, as timm's resolve_data_config
+    takes one mapping of overrides, instead of five loose arguments along the way.
+    """
+
+    channels: str | None = None
+    raw_scale: float | None = None
+    input_scale: float | None = None
+    mean: str | Path | tuple[float, ...] | None = None
+    transpose: bool | None = None
+
+    def apply(self, card: Preprocess) -> Preprocess:
+        """`card` with each term given here over its own (resolve_preprocess)."""
+        return resolve_preprocess(card, **asdict(self))
+
+
 def resolve_preprocess(card: Preprocess, *, channels: str | None = None,
                        raw_scale: float | None = None, input_scale: float | None = None,
                        mean: str | Path | tuple[float, ...] | None = None,
                        transpose: bool | None = None) -> Preprocess:
-    """The preprocessing to use: each option given (not None) over the card's own.
+    """The preprocessing to use: each term given (not None) over the card's own.
 
     `card` is the model card's description, or default_preprocess() for a net
-    without one, so the order is: explicit options, then the card, then Caffe's
+    without one, so the order is: explicit terms, then the card, then Caffe's
     defaults. `mean` may be numbers ("104,117,123", "127.5" or a tuple), a .npy
     or a Caffe .binaryproto. Bad values raise InputError naming what is wrong.
     """
