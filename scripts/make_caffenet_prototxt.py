@@ -3,8 +3,8 @@
 
 Generated with pycaffe's NetSpec from the architecture (Krizhevsky et al. 2012,
 as CaffeNet orders it: pooling before normalisation), so fcnify ships no copy
-of Caffe's file; tests/test_caffenet_def.py checks it is layer-for-layer
-equivalent to Caffe's models/bvlc_reference_caffenet/deploy.prototxt.
+of Caffe's file; it is meant to be layer-for-layer equivalent to Caffe's
+models/bvlc_reference_caffenet/deploy.prototxt (no test checks that today).
 Also writes the model card with the per-channel ImageNet mean computed from
 Caffe's python/caffe/imagenet/ilsvrc_2012_mean.npy.
 """

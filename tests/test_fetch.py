@@ -13,7 +13,7 @@ import pytest
 
 from fcnify.io import fetch as fetch_mod
 from fcnify.errors import FetchError, InputError
-from fcnify.io.fetch import ModelSpec, download, fetch, model_spec
+from fcnify.io.fetch import WeightsDownload, download, fetch, model_spec
 
 PAYLOAD = random.Random(1234).randbytes(200_000)
 PAYLOAD_SHA1 = hashlib.sha1(PAYLOAD).hexdigest()
@@ -217,7 +217,7 @@ def test_model_spec_reads_readme_front_matter(tmp_path):
     """model_spec takes file name, URL and sha1 from the readme's front matter."""
     root = _fake_caffe_root(tmp_path, _caffenet_front_matter("http://127.0.0.1:9/c.caffemodel",
                                                              PAYLOAD_SHA1.upper()))
-    assert model_spec("caffenet", root) == ModelSpec(
+    assert model_spec("caffenet", root) == WeightsDownload(
         "caffenet", "bvlc_reference_caffenet", "bvlc_reference_caffenet.caffemodel",
         "http://127.0.0.1:9/c.caffemodel", PAYLOAD_SHA1)
 

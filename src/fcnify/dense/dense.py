@@ -23,7 +23,7 @@ from ..caffe.geometry import (MapGeometry, SoftmaxPlan, hw, map_geometry, map_si
 from ..io.images import load_image, resize
 from ..io.windows import open_windows, windowed
 from ..io.labels import Labels
-from ..engines import DEFAULT_ENGINE, check_layer_types
+from ..engines import DEFAULT_ENGINE, check_layer_types, make_engine
 from ..io.models import ModelCard
 from ..io.outputs import head_file_name
 from ..caffe.netdef import read_netdef
@@ -235,7 +235,7 @@ class DenseModel:
                  softmax: bool | None = None, precision: str = "f32") -> None:
         if not isinstance(card, ModelCard):
             card = resolve_card(card)
-        self.runner = runner if runner is not None else make_runner(engine, gpu, verbose=verbose,
+        self.runner = runner if runner is not None else make_engine(engine, gpu, verbose=verbose,
                                                                     precision=precision)
         # called with a sentence about a costly choice before the work (the CLI prints it)
         self.warn: Callable[[str], None] | None = None
@@ -297,7 +297,7 @@ class DenseModel:
         from ..convert import convert_in_memory
         self._workdir = ScratchDir("convert")
         if getattr(runner, "precision", "f32") != "f32":  # equivalence is a float32 question
-            runner = make_runner(runner.name, getattr(runner, "gpu", None))
+            runner = make_engine(runner.name, getattr(runner, "gpu", None))
         result, proto, model = convert_in_memory(card.model_def, card.weights, card=card, runner=runner,
                                                  check=check, workdir=Path(self._workdir.name))
         return replace(card, model_def=proto, weights=model, fully_convolutional=True)
@@ -812,13 +812,6 @@ def other_heads(net, output: str, path: Path | None = None) -> tuple[dict[str, i
         else:
             unmapped.append(blob)
     return mapped, unmapped
-
-
-def make_runner(engine: str = DEFAULT_ENGINE, gpu: int | None = None, *, verbose: bool = False,
-                precision: str = "f32"):
-    """The engine called `engine` (engines.ENGINES), computing in `precision`."""
-    from ..engines import make_engine
-    return make_engine(engine, gpu, verbose=verbose, precision=precision)
 
 
 def classify_map(image: str | Path | np.ndarray, model: str | Path | ModelCard | None = None, *,

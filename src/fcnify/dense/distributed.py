@@ -59,7 +59,7 @@ class Job:
 
     key: str  # names the model in each worker's cache
     model: ModelSpec
-    map: MapJob  # --class already an index (checked on one worker)
+    map_job: MapJob  # --class already an index (checked on one worker)
     out_dir: str
     heads: tuple[str, ...] = ()  # the net's other outputs saved beside the map
     workers_per_host: tuple[tuple[str, int], ...] = ()
@@ -75,7 +75,7 @@ class TilePlan:
     """A worker's answer for an image that needs tiling: the plan, made once for all workers."""
 
     fed: tuple[int, int]  # (height, width) the net sees, after --size/--scale/--long-side
-    feed: tuple[tuple[int, int] | None, float | None]  # (size, scale) that resizes the image to it
+    resize: tuple[tuple[int, int] | None, float | None]  # (size, scale) that resizes the image to `fed`
     tiles: tuple[Tile, ...]
     tile_size: tuple[int, int] | None
     seconds: float
@@ -283,7 +283,7 @@ def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir
         raise ResourceError(f"the Dask cluster has no workers (waited {WORKER_WAIT_S:.0f} s)") from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
     hosts = Counter(w.get("host", a) for a, w in workers.items())
-    run = Job(key=model_key(spec), model=spec, map=job_map, out_dir=str(out),
+    run = Job(key=model_key(spec), model=spec, map_job=job_map, out_dir=str(out),
               workers_per_host=tuple(sorted(hosts.items())),
               names=tuple((str(p), n) for p, n in names.items()))
     owner: dict = {}  # future -> index of its image
@@ -297,7 +297,7 @@ def map_images(paths: Sequence[str | Path], card: ModelCard | ModelSpec, out_dir
         classes = None if job_map.classes is None else tuple(
             class_id(c, info.num_classes, info.labels, "--classes") for c in job_map.classes)
         run = replace(run, heads=info.heads,
-                      map=replace(job_map, cls=class_id(job_map.cls, info.num_classes, info.labels),
+                      map_job=replace(job_map, cls=class_id(job_map.cls, info.num_classes, info.labels),
                                   classes=classes))
         results, cleaned = _run(client, run, paths, out, len(workers), owner, finished,
                                 progress, timeout, stop)
@@ -367,8 +367,8 @@ def _abandon(client, job: Job, out: Path, unfinished: list[Path], owner: dict) -
         for path in unfinished:
             name = job.name_for(str(path))
             _remove_stale(out, name, job)
-            if not job.map.force:
-                for final in output_paths(out, name, job.map, job.heads):
+            if not job.map_job.force:
+                for final in output_paths(out, name, job.map_job, job.heads):
                     try:
                         final.unlink(missing_ok=True)
                     except OSError:  # not ours to remove (a folder): the interrupt is what is reported
@@ -395,7 +395,7 @@ def _run(client, job: Job, paths: list[Path], out: Path, workers: int, owner: di
         if refused is not None:
             finish(i, refused)
             continue
-        first = _store_prepare if job.map.store == "zarr" else _first_pass
+        first = _store_prepare if job.map_job.store == "zarr" else _first_pass
         owner[client.submit(first, job, str(path), pure=False)] = i
     for fut in _completed(owner, timeout, stop):
         i = owner.pop(fut)
@@ -440,7 +440,7 @@ def _refuse_outputs(path: Path, out: Path, job: Job) -> ImageResult | None:
     image (map_images chose them), so no two images race for one file.
     """
     try:
-        check_outputs(out, job.name_for(str(path)), job.map, job.heads, path)
+        check_outputs(out, job.name_for(str(path)), job.map_job, job.heads, path)
     except FcnifyError as exc:
         return ImageResult(str(path), False, str(exc), exc.exit_code)
     return None
@@ -468,7 +468,7 @@ def _submit_tiles(client, job: Job, path: str, plan: TilePlan, workers: int):
 def _remove_stale(out: Path, name: str, job: Job) -> int:
     """Remove staged files of `name`'s outputs that a killed worker left behind."""
     removed = 0
-    for final in output_paths(out, name, job.map, job.heads):
+    for final in output_paths(out, name, job.map_job, job.heads):
         pattern = os.path.join(glob.escape(str(out)), glob.escape(f".{final.name}{TMP_MARK}") + "*")
         for stale in glob.glob(pattern):
             try:
@@ -570,8 +570,8 @@ def _here() -> str:
 
 def _budget(job: Job) -> int:
     """The memory budget: as given, else half the free RAM shared by this host's workers."""
-    if job.map.budget is not None:
-        return job.map.budget
+    if job.map_job.budget is not None:
+        return job.map_job.budget
     from ..caffe.planner import default_budget
     from distributed.comm import get_address_host
     host = get_address_host(_here())
@@ -589,12 +589,12 @@ def _save(job: Job, result: MapResult, seconds: float, workers: tuple[str, ...],
     t0 = time.perf_counter()
     path = str(result.path)
     # force: the client checked the names before the run; a re-run replaces its own files
-    written = save(result, Path(job.out_dir), job.name_for(path), job.map, force=True)
+    written = save(result, Path(job.out_dir), job.name_for(path), job.map_job, force=True)
     dm = result.map
     return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=dm.shape,
                        mode=dm.mode, tiles=dm.tiles, seconds=seconds + time.perf_counter() - t0,
                        workers=workers, pid=os.getpid(), loads=_loads[job.key], warnings=tuple(warnings),
-                       text=result.text(job.map), document=result.document(job.map))
+                       text=result.text(job.map_job), document=result.document(job.map_job))
 
 
 def _probe(job: Job) -> ModelInfo | FcnifyError:
@@ -604,7 +604,7 @@ def _probe(job: Job) -> ModelInfo | FcnifyError:
     """
     try:
         with _loaded(job) as model:
-            job.map.check_card(model)
+            job.map_job.check_card(model)
             return ModelInfo(model.num_classes, model.labels, tuple(model.heads),
                              tuple(model.unmapped_heads))
     except FcnifyError as exc:
@@ -614,7 +614,7 @@ def _probe(job: Job) -> ModelInfo | FcnifyError:
 def _windows(path: str, job: Job):
     """The windowed reader of a tiled TIFF at the job's --level (io.windows)."""
     from ..io.windows import open_windows
-    return open_windows(path, job.map.level or 0)
+    return open_windows(path, job.map_job.level or 0)
 
 
 def windowed(path: str) -> bool:
@@ -636,7 +636,7 @@ def _first_pass(job: Job, path: str) -> ImageResult | TilePlan:
     try:
         with _loaded(job, said) as model:
             from ..io.images import image_size
-            settings = replace(job.map, budget=_budget(job))
+            settings = replace(job.map_job, budget=_budget(job))
             if windowed(path):  # a tiled TIFF: its own size at --level, read by window (no resizing)
                 with _windows(path, job) as reader:
                     feed, fed = (None, None), reader.shape
@@ -674,7 +674,7 @@ def _store_prepare(job: Job, path: str):
     from .chunked import prepare_job
     try:
         with _loaded(job) as model:
-            return prepare_job(model, Path(path), Path(job.out_dir), job.name_for(path), job.map,
+            return prepare_job(model, Path(path), Path(job.out_dir), job.name_for(path), job.map_job,
                                budget=_budget(job))
     except FcnifyError as exc:
         return _failure(path, exc)
@@ -703,13 +703,13 @@ def _store_finish(job: Job, plan, *shares: StoreShare | ImageResult) -> ImageRes
         with _loaded(job) as model:
             timings = {k: sum(s.timings.get(k, 0.0) for s in shares) for k in ("preprocess", "forward", "write")}
             run = finish(plan, timings)
-            written = write_beside(model, run, Path(path), Path(job.out_dir), job.name_for(path), job.map)
+            written = write_beside(model, run, Path(path), Path(job.out_dir), job.name_for(path), job.map_job)
         result = MapResult(Path(path), written=written, store=run)
         workers = tuple(dict.fromkeys(s.worker for s in shares)) or (_here(),)
         return ImageResult(path, True, outputs=tuple(map(str, written)), map_shape=run.cells, mode="store",
                            tiles=run.chunks, seconds=sum(s.seconds for s in shares), workers=workers,
-                           pid=os.getpid(), loads=_loads[job.key], text=result.text(job.map),
-                           document=result.document(job.map) | {"chunks_per_worker": {
+                           pid=os.getpid(), loads=_loads[job.key], text=result.text(job.map_job),
+                           document=result.document(job.map_job) | {"chunks_per_worker": {
                                s.worker: s.chunks for s in shares}})
     except FcnifyError as exc:
         return _failure(path, exc)
@@ -730,7 +730,7 @@ def _run_tiles(job: Job, path: str, plan: TilePlan, tiles: tuple[Tile, ...]) -> 
     t0 = time.perf_counter()
     try:
         with _loaded(job) as model:
-            pixels = _windows(path, job) if windowed(path) else resized(load_image(path), *plan.feed)
+            pixels = _windows(path, job) if windowed(path) else resized(load_image(path), *plan.resize)
             if tuple(pixels.shape[:2]) != tuple(plan.fed):
                 raise ImageError(f"image is now {pixels.shape[0]}x{pixels.shape[1]} px (height x width), "
                                  f"planned at {plan.fed[0]}x{plan.fed[1]}; did it change during the run?",

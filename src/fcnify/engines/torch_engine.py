@@ -1,6 +1,6 @@
 """The torch engine: Caffe nets run by PyTorch, on the CPU or one CUDA GPU, without pycaffe.
 
-`TorchRunner` offers what `runner.CaffeRunner` offers (load -> handle with
+`TorchRunner` offers what `caffe_engine.CaffeRunner` offers (load -> handle with
 forward, params, param_digests, blob_shapes, close), so every fcnify command
 can run on either engine. The net is read with fcnify's own prototxt and
 caffemodel readers; each layer becomes the torch ops that compute what
@@ -140,7 +140,7 @@ class TorchNet(ShapeCheckedHandle):
         self._shapes_key: tuple | None = None
         self._blob_shapes = shapes.blobs
 
-    # -- the handle interface shared with runner.CaffeNetHandle
+    # -- the handle interface shared with caffe_engine's handle
 
     def forward(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
         """Run the net on `inputs` (any size the net accepts) and return copies of `outputs`."""

@@ -41,7 +41,7 @@ RETRY_PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class WeightsDownload:
     """Where one official model's weights live and the SHA-1 they must have."""
 
     name: str
@@ -51,7 +51,7 @@ class ModelSpec:
     sha1: str
 
 
-def model_spec(name: str, caffe_root: Path | None = None) -> ModelSpec:
+def model_spec(name: str, caffe_root: Path | None = None) -> WeightsDownload:
     """The download facts for `name`, read from Caffe's readme rather than copied into fcnify."""
     folder = MODELS.get(name)
     if folder is None:
@@ -67,7 +67,7 @@ def model_spec(name: str, caffe_root: Path | None = None) -> ModelSpec:
         raise FetchError(f"caffemodel {filename!r} is not a plain file name", path=readme)
     if len(sha1) != 40 or any(c not in "0123456789abcdef" for c in sha1):
         raise FetchError(f"sha1 {fields['sha1']!r} is not 40 hex digits", path=readme)
-    return ModelSpec(name, folder, filename, fields["caffemodel_url"], sha1)
+    return WeightsDownload(name, folder, filename, fields["caffemodel_url"], sha1)
 
 
 def _front_matter(readme: Path) -> dict[str, str]:
