@@ -23,6 +23,6 @@ from .surgery.surgery import convert_net  # noqa: E402
 
 __all__ = [
     "ConvertResult", "DenseMap", "DenseModel", "FcnifyError", "MapGeometry", "ModelCard",
-    "Preprocess", "PreprocessOverrides", "classify_map", "convert", "convert_net", "find_model", "map_geometry",
-    "read_card", "read_netdef", "resolve_card", "resolve_preprocess", "verify_files",
+    "Preprocess", "PreprocessOverrides", "classify_map", "convert", "convert_net", "find_model",
+    "map_geometry", "read_card", "read_netdef", "resolve_card", "resolve_preprocess", "verify_files",
 ]

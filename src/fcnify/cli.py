@@ -1,7 +1,8 @@
 """The `fcnify` command: options in, library calls, one line out on error.
 
-Every way a command fails is translated once (CommandError.of) into one line on stderr and its exit code
-(2 bad input, 1 failed work, 3 a bug); --debug also shows the traceback, and
+Every way a command fails is translated once (CommandError.of) into one line
+on stderr and its exit code (2 bad input, 1 failed work, 3 a bug, 130
+interrupted, 2 for usage); --debug also shows the traceback, and
 the worker's when Caffe's worker process raised the error. Ctrl-C and
 SIGTERM unwind normally, so staged outputs are removed.
 """
