@@ -249,9 +249,8 @@ class CommandError(click.ClickException):
 
 
 class Group(click.Group):
-    """The command group, run by main(): click's main, every way a command ends that is not
-    success raised as one CommandError (click's own would print a usage block, or a blank
-    line then Abort)."""
+    """The command group, run by main(): click's main without its own error and Ctrl-C handling
+    (a usage block; a blank line, then Abort); main translates what it raises (CommandError.of)."""
 
     def main(self, args: Sequence[str], prog_name: str, **_) -> int:
         try:
@@ -259,8 +258,6 @@ class Group(click.Group):
                 self.invoke(ctx)
         except click.exceptions.Exit as exc:  # --help, --version
             return exc.exit_code
-        except BaseException as exc:
-            raise CommandError.of(exc, debug="--debug" in args) from exc
         return 0
 
 
@@ -1033,9 +1030,10 @@ def _main(args: list[str]) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         return cli.main(args=args, prog_name="fcnify")
-    except CommandError as exc:  # every failure, translated once (CommandError.of)
-        exc.show()
-        return exc.exit_code
+    except BaseException as exc:  # every failure, translated once
+        error = CommandError.of(exc, debug="--debug" in args)
+        error.show()
+        return error.exit_code
     finally:
         signal.signal(signal.SIGTERM, previous)
 
