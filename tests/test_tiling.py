@@ -26,7 +26,7 @@ from conftest import write_model
 # CaffeNet's alpha: with Caffe's default alpha = 1 on activations of ~300 it divides
 # them by up to ~300 while passing a near-zero channel's rounding error at gain 1,
 # which breaks the bound's stated assumption (docs/verify.md, 'A chain of layers'):
-# tiles vs whole then differed by 2.2x the bound under one OpenBLAS thread on AVX2.
+# tiles vs whole then differed by 2.2x the bound under one OpenBLAS thread on an AMD EPYC.
 STRIDE8 = """
 name: "stride8"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 45 dim: 45 } } }
