@@ -184,3 +184,17 @@ POOL_EDGE_CASES = {
     "ave_global": "pool: AVE global_pooling: true",
     "max_global": "pool: MAX global_pooling: true",
 }
+
+
+# Two outputs on one grid: `prob` (3 classes) and `box` (4 values per cell), for --output.
+TWO_HEADS = """
+name: "two_heads"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 8 kernel_size: 3 } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 3 } }
+layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
+layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_param { num_output: 4 kernel_size: 3 } }
+"""

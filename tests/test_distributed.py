@@ -28,6 +28,7 @@ from fcnify.engines.caffe_engine import CaffeRunner  # noqa: E402
 from fcnify.engines.sandbox import Sandbox  # noqa: E402
 
 from conftest import call_fcnify, write_model  # noqa: E402
+from nets import TWO_HEADS  # noqa: E402
 
 RUN_TIMEOUT = 120  # s; every wait on the cluster is bounded, so a broken run fails instead of hanging
 CROPS = [(0, 0), (96, 40), (200, 120), (310, 200), (40, 300), (420, 10), (250, 330), (500, 250)]
@@ -280,19 +281,6 @@ def test_cli_workers_json_is_the_single_process_schema(crops, tmp_path):
 
 
 # ------------------------------------------------------------------ the options of one process, on Dask
-
-# Two outputs on one grid: `prob` (3 classes) and `box` (4 values per cell), for --output.
-TWO_HEADS = """
-name: "two_heads"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-        convolution_param { num_output: 8 kernel_size: 3 } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 3 } }
-layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
-layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_param { num_output: 4 kernel_size: 3 } }
-"""
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from fcnify.surgery.bound import within
 
 from bounds import map_bound
 from conftest import call_fcnify, write_model
+from nets import TWO_HEADS
 from test_tiling import STRIDE8, _image
 from test_windows import write_pyramid
 
@@ -240,18 +241,6 @@ def test_shift_and_stitch_stride_is_refused(net, slide, tmp_path):
     assert len(run.err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "slide.zarr").exists()
 
-
-TWO_HEADS = """
-name: "two_heads"
-layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 16 dim: 16 } } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-        convolution_param { num_output: 8 kernel_size: 3 } }
-layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
-layer { name: "pool" type: "Pooling" bottom: "conv1" top: "pool" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "score" type: "Convolution" bottom: "pool" top: "score" convolution_param { num_output: 3 kernel_size: 3 } }
-layer { name: "prob" type: "Softmax" bottom: "score" top: "prob" }
-layer { name: "box" type: "Convolution" bottom: "pool" top: "box" convolution_param { num_output: 4 kernel_size: 3 } }
-"""
 
 
 def test_other_heads_are_stored_as_their_own_arrays(slide, tmp_path):
