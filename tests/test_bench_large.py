@@ -1,4 +1,4 @@
-"""scripts/bench_large.py at a small size: the benchmark's own checks hold (crops, RSS, Dask store)."""
+"""scripts/bench/bench_large.py at a small size: the benchmark's own checks hold (crops, RSS, Dask store)."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("distributed")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_large.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench" / "bench_large.py"
 
 
 def _bench():

@@ -1,6 +1,6 @@
-"""Set-up decisions for the CUDA build of Caffe (scripts/bootstrap.py), without building it.
+"""Set-up decisions for the CUDA build of Caffe (scripts/setup/bootstrap.py), without building it.
 
-The full CUDA build takes minutes: scripts/check_cuda_build.sh does it. These
+The full CUDA build takes minutes: scripts/setup/check_cuda_build.sh does it. These
 tests check what decides it: flags, patches, cache keys, where the toolkit and
 cuBLAS/cuRAND are found.
 """
@@ -17,7 +17,7 @@ from conftest import REPO
 
 
 def _bootstrap():
-    spec = importlib.util.spec_from_file_location("fcnify_bootstrap", REPO / "scripts" / "bootstrap.py")
+    spec = importlib.util.spec_from_file_location("fcnify_bootstrap", REPO / "scripts" / "setup" / "bootstrap.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)

@@ -183,11 +183,11 @@ def test_cli_bad_values_one_line(red_card, tmp_path, args, message):
 
 
 def test_detection_measure_counts_recall_false_boxes_and_iou():
-    """scripts/measure_detection.py's scoring: a box finds a digit of its class at IoU >= 0.5 once;
+    """scripts/bench/measure_detection.py's scoring: a box finds a digit of its class at IoU >= 0.5 once;
     a second box on it, a box of another class or a box beside it is false."""
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "scripts" / "measure_detection.py"
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench" / "measure_detection.py"
     spec = importlib.util.spec_from_file_location("measure_detection", path)
     md = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(md)

@@ -16,17 +16,17 @@ from fcnify.io.preprocess import Preprocess  # noqa: E402
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def _script(name: str):
-    """scripts/NAME.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def _script(folder: str, name: str):
+    """scripts/FOLDER/NAME.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def _digits_common():
-    """scripts/digits_common.py, the one renderer shared by training, the scene and this test."""
-    return _script("digits_common")
+    """scripts/data/digits_common.py, the one renderer shared by training, the scene and this test."""
+    return _script("data", "digits_common")
 
 
 def test_heldout_accuracy_at_least_95_percent():
@@ -52,7 +52,7 @@ def test_heldout_accuracy_at_least_95_percent():
 
 
 # Scenes whose seeds were not used to choose the training recipe (that used
-# scripts/measure_detection.py --seeds 0-4); their digits are held-out ones.
+# scripts/bench/measure_detection.py --seeds 0-4); their digits are held-out ones.
 HELDOUT_SCENES = (50, 51)
 
 
@@ -60,7 +60,7 @@ def test_two_sizes_detected_with_few_false_boxes():
     """`--scales 1,0.667 --detect` on held-out scenes of 28-px and 42-px digits: >= 90% of each
     size found (class right, IoU >= 0.5), under 5% of the boxes false (issue 23's criterion)."""
     import fcnify
-    md = _script("measure_detection")
+    md = _script("bench", "measure_detection")
     with fcnify.DenseModel(fcnify.find_model("digits")) as model:
         rows = [md.measure(seed, model) for seed in HELDOUT_SCENES]
     total = md.totals(rows)

@@ -237,7 +237,7 @@ def _export(tmp_path: Path, proto: Path, weights: Path, name: str):
 def test_caffenet_one_file_any_size(caffenet, tmp_path):
     """CaffeNet's export passes verify against Caffe; the one file maps 227, 451 and 355 x 611 px
     inputs as Caffe's converted net does, within the float32 bound of its fc8 scores
-    (scripts/bench_dense.py runs it up to 1795 px)."""
+    (scripts/bench/bench_dense.py runs it up to 1795 px)."""
     proto, weights = caffenet
     result = _export(tmp_path, proto, weights, "caffenet")
     assert result.converted and result.inputs == {"data": ["N", 3, "H", "W"]}

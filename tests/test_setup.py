@@ -1,4 +1,4 @@
-"""The set-up step's decisions (scripts/bootstrap.py) and `fcnify doctor`."""
+"""The set-up step's decisions (scripts/setup/bootstrap.py) and `fcnify doctor`."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, run_fcnify
 
-spec = importlib.util.spec_from_file_location("bootstrap", REPO / "scripts" / "bootstrap.py")
+spec = importlib.util.spec_from_file_location("bootstrap", REPO / "scripts" / "setup" / "bootstrap.py")
 bootstrap = importlib.util.module_from_spec(spec)
 sys.modules["bootstrap"] = bootstrap  # dataclasses look their module up by name
 spec.loader.exec_module(bootstrap)

@@ -62,7 +62,7 @@ def run_demo(out_dir: Path, echo: Callable[[str], None] = print, verbose: bool =
         timings.append((name, time.perf_counter() - t0))
 
     echo("== 1. convert the shipped 'digits' classifier into a fully-convolutional net")
-    echo("   (a LeNet trained by scripts/train_digits.py on scikit-learn's handwritten digits:")
+    echo("   (a LeNet trained by scripts/data/train_digits.py on scikit-learn's handwritten digits:")
     echo("    28x28 grey input, classes 0-9 and 'background'; ip1 and ip2 are InnerProducts)")
     t0 = time.perf_counter()
     card = find_model("digits")

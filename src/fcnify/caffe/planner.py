@@ -19,7 +19,7 @@ from .shapes import INT_MAX, Shape, count, image_input, infer, conv_geometry
 FLOAT = 4
 # The worker process before any net: Python, numpy, pycaffe and what it imports
 # (VmHWM after loading and running a 32 px net: 95.6 MiB with numpy 2 and the CPU
-# build scripts/setup.sh makes; scripts/bench_dense.py reports the model's error).
+# build scripts/setup.sh makes; scripts/bench/bench_dense.py reports the model's error).
 WORKER_BASE = 96 * 2**20
 # Measured CaffeNet activations came to 0.89-0.97 of blobs + buffers + transfers
 # (700-2000 px), so the sum is used as it is: a slight over-estimate.

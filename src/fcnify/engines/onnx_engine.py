@@ -37,7 +37,7 @@ try:
 except ImportError:  # the optional extra (pip install 'fcnify[onnx]') is not installed
     ort = None
 
-# Measured (scripts/bench_dense.py, section (f), a fresh process per size, CaffeNet's
+# Measured (scripts/bench/bench_dense.py, section (f), a fresh process per size, CaffeNet's
 # 233 MB of weights): after loading, 2.3-2.4x the weights stay resident (fcnify's arrays,
 # which ONNX Runtime reads in place, and its own reordered NCHWc/prepacked copies);
 # loading peaks at 4.6-4.8x, which `total` models as held weights twice.

@@ -37,7 +37,7 @@ from .onnx_engine import ExportedNet, _first_line, onnx_memory, process_rss
 from .onnx_export import EXPORTABLE, require_onnx, to_onnx
 
 # Measured peak RSS of a fresh process (loading and one whole pass, over the RSS before
-# loading): CaffeNet's FCN at 451-1795 px (scripts/bench_batch.py --only memory, 233 MB of
+# loading): CaffeNet's FCN at 451-1795 px (scripts/bench/bench_batch.py --only memory, 233 MB of
 # weights W; docs/benchmarks.md) and tests/test_planner.py's activation-heavy WIDE net at
 # 300-900 px (tests/test_openvino_engine.py checks it). OpenVINO's CPU plugin costs about
 # 64 MiB on first use; loading peaks at 4.9 W beyond it (fcnify's arrays, the serialized

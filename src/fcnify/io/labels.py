@@ -4,7 +4,7 @@ A labels file has one class per non-empty line, in the net's output order. A
 line may start with a WordNet id (`n02123045 tabby, tabby cat`, the format of
 Caffe's synset_words.txt); the rest of the line is the class's names, the
 first of which is its short name. fcnify ships ImageNet's 1000 labels, built
-from timm's wheel by scripts/build_labels.py.
+from timm's wheel by scripts/data/build_labels.py.
 """
 from __future__ import annotations
 

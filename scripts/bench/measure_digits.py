@@ -8,7 +8,7 @@ Not a test (it takes minutes on 2 cores): the figures quoted in docs/cli.md (--s
       digits of each size with a box of the right class at IoU >= 0.5, and the
       share of boxes that match no digit, for a few thresholds and NMS limits.
 Writes JSON (default measure_digits.json). Usage:
-  .venv/bin/python scripts/measure_digits.py [--stride 2] [--quick]
+  .venv/bin/python scripts/bench/measure_digits.py [--stride 2] [--quick]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from realdata import LENET_DEF, LENET_WEIGHTS, digit_scene, load_mnist, paste_digits  # noqa: E402
 
 from fcnify.dense.dense import DenseModel  # noqa: E402

@@ -3,7 +3,7 @@
 Caffe's ILSVRC-2012 nets number their 1000 classes in sorted-wnid order (the
 order of Caffe's data/ilsvrc12/synset_words.txt). timm's wheel ships the 1000
 wnids and a wnid -> lemma table, so the labels file can be rebuilt and checked
-by anyone: `python scripts/build_labels.py`.
+by anyone: `python scripts/data/build_labels.py`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 SYNSETS = "timm/data/_info/imagenet_synsets.txt"
 LEMMAS = "timm/data/_info/imagenet_synset_to_lemma.txt"
-OUTPUT = Path(__file__).resolve().parent.parent / "src" / "fcnify" / "data" / "imagenet_labels.txt"
+OUTPUT = Path(__file__).resolve().parents[2] / "src" / "fcnify" / "data" / "imagenet_labels.txt"
 # Spot checks against Caffe's synset_words.txt (0-based class indices).
 KNOWN = {281: "n02123045 tabby, tabby cat", 282: "n02123159 tiger cat",
          285: "n02124075 Egyptian cat"}

@@ -18,7 +18,7 @@ and its interior cells (reach inside the crop) are compared with the store's: th
 the score layer (fcnify.surgery.bound, as the tests use it), the same argmax where the top two
 classes are further apart than the bound. Prints a table and writes JSON (default bench_large.json).
 
-Usage: .venv/bin/python scripts/bench_large.py [--size 60000] [--max-memory 1GiB] [--workers 2]
+Usage: .venv/bin/python scripts/bench/bench_large.py [--size 60000] [--max-memory 1GiB] [--workers 2]
        [--resume-check] [--keep]
 --resume-check also SIGKILLs a second run once about half its chunks are marked done, runs it again
 with --resume, counts the chunks each part ran and compares the store with the uninterrupted one.

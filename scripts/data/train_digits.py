@@ -15,7 +15,7 @@ fcnify's own resize, so the net also knows a digit as the pyramid shows it.
 Pixels go through fcnify's own Preprocess, so the model's JSON sidecar is the
 truth about its input. Training uses Caffe's SGD solver from pycaffe, seeded.
 
-    .venv/bin/python scripts/train_digits.py     # about 5 minutes on 2 CPU cores
+    .venv/bin/python scripts/data/train_digits.py     # about 5 minutes on 2 CPU cores
 
 Writes prototxt/digits/{deploy.prototxt, digits.caffemodel, labels.txt,
 model.json, split.json}; exits 1 if held-out digit accuracy is below 95%.
@@ -229,7 +229,7 @@ def write_sidecars(out: Path, train: np.ndarray, heldout: np.ndarray) -> None:
     (out / "labels.txt").write_text("\n".join(dc.LABELS) + "\n")
     model = {"name": "digits",
              "description": "LeNet on scikit-learn's 8x8 digits drawn 24 px dark on light "
-                            "paper; class 10 is background. Trained by scripts/train_digits.py.",
+                            "paper; class 10 is background. Trained by scripts/data/train_digits.py.",
              "model_def": "deploy.prototxt",
              "preprocess": PREPROCESS.to_dict(), "labels": "labels.txt",
              "weights": "digits.caffemodel", "background_class": dc.BACKGROUND}

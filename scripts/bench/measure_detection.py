@@ -7,9 +7,9 @@ find at least 90% of the digits of each size, and fewer than 5% of the boxes
 are false. A box finds a digit when it names the digit's class and overlaps
 its window by IoU >= 0.5 (each digit found once; further boxes on it count
 as false). The scene is drawn with the renderer the net was trained with
-(scripts/digits_common.py), so nothing here is tuned to the net.
+(scripts/data/digits_common.py), so nothing here is tuned to the net.
 
-    .venv/bin/python scripts/measure_detection.py [--seeds 0-4] [--json out.json]
+    .venv/bin/python scripts/bench/measure_detection.py [--seeds 0-4] [--json out.json]
 
 `--seeds` names the scenes: `0-4` (inclusive), `50,51`, or one seed. Each
 scene draws its digits from the held-out split, which training never sees;
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 import digits_common as dc  # noqa: E402
 
 WIDTH, HEIGHT = 640, 480

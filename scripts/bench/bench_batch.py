@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark a user's batch and every engine, side by side in one run (issue 21).
 
-CaffeNet FCN with seeded weights (scripts/bench_dense.py's set-up). Prints
+CaffeNet FCN with seeded weights (scripts/bench/bench_dense.py's set-up). Prints
 tables and writes JSON (default bench_batch.json):
 
   (1) folders of JPEGs through `fcnify classify-map DIR --card CARD --out OUT --quiet`
@@ -24,7 +24,7 @@ tables and writes JSON (default bench_batch.json):
 
 The machine's CPU model and SIMD flags are printed and stored. --quick runs a
 subset (16 and 4 images, 227/451 px, 2 rounds, no memory probe).
-Usage: .venv/bin/python scripts/bench_batch.py [--quick] [--out FILE]
+Usage: .venv/bin/python scripts/bench/bench_batch.py [--quick] [--out FILE]
 """
 from __future__ import annotations
 

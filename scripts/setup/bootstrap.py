@@ -41,16 +41,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CAFFE_PACKAGE = "caffe"
 CAFFE_VERSION = "1.0.0+git20180821.99bd997-8"
 CAFFE_SUITE = "bullseye"
-PATCH_DIR = REPO / "scripts" / "patches"
+PATCH_DIR = REPO / "scripts" / "setup" / "patches"
 CPU_PATCHES = ("protobuf-settotalbyteslimit.patch",)
 CUDA_PATCHES = ("cuda13-deviceprop.patch",)
 # cuBLAS/cuRAND from NVIDIA's PyPI wheels, per CUDA major version, for toolkits
 # without them (the CUDA 13.0 toolkit on these machines has only cudart). Pinned
-# to the versions the CUDA build was checked with (scripts/check_cuda_build.sh).
+# to the versions the CUDA build was checked with (scripts/setup/check_cuda_build.sh).
 CUDA_WHEELS = {"13": ("nvidia-cublas==13.1.1.3", "nvidia-curand==10.4.0.35")}
 CUDA_ARCH_BIN = "80 90"  # A100 (sm_80), H100/H200 (sm_90)
 CUDA_ARCH_PTX = "90"
@@ -330,7 +330,7 @@ def ensure_venv(venv: Path, base_python: str) -> Path:
     return py
 
 
-CONSTRAINTS = REPO / "scripts" / "constraints.txt"
+CONSTRAINTS = REPO / "scripts" / "setup" / "constraints.txt"
 
 
 def project_installed(py: Path, venv: Path, extras: str) -> bool:

@@ -8,7 +8,7 @@ would be given for it), its reach (every pixel that can change it, 355 px,
 hanging over the image where padding stands in) and the 8x8 grid of window
 starts every 32 px. Run from the repository root:
 
-    .venv/bin/python scripts/make_geometry_picture.py [--out docs/images/window_reach.png]
+    .venv/bin/python scripts/data/make_geometry_picture.py [--out docs/images/window_reach.png]
 """
 from __future__ import annotations
 

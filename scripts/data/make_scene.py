@@ -5,7 +5,7 @@ scene.json says where each digit really is, so a reader (and a test) can check
 the dense map against the truth. Only held-out digits are drawn (see
 split.json), with the very renderer the net was trained on.
 
-    .venv/bin/python scripts/make_scene.py
+    .venv/bin/python scripts/data/make_scene.py
 
 Writes prototxt/digits/scene.png (640x480 RGB) and prototxt/digits/scene.json.
 """

@@ -11,10 +11,10 @@
 # the cache key differs (flavour cuda13 instead of cpu). The first run takes
 # ~7+ minutes on 2 cores; later runs reuse the cached build.
 #
-#   scripts/check_cuda_build.sh            # virtualenv /tmp/fcnify-cuda-venv
-#   FCNIFY_CUDA_CHECK_VENV=/tmp/v scripts/check_cuda_build.sh
+#   scripts/setup/check_cuda_build.sh            # virtualenv /tmp/fcnify-cuda-venv
+#   FCNIFY_CUDA_CHECK_VENV=/tmp/v scripts/setup/check_cuda_build.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 REPO="$PWD"
 SCENE="$REPO/prototxt/digits/scene.png"
 VENV="${FCNIFY_CUDA_CHECK_VENV:-/tmp/fcnify-cuda-venv}"

@@ -29,7 +29,7 @@ Prints a table and writes JSON (default bench_dense.json):
 Forward times in (a)-(c) are measured inside fcnify's Caffe worker around
 net.forward(); (d)-(e) are wall times of DenseModel.run (preprocessing,
 transfers and stitching included). Peak RSS is read from /proc (VmHWM), reset
-before each measurement. Usage: .venv/bin/python scripts/bench_dense.py [--quick]
+before each measurement. Usage: .venv/bin/python scripts/bench/bench_dense.py [--quick]
 """
 from __future__ import annotations
 

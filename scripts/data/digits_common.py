@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "prototxt" / "digits"
+MODEL_DIR = Path(__file__).resolve().parents[2] / "prototxt" / "digits"
 SPLIT_FILE = MODEL_DIR / "split.json"
 PATCH = 28          # the net's field: one classification window
 DIGIT = 24          # drawn digit size in pixels

@@ -12,7 +12,7 @@ weights, converted once with fcnify.convert; `--card`). Wall time includes
 starting Python, loading the net and, for Dask, starting the cluster; the
 Dask rows also give the rate the run itself reports (cluster start excluded).
 Prints a table and writes JSON (default bench_dask.json).
-Usage: .venv/bin/python scripts/bench_dask.py [--images 16] [--size 600] [--workers 2] [--caffenet]
+Usage: .venv/bin/python scripts/bench/bench_dask.py [--images 16] [--size 600] [--workers 2] [--caffenet]
 """
 from __future__ import annotations
 
